@@ -1,0 +1,26 @@
+"""The few exceptions histosurv raises on purpose.
+
+Each names what was received, what was expected and, where it helps, what to do next. They
+subclass built-in types so callers that already catch ValueError or FileNotFoundError keep working;
+the CLI turns any :class:`HistosurvError` into a one-line message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+__all__ = ["HistosurvError", "InputError", "MissingInputError", "RepositoryError"]
+
+
+class HistosurvError(Exception):
+    """Base class: an expected failure with a message meant for the user."""
+
+
+class InputError(HistosurvError, ValueError):
+    """A file or tensor given to histosurv is malformed (wrong shape, NaN, missing column, ...)."""
+
+
+class MissingInputError(HistosurvError, FileNotFoundError):
+    """A file or entry that the input refers to does not exist."""
+
+
+class RepositoryError(HistosurvError, ValueError):
+    """A model repository is missing, incomplete, or its files do not match the manifest."""
