@@ -1,0 +1,108 @@
+"""A training run on disk: everything ``histosurv export`` needs, and the record of how it was made.
+
+    run/
+      config.json          architecture + hyper-parameters, training settings, gene list, encoder facts
+      model.safetensors    weights at the best validation epoch (gene scaler included, as buffers)
+      metrics.json         best epoch, validation and test c-index, split sizes, seconds
+      history.csv          one row per epoch
+      splits.csv           case_id -> train / val / test
+      test_predictions.csv held-out risks with outcomes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..data.atomic import atomic_dir
+from ..data.cohort import Cohort, encoder_metadata
+from ..errors import InputError, MissingInputError
+from .models import build_model
+from .training import TrainResult
+
+__all__ = ["save_run", "load_run", "RUN_CONFIG", "RUN_WEIGHTS"]
+
+RUN_CONFIG, RUN_WEIGHTS = "config.json", "model.safetensors"
+
+
+def save_run(out_dir: str | os.PathLike, result: TrainResult, cohort: Cohort, overwrite: bool = False) -> Path:
+    slide_ids = [s for p in cohort.patients for s in p.slide_ids]
+    config = {
+        "histosurv_version": __version__,
+        "architecture": result.architecture,
+        "model": asdict(result.model_config),
+        "train": asdict(result.train_config),
+        "genes": cohort.gene_names,
+        "patch_encoder": encoder_metadata(cohort.bags, slide_ids),
+        "time_bins": None if result.time_bins is None else result.time_bins.tolist(),
+    }
+    names = result.splits.name_of()
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        (tmp / RUN_CONFIG).write_text(json.dumps(config, indent=1))
+        save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, str(tmp / RUN_WEIGHTS))
+        (tmp / "metrics.json").write_text(json.dumps(_metrics(result), indent=1))
+        pd.DataFrame(result.history).to_csv(tmp / "history.csv", index=False)
+        pd.DataFrame(
+            {"case_id": [p.case_id for p in cohort.patients], "split": [names[i] for i in range(len(cohort.patients))]}
+        ).to_csv(tmp / "splits.csv", index=False)
+        if result.test_risks is not None:
+            t, e = cohort.times_events(result.splits.test)
+            pd.DataFrame(
+                {
+                    "case_id": [cohort.patients[i].case_id for i in result.splits.test],
+                    "risk": result.test_risks,
+                    "survival_months": t,
+                    "censorship": (~e).astype(int),
+                }
+            ).to_csv(tmp / "test_predictions.csv", index=False)
+    return Path(out_dir)
+
+
+def _metrics(result: TrainResult) -> dict:
+    return {
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "val_c_index": result.val_c_index,
+        "test_c_index": result.test_c_index,
+        "patients": {k: len(getattr(result.splits, k)) for k in ("train", "val", "test")},
+        "seconds": round(result.seconds, 2),
+    }
+
+
+def load_run(run_dir: str | os.PathLike, attention_impl: str = "sdpa") -> tuple[torch.nn.Module, dict]:
+    """Rebuilds the trained model (eval mode) and returns it with the run's config."""
+    run_dir = Path(run_dir)
+    for name in (RUN_CONFIG, RUN_WEIGHTS):
+        if not (run_dir / name).is_file():
+            raise MissingInputError(f"{run_dir}: no {name}; is this the output directory of 'histosurv train'?")
+    try:
+        config = json.loads((run_dir / RUN_CONFIG).read_text())
+        model = build_model(config["architecture"], config["model"], attention_impl=attention_impl)
+    except (json.JSONDecodeError, KeyError, ValueError) as e:
+        raise InputError(f"{run_dir / RUN_CONFIG}: unusable run configuration ({e})") from e
+    load_weights(model, run_dir / RUN_WEIGHTS)
+    return model.eval(), config
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Loads a safetensors state_dict, refusing missing, unexpected or mis-shaped tensors by name."""
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError for damaged files
+        raise InputError(f"{path}: unreadable weights file ({e})") from e
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise InputError(
+            f"{path}: weights do not fit the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shape {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:5]]}"
+        )
+    model.load_state_dict(state)
