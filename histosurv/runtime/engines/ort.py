@@ -1,0 +1,71 @@
+"""ONNX Runtime backend.
+
+ONNX Runtime accepts a provider list and silently drops the providers it cannot load (onnxruntime-gpu
+without CUDA libraries runs on the CPU without raising). The engine compares what it asked for with
+``get_providers()`` and, unless ``allow_fallback``, refuses to pretend: a box that should be on the
+GPU fails loudly instead of being 30x slower in silence.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..repository import ModelVersion
+from .base import Engine, EngineUnavailable, register_engine, warn_fallback
+
+__all__ = ["OnnxRuntimeEngine"]
+
+
+@register_engine
+class OnnxRuntimeEngine(Engine):
+    name = "onnxruntime"
+    priority = 20
+    install_hint = "pip install onnxruntime (CPU) or onnxruntime-gpu"
+
+    def __init__(
+        self,
+        version: ModelVersion,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        allow_fallback: bool = False,
+    ):
+        super().__init__(version)
+        import onnxruntime as ort
+
+        self.requested = list(providers or ["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads or os.environ.get("HISTOSURV_THREADS"):
+            options.intra_op_num_threads = int(threads or os.environ["HISTOSURV_THREADS"])
+        options.log_severity_level = 3  # provider load failures are reported below, by us
+        path = version.engine_file(self.name)
+        self.session = ort.InferenceSession(str(path), options, providers=self.requested)
+        self.providers = self.session.get_providers()
+        dropped = [p for p in self.requested if p not in self.providers]
+        if dropped:
+            message = f"ONNX Runtime could not load {dropped} and runs on {self.providers}"
+            if not allow_fallback:
+                raise EngineUnavailable(message + " (pass allow_fallback=True to accept this)")
+            warn_fallback(message)
+        self._output_names = [o.name for o in self.session.get_outputs()]
+
+    @classmethod
+    def is_installed(cls) -> bool:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(self._output_names, inputs)
+        return dict(zip(self._output_names, values))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "providers": self.providers}
