@@ -1,0 +1,138 @@
+"""Export a fusion model to ONNX for ONNX Runtime, with fused attention and a dynamic bag size.
+
+``torch.onnx.export(dynamo=True)`` turns every ``scaled_dot_product_attention`` into MatMul/Softmax
+nodes, and ONNX Runtime's CPU kernels for those (and for the opset-23 ``Attention`` op) materialise
+the full score matrix: 8.4 GB at N = 16k (shared/research/deps.md section 3). onnxscript's
+``optimize_for_ort`` rewrites them into ``com.microsoft.MultiHeadAttention``, whose CPU kernel is
+flash-style and flat in memory, including AMMA's shape (more queries than keys). The export checks
+that every attention was rewritten and refuses to write a graph where one was not.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.atomic import atomic_path
+from ..errors import HistosurvError
+from .models import risk_from_logits
+
+__all__ = ["SingleBag", "export_onnx", "FusedAttentionMissing", "OPSET"]
+
+OPSET = 20  # what the dynamo exporter and onnxscript's ORT fusions target together
+EXAMPLE_N = 37  # any N >= 2 (torch.export specialises sizes 0 and 1)
+
+
+class FusedAttentionMissing(HistosurvError, RuntimeError):
+    pass
+
+
+class SingleBag(nn.Module):
+    """The serving signature: one slide's unbatched tensors -> ``risk`` (1,) and ``attention`` (N,)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.has_attention = "features" in model.input_names
+
+    def forward(self, features=None, coords=None, genes=None):
+        batched = {
+            name: t[None] for name, t in (("features", features), ("coords", coords), ("genes", genes)) if t is not None
+        }
+        head = self.model.cfg.survival_head
+        if self.has_attention:
+            logits, attention = self.model(**batched, return_attention=True)
+            return risk_from_logits(logits, head), attention[0]
+        return (risk_from_logits(self.model(**batched), head),)
+
+    def output_names(self) -> list[str]:
+        return ["risk", "attention"] if self.has_attention else ["risk"]
+
+
+def example_inputs(model: nn.Module, n: int = EXAMPLE_N, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Plausible unbatched inputs: non-negative features, distinct grid coords, genes near the scaler's mean."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.cfg
+    side = max(int(n**0.5) + 1, 1)
+    cells = torch.randperm(side * side, generator=g)[:n]
+    inputs = {
+        "features": torch.randn(n, cfg.feature_dim, generator=g).abs(),
+        "coords": torch.stack([cells % side, cells // side], dim=1).long() * 256,
+    }
+    if "genes" in model.input_names:
+        scaler = model.genes
+        inputs["genes"] = scaler.mean + scaler.scale * torch.randn(cfg.n_genes, generator=g)
+    return {k: v for k, v in inputs.items() if k in model.input_names}
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, max_bag: int = 1 << 20) -> dict:
+    """Writes ``path`` atomically; returns facts for the manifest (opset, node counts, tensor names)."""
+    import onnx
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model = model.eval()
+    wrapper = SingleBag(model).eval()
+    kwargs = example_inputs(model)
+    bag = torch.export.Dim("N", min=1, max=max_bag)
+    dynamic = {name: ({0: bag} if name in ("features", "coords") else None) for name in kwargs}
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            (),
+            kwargs=kwargs,
+            dynamo=True,
+            opset_version=OPSET,
+            dynamic_shapes=dynamic,
+            input_names=list(kwargs),
+            output_names=wrapper.output_names(),
+            optimize=True,
+            verbose=False,
+        )
+        fused, fusions = optimize_for_ort(program.model)
+    proto = ir.serde.serialize_model(fused)
+    ops = collections.Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in proto.graph.node)
+    _check_attention_fused(model, ops)
+    with atomic_path(path, suffix=".onnx") as tmp:
+        onnx.save_model(proto, str(tmp))
+        onnx.checker.check_model(str(tmp))
+    return {
+        "file": Path(path).name,
+        "opset": OPSET,
+        "attention": "com.microsoft.MultiHeadAttention",
+        "ops": dict(sorted(ops.items())),
+        "fusions": {k: v for k, v in fusions.items() if v},
+        "max_bag": max_bag,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+    }
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's deprecation warnings and 'torchvision is not installed' notes are not the user's business."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_attention_fused(model: nn.Module, ops: collections.Counter) -> None:
+    expected, got = model.attention_ops, ops.get("com.microsoft::MultiHeadAttention", 0)
+    if got != expected:
+        raise FusedAttentionMissing(
+            f"the exported graph has {got} fused MultiHeadAttention nodes, the model has {expected} attentions; "
+            f"an unfused attention would materialise an N x N matrix on ONNX Runtime (op counts: {dict(ops)})"
+        )
