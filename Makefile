@@ -1,0 +1,29 @@
+# Two entry points, each installing what it needs into ./.venv first:
+#   make demo   - the whole path (synthesise, train, export, verify, predict)
+#   make test   - the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch; override (e.g. TORCH_SPEC="torch==2.13.0 --index-url ...") on a GPU box.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/histosurv demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/fusion.py
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

@@ -1,0 +1,39 @@
+"""``histosurv`` command line: one module per command, each with ``add_parser`` and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from ..errors import HistosurvError
+
+__all__ = ["main"]
+
+COMMANDS = ("demo", "synth", "train", "export", "verify", "predict")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="histosurv",
+        description="Inference runtime for multimodal (whole-slide image + genes) survival models.",
+    )
+    parser.add_argument("--version", action="version", version=f"histosurv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        module = __import__(f"histosurv.cli.{name}", fromlist=["add_parser"])
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (HistosurvError, FileExistsError) as e:
+        print(f"histosurv {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"histosurv {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,94 @@
+"""histosurv predict: risks from a model repository alone (ONNX Runtime, no model source code)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="score patients with a model from a repository",
+        description="Either one case (--case-id with --features FILE...) or a table of cases (--clinical with "
+        "--features-dir). A patient's risk is the mean of its slides' risks.",
+    )
+    p.add_argument("--repo", required=True, help="model repository root")
+    p.add_argument("--model", default="ammasurv")
+    p.add_argument("--version", type=int, help="default: the highest")
+    p.add_argument("--engine", default="auto", help="backend (default: auto)")
+    p.add_argument("--genes", help="gene table CSV (case_id + one column per gene)")
+    one = p.add_argument_group("one case")
+    one.add_argument("--case-id")
+    one.add_argument("--features", nargs="+", metavar="H5", help="the case's slide feature files")
+    many = p.add_argument_group("a table of cases")
+    many.add_argument("--clinical", help="CSV with case_id and slide_id (outcomes optional: then the c-index is printed)")
+    many.add_argument("--features-dir", help="folder of <slide_id>.h5")
+    p.add_argument("--out", help="write per-patient risks to this CSV (default: print)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.features import bag_path
+    from ..data.tables import GeneTable, patients_from_clinical, read_clinical
+    from ..errors import InputError
+    from ..runtime.predict import FusionPredictor, score_cases
+
+    if bool(args.features) == bool(args.clinical):
+        raise InputError("give either --case-id with --features, or --clinical with --features-dir")
+    started = time.perf_counter()
+    predictor = FusionPredictor.from_repository(args.repo, args.model, args.version, args.engine)
+    genes = GeneTable.read(args.genes) if args.genes else None
+    if args.features:
+        if not args.case_id:
+            raise InputError("--features needs --case-id (the row of the gene table to use)")
+        cases, table = [(args.case_id, args.features)], None
+    else:
+        if not args.features_dir:
+            raise InputError("--clinical needs --features-dir")
+        table = read_clinical(args.clinical, require_outcome=False)
+        patients = patients_from_clinical(table)
+        cases = [(p.case_id, [bag_path(args.features_dir, s) for s in p.slide_ids]) for p in patients]
+    results = score_cases(predictor, cases, genes)
+    _report(args, predictor, results, table, time.perf_counter() - started)
+    return 0
+
+
+def _report(args, predictor, results, table, seconds: float) -> None:
+    import pandas as pd
+
+    from ..data.atomic import atomic_path
+
+    frame = pd.DataFrame(
+        {
+            "case_id": [r.case_id for r in results],
+            "risk": [r.risk for r in results],
+            "n_slides": [len(r.slides) for r in results],
+            "n_patches": [sum(s.n_patches for s in r.slides) for r in results],
+        }
+    )
+    if table is not None and {"survival_months", "censorship"} <= set(table.columns):
+        outcomes = table.drop_duplicates("case_id").set_index("case_id")[["survival_months", "censorship"]]
+        frame = frame.join(outcomes, on="case_id")
+    if args.out:
+        with atomic_path(args.out, suffix=".csv") as tmp:
+            frame.to_csv(tmp, index=False)
+        print(f"wrote {len(frame)} patient risks to {args.out}")
+    elif args.features:
+        r = results[0]
+        print(json.dumps({"case_id": r.case_id, "risk": r.risk, "slides": [
+            {"source": s.source, "risk": s.risk, "n_patches": s.n_patches} for s in r.slides]}, indent=1))
+    else:
+        print(frame.to_string(index=False))
+    if "survival_months" in frame and (frame["censorship"] == 0).any() and len(frame) > 1:
+        from ..export.concordance import concordance_index
+
+        c = concordance_index(frame["survival_months"], frame["censorship"] == 0, frame["risk"])
+        print(f"c-index {c.c_index:.4f} over {len(frame)} patients ({c.comparable} comparable pairs)")
+    t = predictor.timings
+    engine = predictor.engine.describe()
+    print(
+        f"{predictor.version.name} v{predictor.version.version} on {engine['engine']} {engine.get('providers', '')}: "
+        f"read {t['read']:.2f} s, fuse {t['fuse']:.2f} s, total {seconds:.2f} s"
+    )

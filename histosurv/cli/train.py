@@ -1,0 +1,97 @@
+"""histosurv train: fit a survival model on feature bags, a clinical CSV and a gene table."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._options import add_dataclass_options, dataclass_values
+
+# Fields the data decides, not the user.
+DERIVED = ("n_genes", "feature_dim", "pos_scale")
+
+
+def add_parser(sub) -> None:
+    from ..export.models.ammasurv import AMMASurvConfig
+    from ..export.training import TrainConfig
+
+    p = sub.add_parser(
+        "train",
+        help="train a survival model (seeded; early stopping on a validation split, scored on a test split)",
+        description="Writes a run directory (config, weights, history, splits, metrics) for 'histosurv export'.",
+    )
+    p.add_argument("--clinical", required=True, help="CSV: case_id, slide_id, survival_months, censorship (1 = censored)")
+    p.add_argument("--genes", required=True, help="CSV: case_id and one column per gene")
+    p.add_argument("--features-dir", required=True, help="folder of CLAM h5 files, <slide_id>.h5")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--gene-list", help="text file, one gene per line: the genes to use, in order (default: all)")
+    p.add_argument("--architecture", default="ammasurv", choices=["ammasurv"])
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true")
+    add_dataclass_options(p, AMMASurvConfig, exclude=DERIVED, title="model (AMMASurv)")
+    add_dataclass_options(p, TrainConfig, title="training")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data.cohort import load_cohort
+    from ..errors import InputError
+    from ..export.models import config_from_dict
+    from ..export.models.ammasurv import AMMASurvConfig
+    from ..export.run import save_run
+    from ..export.training import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if Path(args.out).exists() and not args.overwrite:
+        raise InputError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    genes = _gene_list(args.gene_list) if args.gene_list else None
+    cohort = load_cohort(args.clinical, args.genes, args.features_dir, genes=genes)
+    try:
+        model_cfg = config_from_dict(
+            args.architecture,
+            dict(
+                dataclass_values(args, AMMASurvConfig, exclude=DERIVED),
+                n_genes=len(cohort.gene_names),
+                feature_dim=cohort.feature_dim,
+                pos_scale=_patch_size_level0(cohort),
+            ),
+        )
+        train_cfg = TrainConfig(**dataclass_values(args, TrainConfig))
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    print(
+        f"training {args.architecture} on {len(cohort.patients)} patients, {len(cohort.gene_names)} genes, "
+        f"{cohort.feature_dim}-d patch features"
+    )
+    result = train(cohort, args.architecture, model_cfg, train_cfg, log=print)
+    save_run(args.out, result, cohort, overwrite=args.overwrite)
+    print(
+        f"best epoch {result.best_epoch}: validation c-index {result.val_c_index:.4f}, "
+        f"test c-index {result.test_c_index:.4f} ({len(result.splits.test)} held-out patients); "
+        f"{result.seconds:.1f} s; run written to {args.out}"
+    )
+    return 0
+
+
+def _gene_list(path: str) -> list[str]:
+    from ..errors import InputError, MissingInputError
+
+    if not Path(path).is_file():
+        raise MissingInputError(f"{path}: gene list not found")
+    names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not names:
+        raise InputError(f"{path}: the gene list is empty")
+    return names
+
+
+def _patch_size_level0(cohort) -> float:
+    """The positional unit: one patch, in level-0 pixels, from the bags' attributes when they say."""
+    attrs = cohort.bags.get(cohort.patients[0].slide_ids[0]).attrs
+    if "patch_size_level0" in attrs:
+        return float(attrs["patch_size_level0"])
+    if "patch_size" in attrs and int(attrs.get("patch_level", 0)) == 0:
+        return float(attrs["patch_size"])
+    return 256.0

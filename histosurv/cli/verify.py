@@ -1,0 +1,49 @@
+"""histosurv verify: every engine of a model version against the PyTorch model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated bag sizes, got {text!r}") from None
+    if any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError("bag sizes must be >= 1")
+    return sizes
+
+
+def add_parser(sub) -> None:
+    from ..export.verify import DEFAULT_SIZES
+
+    p = sub.add_parser(
+        "verify",
+        help="compare every engine of a model version with the PyTorch model at several bag sizes",
+        description="Prints the largest relative difference of the risk per engine and writes the figures "
+        "into the manifest. Exit status 1 if an engine is outside the tolerance.",
+    )
+    p.add_argument("--repo", required=True)
+    p.add_argument("--model", default="ammasurv")
+    p.add_argument("--version", type=int, help="default: the highest")
+    p.add_argument("--sizes", type=_sizes, default=DEFAULT_SIZES, help="bag sizes, default: 1,17,1000,5000")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="relative, default: 1e-4")
+    p.add_argument("--engine", action="append", help="engine(s) to check (default: all present)")
+    p.add_argument("--no-write", action="store_true", help="do not record the figures in the manifest")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export.verify import verify_version
+
+    reports = verify_version(
+        args.repo, args.model, args.version, args.sizes, args.tolerance, args.engine, not args.no_write, log=print
+    )
+    for r in reports:
+        verdict = "PASS" if r.passed else "FAIL"
+        print(
+            f"{verdict} {r.engine} on {r.device} {r.providers}: largest relative difference of the risk "
+            f"{r.max_risk_rel:.2e}, of the attention {r.max_attention_rel:.2e} (tolerance {r.tolerance:g})"
+        )
+    return 0 if reports and all(r.passed for r in reports) else 1
