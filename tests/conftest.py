@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny synthetic cohort, a tiny trained run and its exported repository.
+
+They are built once per session through the same code paths users run (synth -> train -> export),
+with dimensions small enough that the whole suite stays fast on two cores.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from histosurv.data.cohort import load_cohort
+from histosurv.data.synth import SynthConfig, write_synthetic_cohort
+from histosurv.export.models.ammasurv import AMMASurvConfig
+from histosurv.export.repository_writer import export_run
+from histosurv.export.run import save_run
+from histosurv.export.training import TrainConfig, train
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_SYNTH = SynthConfig(n_patients=60, n_genes=24, n_signal_genes=4, feature_dim=32, min_patches=8, max_patches=24)
+
+
+def tiny_model_config(**overrides) -> AMMASurvConfig:
+    values = dict(n_genes=24, feature_dim=32, pos_dim=8, gene_groups=4, depth=2, heads=4, head_hidden=16)
+    values.update(overrides)
+    return AMMASurvConfig(**values)
+
+
+TINY_TRAIN = TrainConfig(seed=0, max_epochs=2, patience=2, batch_size=16, patches_per_slide=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort_dir(tmp_path_factory) -> Path:
+    return write_synthetic_cohort(tmp_path_factory.mktemp("cohort") / "tiny", TINY_SYNTH)
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tiny_cohort_dir):
+    d = tiny_cohort_dir
+    return load_cohort(d / "clinical.csv", d / "genes.csv", d / "features")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_cohort, tmp_path_factory) -> Path:
+    result = train(tiny_cohort, "ammasurv", tiny_model_config(), TINY_TRAIN)
+    return save_run(tmp_path_factory.mktemp("runs") / "tiny", result, tiny_cohort)
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tiny_run, tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("repo") / "model_repository"
+    export_run(tiny_run, repo, "ammasurv")
+    return repo
+
+
+def run_cli(*args: str, cwd: Path | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs the installed console entry point in a fresh interpreter, as a user would."""
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "histosurv", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )

@@ -1,0 +1,162 @@
+"""Export to the model repository and ONNX Runtime parity with PyTorch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from histosurv.errors import RepositoryError
+from histosurv.export.models import build_model
+from histosurv.export.models.ammasurv import AMMASurvConfig
+from histosurv.export.onnx_export import SingleBag, example_inputs, export_onnx
+from histosurv.export.repository_writer import export_run
+from histosurv.export.verify import verify_version
+from histosurv.runtime.manifest import ModelManifest
+from histosurv.runtime.repository import ModelRepository, sha256_file
+
+from .conftest import tiny_model_config
+
+SIZES = (1, 17, 1000, 5000)
+
+
+def test_repository_layout_and_manifest(tiny_repo, tiny_cohort):
+    model_dir = tiny_repo / "ammasurv"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "histosurv.json"]
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["model.onnx", "model.safetensors"]
+    manifest = json.loads((model_dir / "histosurv.json").read_text())
+    v1 = manifest["versions"]["1"]
+    assert [t["name"] for t in manifest["inputs"]] == ["features", "coords", "genes"]
+    assert manifest["inputs"][0] == {"name": "features", "datatype": "FP32", "shape": [-1, 32]}
+    assert [t["name"] for t in manifest["outputs"]] == ["risk", "attention"]
+    assert v1["genes"]["names"] == tiny_cohort.gene_names and len(v1["genes"]["mean"]) == 24
+    # hyper-parameters the paper leaves open are recorded
+    assert {"heads", "depth", "gene_groups", "pos_dim"} <= set(v1["config"])
+    for name, digest in v1["files"].items():
+        assert sha256_file(model_dir / "1" / name) == digest
+    assert v1["engines"]["onnxruntime"]["ops"]["com.microsoft::MultiHeadAttention"] == 2
+
+
+def test_config_pbtxt_is_tritons(tiny_repo):
+    text = (tiny_repo / "ammasurv" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in text and "max_batch_size: 0" in text
+    for fragment in ('name: "features"', "TYPE_FP32", "dims: [ -1, 32 ]", 'name: "coords"', "TYPE_INT64",
+                     "dims: [ -1, 2 ]", 'name: "genes"', "dims: [ 24 ]", 'name: "risk"', 'name: "attention"'):
+        assert fragment in text
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(), dict(pos_dim=0), dict(survival_head="discrete"), dict(modality="image"), dict(modality="genes")]
+)
+def test_onnx_runtime_matches_pytorch_at_every_bag_size(overrides, tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = build_model("ammasurv", tiny_model_config(**overrides)).eval()
+    export_onnx(model, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    wrapper = SingleBag(model)
+    for n in SIZES:
+        inputs = example_inputs(model, n=n, seed=n)
+        with torch.no_grad():
+            expected = [t.numpy() for t in wrapper(**inputs)]
+        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+        assert [o.name for o in session.get_outputs()] == wrapper.output_names()
+        np.testing.assert_allclose(got[0], expected[0], rtol=1e-4, atol=1e-6)
+        if len(got) > 1:
+            assert got[1].shape == (n,)
+            np.testing.assert_allclose(got[1], expected[1], rtol=1e-4, atol=1e-7)
+
+
+def test_paper_sized_model_matches_at_every_bag_size(tmp_path):
+    """d1 = 512 ResNet18 features, d_pos = 32, 8 heads: the configuration the demo ships."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = build_model("ammasurv", AMMASurvConfig(n_genes=200)).eval()
+    export_onnx(model, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for n in SIZES:
+        inputs = example_inputs(model, n=n, seed=n)
+        with torch.no_grad():
+            risk = SingleBag(model)(**inputs)[0].item()
+        got = session.run(["risk"], {k: v.numpy() for k, v in inputs.items()})[0][0]
+        assert abs(got - risk) / max(abs(risk), 0.01) <= 1e-4, (n, got, risk)
+
+
+def test_graph_has_fused_attention_and_no_bag_by_bag_value(tmp_path):
+    model = build_model("ammasurv", tiny_model_config()).eval()
+    export_onnx(model, tmp_path / "m.onnx")
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MultiHeadAttention") == model.cfg.depth
+    assert ops.count("Softmax") == 1  # the class-token row that gives the `attention` output
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(graph.value_info) + list(graph.output) + list(graph.input)}
+    for node in graph.node:
+        # The exporter annotates every value; the fused contrib ops added afterwards are not, but their
+        # outputs have the shape of their first input (the query for MultiHeadAttention).
+        if node.op_type in ("MultiHeadAttention", "SkipLayerNormalization"):
+            for o in node.output:
+                shapes.setdefault(o, shapes[node.input[0]])
+    produced = [o for n in graph.node for o in n.output if o]
+    assert all(o in shapes for o in produced), "every intermediate value carries a shape"
+    bag_sized = {o: s for o, s in shapes.items() if sum(isinstance(d, str) and "N" in d for d in s) >= 2}
+    assert bag_sized == {}, f"values with two bag-sized dimensions: {bag_sized}"
+
+
+def test_verify_records_parity_in_the_manifest(tiny_repo):
+    reports = verify_version(tiny_repo, "ammasurv", sizes=SIZES)
+    assert [r.engine for r in reports] == ["onnxruntime"]
+    assert reports[0].providers == ["CPUExecutionProvider"]
+    assert [row["n"] for row in reports[0].rows] == list(SIZES)
+    assert reports[0].passed and reports[0].max_risk_rel <= 1e-4
+    parity = ModelManifest.load(tiny_repo / "ammasurv" / "histosurv.json").versions[1].parity["onnxruntime"]
+    assert parity["passed"] and parity["max_risk_rel"] == reports[0].max_risk_rel
+
+
+def test_new_export_is_a_new_version_and_old_ones_stay(tiny_run, tmp_path):
+    repo = tmp_path / "repo"
+    export_run(tiny_run, repo, "m")
+    first = (repo / "m" / "1" / "model.onnx").read_bytes()
+    mv = export_run(tiny_run, repo, "m")
+    assert mv.version == 2 and (repo / "m" / "1" / "model.onnx").read_bytes() == first
+    assert ModelRepository(repo).version("m").version == 2
+    assert ModelRepository(repo).version("m", 1).version == 1
+    with pytest.raises(RepositoryError, match="immutable"):
+        export_run(tiny_run, repo, "m", version=1)
+
+
+def test_a_run_with_another_interface_is_refused(tiny_run, tiny_cohort, tmp_path):
+    from histosurv.export.run import save_run
+    from histosurv.export.training import train
+
+    from .conftest import TINY_TRAIN
+
+    repo = tmp_path / "repo"
+    export_run(tiny_run, repo, "m")
+    image_only = train(tiny_cohort, "ammasurv", tiny_model_config(modality="image"), TINY_TRAIN)
+    other = save_run(tmp_path / "image_run", image_only, tiny_cohort)
+    with pytest.raises(RepositoryError, match="another model name"):
+        export_run(other, repo, "m")
+    assert sorted(p.name for p in (repo / "m").iterdir()) == ["1", "config.pbtxt", "histosurv.json"]
+
+
+def test_changed_or_missing_files_are_refused(tiny_repo, tmp_path):
+    repo = tmp_path / "copy"
+    shutil.copytree(tiny_repo, repo)
+    onnx_path = repo / "ammasurv" / "1" / "model.onnx"
+    onnx_path.write_bytes(onnx_path.read_bytes()[:-10])
+    with pytest.raises(RepositoryError, match="sha256 does not match"):
+        ModelRepository(repo).version("ammasurv")
+    onnx_path.unlink()
+    with pytest.raises(RepositoryError, match="missing"):
+        ModelRepository(repo).version("ammasurv")
+    with pytest.raises(RepositoryError, match="no model 'nope'"):
+        ModelRepository(repo).version("nope")
+    with pytest.raises(RepositoryError, match="no version 7"):
+        ModelRepository(repo).version("ammasurv", 7)
