@@ -1,0 +1,326 @@
+"""AMMASurv on the CPU: latency and peak memory of three attention engines at large bag sizes.
+
+Engines, all running the same weights (seed 0) on the same random bag:
+
+* ``naive``       torch eager, attention as softmax(QK^T / sqrt(d)) V, the reference repositories' form,
+                  which materialises the (N+1+m) x (N+1) score matrix per head;
+* ``sdpa``        torch eager with ``F.scaled_dot_product_attention``;
+* ``onnxruntime`` the exported graph (attention fused as com.microsoft.MultiHeadAttention) on ONNX
+                  Runtime's CPU provider. The file is exported once per run into a temporary directory.
+
+Every (engine, N) pair runs in a fresh subprocess: it loads the model or session and builds the inputs,
+records its RSS (the baseline), resets the kernel's peak-RSS mark, then runs 1 warm-up and ``--repeat``
+timed forward passes. It reports the median time, the peak RSS (``ru_maxrss``) and the peak minus the
+baseline ("extra"), i.e. what the forward pass itself needed. The parent never imports torch, because a
+child's ``ru_maxrss`` starts from its parent's peak.
+
+Reading the table: ``speed-up`` is baseline_ms / engine_ms (above 1 is faster than the baseline) and
+``memory`` is engine extra / baseline extra (below 1 needs less). The baseline is ``naive`` at the same
+N; where naive was skipped (its score matrices would not fit), failed or not run, it is ``sdpa``, and the
+row says so. ``peak MB`` includes the Python, torch and model footprint of each worker (ONNX Runtime
+workers import torch too, to build identical inputs), so compare engines on ``extra MB``. A memory
+ratio is "n/a" when the baseline's extra is under 1 MB (noise). GFLOP/s uses an approximate count:
+attention depth x 4 x (N+1+m) x (N+1) x d, plus 2 x encoder linear parameters x (N+1+m) tokens.
+MB and GB are 10^6 and 10^9 bytes. Timings are only meaningful on an otherwise idle machine.
+
+    python bench/fusion.py                          # N = 1024, 4096, 16384; several minutes
+    python bench/fusion.py --sizes 64,256 --repeat 1 --json /tmp/fusion.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+
+SCRIPT = Path(__file__).resolve()
+ENGINES = ("naive", "sdpa", "onnxruntime")
+NAIVE_MEMORY_FRACTION = 0.6  # leave room for the rest of the forward pass and for other processes
+NAIVE_COPIES = 3  # scores, their softmax and one temporary of the same shape, float32
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=_int_list, default=[1024, 4096, 16384], help="bag sizes N, comma-separated")
+    engines = ",".join(ENGINES)
+    p.add_argument("--engines", type=_engine_list, default=list(ENGINES), help=f"comma-separated subset of {engines}")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement, after one warm-up")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and ONNX Runtime")
+    p.add_argument("--timeout", type=float, default=900, help="seconds allowed to each worker process")
+    p.add_argument("--json", type=Path, help="also write the header facts and rows here")
+    p.add_argument("--naive-budget-gb", type=float, help="memory allowed to the naive score matrices "
+                   f"(default: {NAIVE_MEMORY_FRACTION * 100:.0f}%% of available memory)")  # %% for argparse
+    p.add_argument("--worker", nargs=3, metavar=("ENGINE", "N", "ONNX_PATH"), help=argparse.SUPPRESS)
+    p.add_argument("--prepare", metavar="ONNX_PATH", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _engine_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = sorted(set(names) - set(ENGINES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown engines {unknown}; choose from {', '.join(ENGINES)}")
+    return names
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker or args.prepare:
+        return child_main(args)
+    with tempfile.TemporaryDirectory(prefix="histosurv-bench-") as tmp:
+        onnx_path = str(Path(tmp) / "ammasurv.onnx") if "onnxruntime" in args.engines else "-"
+        facts = run_child(["--prepare", onnx_path], args)
+        if facts["status"] != "ok":
+            print(f"preparing the model failed: {facts['detail']}", file=sys.stderr)
+            return 1
+        del facts["status"]
+        facts["machine"] = machine_facts()
+        print_header(facts, args)
+        rows = [measure_one(engine, n, onnx_path, facts, args) for n in args.sizes for engine in args.engines]
+    add_ratios(rows, facts)
+    print_table(rows)
+    print_work(facts, args.sizes)
+    if args.json:
+        args.json.write_text(json.dumps({"facts": facts, "args": _jsonable(args), "rows": rows}, indent=2) + "\n")
+        print(f"\nrows written to {args.json}")
+    return 0
+
+
+def child_main(args: argparse.Namespace) -> int:
+    # Imported here only: the parent must not load torch (see _measure's docstring).
+    sys.path.insert(0, str(SCRIPT.parent))
+    import _measure
+
+    if args.prepare:
+        result = _measure.prepare(None if args.prepare == "-" else args.prepare)
+    else:
+        engine, n, onnx_path = args.worker
+        result = _measure.worker(engine, int(n), None if onnx_path == "-" else onnx_path, args.repeat, args.threads)
+    print(json.dumps(result))
+    return 0
+
+
+# --- the parent: one subprocess per measurement --------------------------------------------------------
+
+
+def run_child(child_args: list[str], args: argparse.Namespace) -> dict:
+    """Runs this script in a fresh process; its last stdout line is its JSON result."""
+    cmd = [sys.executable, str(SCRIPT), *child_args, "--repeat", str(args.repeat), "--threads", str(args.threads)]
+    # Pin OpenMP/MKL pools before the child imports torch, so no pool is ever sized to every core.
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:  # subprocess.run has already killed the child
+        return {"status": "timeout", "detail": f"timed out after {args.timeout:g} s"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return {"status": "failed", "detail": _failure(proc)}
+    try:
+        return {"status": "ok", **json.loads(lines[-1])}
+    except json.JSONDecodeError:
+        return {"status": "failed", "detail": f"unreadable result: {lines[-1][:200]}"}
+
+
+def _failure(proc: subprocess.CompletedProcess) -> str:
+    if proc.returncode == -9:
+        return "killed by SIGKILL (out of memory?)"
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"exit status {proc.returncode}: {last[:300]}"
+
+
+def measure_one(engine: str, n: int, onnx_path: str, facts: dict, args: argparse.Namespace) -> dict:
+    skip = naive_skip_reason(n, facts, args) if engine == "naive" else None
+    if skip:
+        row = {"status": "skipped", "detail": skip}
+    else:
+        row = run_child(["--worker", engine, str(n), onnx_path], args)
+    row.update(engine=engine, n=n)
+    print(progress_line(row), flush=True)
+    return row
+
+
+def naive_skip_reason(n: int, facts: dict, args: argparse.Namespace) -> str | None:
+    """Why the naive engine must not run at this N, or None if its score matrices fit."""
+    need = naive_attention_bytes(n, facts)
+    if args.naive_budget_gb is not None:
+        budget, have = args.naive_budget_gb * 1e9, f"budget {_size(args.naive_budget_gb * 1e9)} (--naive-budget-gb)"
+    else:
+        available = psutil.virtual_memory().available  # now, not at start-up: earlier workers may linger
+        budget = NAIVE_MEMORY_FRACTION * available
+        have = f"{_size(available)} available (limit {NAIVE_MEMORY_FRACTION:.0%}: {_size(budget)})"
+    if need <= budget:
+        return None
+    return f"needs ~{_size(need)} for the score matrices, {have}"
+
+
+def naive_attention_bytes(n: int, facts: dict) -> int:
+    return facts["heads"] * (n + 1 + facts["gene_tokens"]) * (n + 1) * 4 * NAIVE_COPIES
+
+
+def progress_line(row: dict) -> str:
+    head = f"{row['engine']} N={row['n']}"
+    if row["status"] != "ok":
+        return f"{head}: {row['status']}, {row['detail']}"
+    peak, extra = _mb(row["peak_rss_bytes"]), _mb(row["extra_rss_bytes"])
+    line = f"{head}: {row['median_ms']:.1f} ms, peak {peak} MB, extra {extra} MB"
+    if "providers" in row:
+        line += f", providers {row['providers']}"
+    if not row["peak_reset"]:
+        line += " (peak not reset after loading: extra includes load-time transients)"
+    return line
+
+
+# --- figures --------------------------------------------------------------------------------------------
+
+
+def add_ratios(rows: list[dict], facts: dict) -> None:
+    """Adds each row's baseline, speed-up, memory ratio and throughput, comparing within one N."""
+    by_n = {}
+    for row in rows:
+        by_n.setdefault(row["n"], {})[row["engine"]] = row
+    for n, engines in by_n.items():
+        base_name, label = pick_baseline(engines)
+        base = engines.get(base_name)
+        for row in engines.values():
+            row["gflop"] = forward_flops(n, facts) / 1e9
+            if row["status"] != "ok":
+                continue
+            row["gflop_per_s"] = row["gflop"] / (row["median_ms"] / 1e3)
+            row["baseline"] = label
+            if base is not None:
+                row["speedup"] = base["median_ms"] / row["median_ms"]
+                row["memory_ratio"] = _ratio(row["extra_rss_bytes"], base["extra_rss_bytes"])
+
+
+def pick_baseline(engines: dict[str, dict]) -> tuple[str | None, str]:
+    """naive where it ran; otherwise sdpa, labelled with why naive is missing."""
+    naive = engines.get("naive")
+    if naive is not None and naive["status"] == "ok":
+        return "naive", "naive"
+    sdpa = engines.get("sdpa")
+    if sdpa is None or sdpa["status"] != "ok":
+        return None, "no baseline (naive and sdpa missing)"
+    why = "not run" if naive is None else naive["status"]
+    return "sdpa", f"vs sdpa (naive {why})"
+
+
+def _ratio(value: int, base: int) -> float | None:
+    return value / base if base >= 1e6 else None  # below 1 MB the baseline's extra is noise
+
+
+def forward_flops(n: int, facts: dict) -> float:
+    return sum(flop_parts(n, facts))
+
+
+def flop_parts(n: int, facts: dict) -> tuple[float, float]:
+    """(attention, linear layers) FLOPs of one forward pass: N+1+m queries against N+1 keys per layer."""
+    tokens, keys = n + 1 + facts["gene_tokens"], n + 1
+    attention = facts["depth"] * 4 * tokens * keys * facts["dim"]  # QK^T and PV, 2 FLOPs per multiply-add
+    return attention, 2 * facts["encoder_linear_params"] * tokens
+
+
+# --- output ---------------------------------------------------------------------------------------------
+
+
+def machine_facts() -> dict:
+    memory = psutil.virtual_memory()
+    return {
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "physical_cpus": psutil.cpu_count(logical=False),
+        "memory_total_bytes": memory.total,
+        "memory_available_bytes": memory.available,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return platform.processor() or "unknown"
+
+
+def print_header(facts: dict, args: argparse.Namespace) -> None:
+    m, c = facts["machine"], facts["config"]
+    print("AMMASurv attention engines on the CPU")
+    print(f"machine : {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['physical_cpus']} physical), "
+          f"{_size(m['memory_total_bytes'])} RAM, {_size(m['memory_available_bytes'])} available; {m['platform']}")
+    print(f"threads : {args.threads} (torch.set_num_threads; ONNX Runtime intra-op {args.threads}, inter-op 1)")
+    print(f"software: python {m['python']}, torch {facts['torch']}, onnxruntime {facts['onnxruntime']}")
+    print(f"model   : ammasurv d = {facts['dim']} ({c['feature_dim']} features + {c['pos_dim']} positional), "
+          f"{facts['heads']} heads, depth {facts['depth']}, m = {facts['gene_tokens']} gene tokens from "
+          f"{c['n_genes']} genes, {facts['params'] / 1e6:.2f} M parameters")
+    if "onnx" in facts:
+        ops = facts["onnx"]["ops"]
+        print(f"onnx    : opset {facts['onnx']['opset']}, {ops.get('com.microsoft::MultiHeadAttention', 0)} "
+              f"com.microsoft.MultiHeadAttention nodes, {sum(ops.values())} nodes in all")
+    print(f"runs    : sizes {','.join(map(str, args.sizes))}; engines {','.join(args.engines)}; 1 warm-up + "
+          f"{args.repeat} timed per worker, median reported; timeout {args.timeout:g} s per worker\n")
+
+
+def print_table(rows: list[dict]) -> None:
+    header = ["N", "engine", "median ms", "peak MB", "extra MB", "GFLOP/s", "speed-up", "memory", "baseline"]
+    body = [table_cells(row) for row in rows]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    print()
+    for r in [header, ["-" * w for w in widths], *body]:
+        # Numbers right-aligned, names and notes left-aligned.
+        cells = (c.ljust(w) if i in (1, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        print("  ".join(cells).rstrip())
+
+
+def table_cells(row: dict) -> list[str]:
+    if row["status"] != "ok":
+        note = row["detail"] if len(row["detail"]) <= 90 else row["detail"][:87] + "..."  # in full above and in --json
+        return [str(row["n"]), row["engine"], row["status"], "-", "-", "-", "-", "-", note]
+    speedup, memory = row.get("speedup"), row.get("memory_ratio")
+    return [
+        str(row["n"]),
+        row["engine"],
+        f"{row['median_ms']:.1f}",
+        _mb(row["peak_rss_bytes"]),
+        _mb(row["extra_rss_bytes"]),
+        f"{row['gflop_per_s']:.1f}",
+        f"{speedup:.2f}x" if speedup is not None else "n/a",
+        f"{memory:.3f}" if memory is not None else "n/a",
+        row["baseline"],
+    ]
+
+
+def print_work(facts: dict, sizes: list[int]) -> None:
+    print("\nwork per forward (approximate; GFLOP/s above = this / median time):")
+    for n in sizes:
+        attention, linear = (x / 1e9 for x in flop_parts(n, facts))
+        print(f"  N={n}: {attention + linear:.2f} GFLOP = {attention:.2f} attention + {linear:.2f} linear layers")
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.0f}"
+
+
+def _size(nbytes: float) -> str:
+    if nbytes >= 10e9:
+        return f"{nbytes / 1e9:.0f} GB"
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _jsonable(args: argparse.Namespace) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("worker", "prepare")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
