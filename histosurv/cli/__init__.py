@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        return int(args.handler(args) or 0)
     except (HistosurvError, FileExistsError) as e:
         print(f"histosurv {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-epochs", type=int, default=20)
     p.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime")
-    p.set_defaults(run=run)
+    p.set_defaults(handler=run)
 
 
 class Stages:

@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
     p.add_argument("--repo", required=True, help="model repository root (created if missing)")
     p.add_argument("--name", default="ammasurv", help="model name in the repository (default: ammasurv)")
     p.add_argument("--version", type=int, help="version number (default: one above the highest)")
-    p.set_defaults(run=run)
+    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     many.add_argument("--clinical", help="CSV with case_id and slide_id (outcomes optional: then the c-index is printed)")
     many.add_argument("--features-dir", help="folder of <slide_id>.h5")
     p.add_argument("--out", help="write per-patient risks to this CSV (default: print)")
-    p.set_defaults(run=run)
+    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
     add_dataclass_options(p, SynthConfig, title="cohort")
-    p.set_defaults(run=run)
+    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     add_dataclass_options(p, AMMASurvConfig, exclude=DERIVED, title="model (AMMASurv)")
     add_dataclass_options(p, TrainConfig, title="training")
-    p.set_defaults(run=run)
+    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

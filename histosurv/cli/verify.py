@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tolerance", type=float, default=1e-4, help="relative, default: 1e-4")
     p.add_argument("--engine", action="append", help="engine(s) to check (default: all present)")
     p.add_argument("--no-write", action="store_true", help="do not record the figures in the manifest")
-    p.set_defaults(run=run)
+    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -59,7 +59,7 @@ def read_clinical(path: str | os.PathLike, require_outcome: bool = True) -> pd.D
     _require_columns(df, CLINICAL_COLUMNS if require_outcome else ID_COLUMNS, path, "clinical table")
     for col in ID_COLUMNS:
         if df[col].isna().any():
-            raise InputError(f"{path}: column '{col}' is empty in row {int(df[col].isna().idxmax()) + 2}")
+            raise InputError(f"{path}: column '{col}' is empty on line {int(df[col].isna().idxmax()) + 2}")
     dup = df["slide_id"][df["slide_id"].duplicated()]
     if len(dup):
         raise InputError(f"{path}: slide_id {dup.iloc[0]!r} appears more than once")
@@ -74,20 +74,25 @@ def _check_outcomes(df: pd.DataFrame, path) -> None:
     if bad.any():
         row = int(bad.idxmax())
         raise InputError(
-            f"{path}: 'survival_months' must be a number >= 0; row {row + 2} has {df['survival_months'][row]!r}"
+            f"{path}: 'survival_months' must be a number >= 0; line {row + 2} has {_show(df['survival_months'][row])}"
         )
     cens = pd.to_numeric(df["censorship"], errors="coerce")
     bad = ~cens.isin([0, 1])
     if bad.any():
         row = int(bad.idxmax())
         raise InputError(
-            f"{path}: 'censorship' must be 1 (censored) or 0 (event); row {row + 2} has {df['censorship'][row]!r}"
+            f"{path}: 'censorship' must be 1 (censored) or 0 (event); line {row + 2} has {_show(df['censorship'][row])}"
         )
     df["survival_months"], df["censorship"] = months.astype(float), cens.astype(int)
     per_case = df.groupby("case_id")[list(OUTCOME_COLUMNS)].nunique()
     conflicting = per_case.index[(per_case > 1).any(axis=1)]
     if len(conflicting):
         raise InputError(f"{path}: case {conflicting[0]!r} has different outcomes on different slides")
+
+
+def _show(value) -> str:
+    """A cell as the user wrote it (2, 'abc', nan), not as numpy's repr (np.int64(2))."""
+    return repr(value.item() if hasattr(value, "item") else value)
 
 
 def patients_from_clinical(df: pd.DataFrame) -> list[Patient]:
@@ -118,7 +123,7 @@ class GeneTable:
         df = _read_csv(path, "gene table")
         _require_columns(df, ["case_id"], path, "gene table")
         if df["case_id"].isna().any():
-            raise InputError(f"{path}: column 'case_id' is empty in row {int(df['case_id'].isna().idxmax()) + 2}")
+            raise InputError(f"{path}: column 'case_id' is empty on line {int(df['case_id'].isna().idxmax()) + 2}")
         dup = df["case_id"][df["case_id"].duplicated()]
         if len(dup):
             raise InputError(f"{path}: case_id {dup.iloc[0]!r} has more than one row in the gene table")

@@ -57,6 +57,8 @@ class AMMASurvConfig:
 
     def __post_init__(self):
         d = self.feature_dim + self.pos_dim
+        if self.pos_dim % 4:
+            raise ValueError(f"pos_dim must be a multiple of 4 (sin and cos for x and y), got {self.pos_dim}")
         if self.modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
         if d % self.heads:
