@@ -26,7 +26,7 @@ def _cohort(root, seed, n):
 
 
 @pytest.mark.slow
-def test_ammasurv_beats_both_single_modality_ablations(tmp_path):
+def test_ammasurv_beats_both_single_modality_ablations(tmp_path, capsys):
     torch.set_num_threads(2)
     cohort = _cohort(tmp_path, seed=0, n=400)
     external = _cohort(tmp_path, seed=100, n=1000)
@@ -37,7 +37,8 @@ def test_ammasurv_beats_both_single_modality_ablations(tmp_path):
         result = train(cohort, "ammasurv", cfg, TrainConfig(seed=0))
         risk = predict_patients(result.model, external, everyone)
         scores[modality] = concordance_index(*external.times_events(everyone), risk).c_index
-    print(f"external held-out c-index: {scores}")
+    with capsys.disabled():  # the figures belong in the CI log, pass or fail
+        print("\nexternal held-out c-index (1000 patients): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     assert scores["both"] >= 0.70
     assert scores["both"] > scores["image"]
     assert scores["both"] > scores["genes"]

@@ -46,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
-    from ..data.cohort import load_cohort
-    from ..data.features import bag_path
+    from ..data.cohort import case_files, load_cohort
     from ..data.synth import SynthConfig, write_synthetic_cohort
     from ..data.tables import GeneTable, patients_from_clinical, read_clinical
     from ..export.concordance import concordance_index
@@ -90,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         clinical = read_clinical(cohort_dir / "clinical.csv")
         patients = [p for p in patients_from_clinical(clinical) if p.case_id in held_out]
         predictor = FusionPredictor.from_repository(out / "model_repository", "ammasurv")
-        cases = [(p.case_id, [bag_path(cohort_dir / "features", s) for s in p.slide_ids]) for p in patients]
+        cases = case_files(patients, cohort_dir / "features")
         results = score_cases(predictor, cases, GeneTable.read(cohort_dir / "genes.csv"))
         c = concordance_index([p.time for p in patients], [p.event for p in patients], [r.risk for r in results])
         pd.DataFrame({"case_id": [r.case_id for r in results], "risk": [r.risk for r in results]}).to_csv(

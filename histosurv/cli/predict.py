@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.features import bag_path
+    from ..data.cohort import case_files
     from ..data.tables import GeneTable, patients_from_clinical, read_clinical
     from ..errors import InputError
     from ..runtime.predict import FusionPredictor, score_cases
@@ -48,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.features_dir:
             raise InputError("--clinical needs --features-dir")
         table = read_clinical(args.clinical, require_outcome=False)
-        patients = patients_from_clinical(table)
-        cases = [(p.case_id, [bag_path(args.features_dir, s) for s in p.slide_ids]) for p in patients]
+        cases = case_files(patients_from_clinical(table), args.features_dir)
     results = score_cases(predictor, cases, genes)
     _report(args, predictor, results, table, time.perf_counter() - started)
     return 0

@@ -12,6 +12,7 @@ DERIVED = ("n_genes", "feature_dim", "pos_scale")
 
 
 def add_parser(sub) -> None:
+    from ..export.models import MODELS
     from ..export.models.ammasurv import AMMASurvConfig
     from ..export.training import TrainConfig
 
@@ -25,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--features-dir", required=True, help="folder of CLAM h5 files, <slide_id>.h5")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--gene-list", help="text file, one gene per line: the genes to use, in order (default: all)")
-    p.add_argument("--architecture", default="ammasurv", choices=["ammasurv"])
+    p.add_argument("--architecture", default="ammasurv", choices=sorted(MODELS))
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true")
     add_dataclass_options(p, AMMASurvConfig, exclude=DERIVED, title="model (AMMASurv)")

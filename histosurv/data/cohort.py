@@ -14,7 +14,7 @@ from ..errors import InputError
 from .features import Bag, bag_path, read_bag
 from .tables import GeneTable, Patient, patients_from_clinical, read_clinical
 
-__all__ = ["BagStore", "Cohort", "load_cohort", "encoder_metadata"]
+__all__ = ["BagStore", "Cohort", "load_cohort", "encoder_metadata", "case_files"]
 
 
 class BagStore:
@@ -86,12 +86,18 @@ def load_cohort(
     return Cohort(patients, vectors, names, store)
 
 
+def case_files(patients: Sequence[Patient], features_dir: str | os.PathLike) -> list[tuple[str, list[Path]]]:
+    """(case_id, the case's h5 files) for each patient, as the runtime scores them."""
+    return [(p.case_id, [bag_path(features_dir, s) for s in p.slide_ids]) for p in patients]
+
+
 def encoder_metadata(store: BagStore, slide_ids: Sequence[str]) -> dict:
     """Patch-encoder facts the bags agree on (encoder, patch size, µm/px), for the manifest."""
     keys = ("encoder", "patch_size", "patch_level", "patch_size_level0", "mpp")
     agreed: dict = {}
     for i, s in enumerate(slide_ids):
-        attrs = {k: store.get(s).attrs[k] for k in keys if k in store.get(s).attrs}
+        found = store.get(s).attrs
+        attrs = {k: found[k] for k in keys if k in found}
         agreed = attrs if i == 0 else {k: v for k, v in agreed.items() if attrs.get(k) == v}
     agreed["feature_dim"] = store.feature_dim
     return agreed

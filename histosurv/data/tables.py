@@ -129,10 +129,6 @@ class GeneTable:
             raise InputError(f"{path}: case_id {dup.iloc[0]!r} has more than one row in the gene table")
         return cls(df.set_index("case_id"), str(path))
 
-    @property
-    def gene_names(self) -> list[str]:
-        return [str(c) for c in self.frame.columns]
-
     def numeric_genes(self) -> list[str]:
         """Columns usable as genes (numeric), in table order."""
         return [str(c) for c in self.frame.columns if pd.api.types.is_numeric_dtype(self.frame[c])]

@@ -27,7 +27,7 @@ from ..errors import InputError, MissingInputError
 from .models import build_model
 from .training import TrainResult
 
-__all__ = ["save_run", "load_run", "RUN_CONFIG", "RUN_WEIGHTS"]
+__all__ = ["save_run", "load_run", "load_weights", "RUN_CONFIG", "RUN_WEIGHTS"]
 
 RUN_CONFIG, RUN_WEIGHTS = "config.json", "model.safetensors"
 

@@ -23,8 +23,8 @@ import torch
 
 from ..runtime.engines import ENGINES, load_engine
 from ..runtime.repository import MANIFEST, ModelRepository, ModelVersion
-from .models import build_model, risk_from_logits
-from .onnx_export import example_inputs
+from .models import build_model
+from .onnx_export import SingleBag, example_inputs
 from .run import load_weights
 
 __all__ = ["DEFAULT_SIZES", "ParityReport", "verify_version", "RISK_FLOOR"]
@@ -111,14 +111,10 @@ def _compare(model: torch.nn.Module, engine, n: int) -> dict:
     inputs = example_inputs(model, n=n, seed=n)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        batched = {k: v[None] for k, v in inputs.items()}
-        if "features" in inputs:
-            logits, attention = model(**batched, return_attention=True)
-            attention = attention[0].numpy()
-        else:
-            logits, attention = model(**batched), None
-        risk = risk_from_logits(logits, model.cfg.survival_head).item()
+        expected = SingleBag(model)(**inputs)  # the exported graph's own signature: risk[, attention]
     t1 = time.perf_counter()
+    risk = expected[0].item()
+    attention = expected[1].numpy() if len(expected) > 1 else None
     out = engine.run({k: v.numpy() for k, v in inputs.items()})
     t2 = time.perf_counter()
     got = float(out["risk"].reshape(-1)[0])

@@ -87,9 +87,6 @@ class ModelManifest:
             raise RepositoryError(f"model {self.name!r} has no versions")
         return max(self.versions)
 
-    def input(self, name: str) -> TensorSpec | None:
-        return next((t for t in self.inputs if t.name == name), None)
-
     def to_json(self) -> str:
         d = {
             "schema": self.schema,
