@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; override (e.g. TORCH_SPEC="torch==2.13.0 --index-url ...") on a GPU box.
 TORCH_SPEC ?= torch==2.13.0
+# cuCIM without its CUDA wheels decodes on the CPU; on a GPU box use `pip install -e '.[gpu]'` instead.
+CUCIM_SPEC ?= cucim-cu12==26.10.0
 BIN := $(VENV)/bin
 
 .PHONY: demo test bench clean
@@ -14,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(CUCIM_SPEC)
 	touch $@
 
 demo: $(VENV)/.installed

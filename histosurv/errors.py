@@ -7,7 +7,7 @@ the CLI turns any :class:`HistosurvError` into a one-line message and a non-zero
 
 from __future__ import annotations
 
-__all__ = ["HistosurvError", "InputError", "MissingInputError", "RepositoryError"]
+__all__ = ["HistosurvError", "InputError", "MissingInputError", "RepositoryError", "SlideError", "EmptySlideError"]
 
 
 class HistosurvError(Exception):
@@ -24,3 +24,11 @@ class MissingInputError(HistosurvError, FileNotFoundError):
 
 class RepositoryError(HistosurvError, ValueError):
     """A model repository is missing, incomplete, or its files do not match the manifest."""
+
+
+class SlideError(InputError):
+    """A slide file cannot be opened or read: not a slide, an unsupported format, damaged or cut short."""
+
+
+class EmptySlideError(InputError):
+    """A slide was read but holds no tissue patches to score (an empty bag), so no risk can be given."""

@@ -65,3 +65,11 @@ def run_cli(*args: str, cwd: Path | None = None, env_extra: dict | None = None) 
     return subprocess.run(
         [sys.executable, "-m", "histosurv", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
     )
+
+
+@pytest.fixture(scope="session")
+def cmu_svs() -> Path:
+    """The real Aperio slide the demo uses, fetched once into the user's cache (see data/demo_slide.py)."""
+    from histosurv.data.demo_slide import demo_slide
+
+    return demo_slide()
