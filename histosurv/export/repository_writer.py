@@ -26,7 +26,7 @@ from ..runtime.triton_config import render_config_pbtxt
 from .onnx_export import export_onnx
 from .run import load_run
 
-__all__ = ["export_run", "tensor_specs", "REFERENCE_WEIGHTS"]
+__all__ = ["export_run", "tensor_specs", "REFERENCE_WEIGHTS", "prepare_version", "publish_version"]
 
 REFERENCE_WEIGHTS = "model.safetensors"
 
@@ -56,6 +56,19 @@ def export_run(
     """Exports the run's model as ``repository/name/<version>`` (default: one above the highest)."""
     model, run_config = load_run(run_dir)
     inputs, outputs = tensor_specs(model)
+    model_dir, manifest, version = prepare_version(repository, name, inputs, outputs, version)
+    with atomic_dir(model_dir / str(version)) as tmp:
+        log(f"exporting ONNX graph of {run_config['architecture']} ...")
+        onnx_info = export_onnx(model, tmp / "model.onnx")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / REFERENCE_WEIGHTS))
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+    return publish_version(
+        repository, manifest, version, _version_info(model, run_config, run_dir, onnx_info, files)
+    )
+
+
+def prepare_version(repository, name: str, inputs, outputs, version: int | None) -> tuple[Path, ModelManifest, int]:
+    """(model folder, its manifest (new or checked against this interface), the version to write)."""
     model_dir = Path(repository) / name
     manifest = _existing_manifest(model_dir, name, inputs, outputs)
     version = _next_version(model_dir, manifest) if version is None else int(version)
@@ -63,16 +76,16 @@ def export_run(
         raise RepositoryError(f"version must be a positive integer, got {version}")
     if (model_dir / str(version)).exists():
         raise RepositoryError(f"{model_dir / str(version)} already exists; versions are immutable, export a new one")
+    return model_dir, manifest, version
 
-    with atomic_dir(model_dir / str(version)) as tmp:
-        log(f"exporting ONNX graph of {run_config['architecture']} ...")
-        onnx_info = export_onnx(model, tmp / "model.onnx")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / REFERENCE_WEIGHTS))
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-    manifest.versions[version] = _version_info(model, run_config, run_dir, onnx_info, files)
+
+def publish_version(repository, manifest: ModelManifest, version: int, info: VersionInfo) -> ModelVersion:
+    """Records a version folder already in place in the manifest and config.pbtxt (each replaced atomically)."""
+    model_dir = Path(repository) / manifest.name
+    manifest.versions[version] = info
     manifest.save(model_dir / MANIFEST)
     write_text_atomic(model_dir / "config.pbtxt", render_config_pbtxt(manifest))
-    return ModelRepository(repository).version(name, version)
+    return ModelRepository(repository).version(manifest.name, version)
 
 
 def _existing_manifest(model_dir: Path, name: str, inputs, outputs) -> ModelManifest:

@@ -8,6 +8,7 @@ several sizes. Risk agreement is reported as
 
 (the floor keeps a risk that happens to be near 0 from turning float32 rounding into a huge ratio;
 risks are log-hazards of order 1). Attention maps are compared as max |difference| / max |torch|.
+Patch encoders are compared the same way on their features, at several batch sizes of uint8 patches.
 The figures, the providers used and pass/fail are written into the manifest.
 """
 
@@ -30,6 +31,7 @@ from .run import load_weights
 __all__ = ["DEFAULT_SIZES", "ParityReport", "verify_version", "RISK_FLOOR"]
 
 DEFAULT_SIZES = (1, 17, 1000, 5000)
+ENCODER_BATCHES = (1, 4, 16)
 RISK_FLOOR = 0.01
 
 
@@ -42,22 +44,28 @@ class ParityReport:
     rows: list[dict] = field(default_factory=list)
 
     @property
-    def max_risk_rel(self) -> float:
-        return max(r["risk_rel"] for r in self.rows)
-
-    @property
     def max_attention_rel(self) -> float:
         return max((r.get("attention_rel", 0.0) for r in self.rows), default=0.0)
 
     @property
+    def max_features_rel(self) -> float:
+        return max((r.get("features_rel", 0.0) for r in self.rows), default=0.0)
+
+    @property
+    def max_risk_rel(self) -> float:
+        return max((r.get("risk_rel", 0.0) for r in self.rows), default=0.0)
+
+    @property
     def passed(self) -> bool:
-        return self.max_risk_rel <= self.tolerance and self.max_attention_rel <= self.tolerance
+        worst = max(self.max_risk_rel, self.max_attention_rel, self.max_features_rel)
+        return bool(self.rows) and worst <= self.tolerance
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(
             max_risk_rel=self.max_risk_rel,
             max_attention_rel=self.max_attention_rel,
+            max_features_rel=self.max_features_rel,
             passed=self.passed,
             measured=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             risk_floor=RISK_FLOOR,
@@ -83,7 +91,14 @@ def verify_version(
 ) -> list[ParityReport]:
     repo = ModelRepository(repository)
     mv = repo.version(name, version)
-    model = reference_model(mv)
+    is_encoder = any(t.name == "patches" for t in mv.inputs)
+    if is_encoder:
+        from .encoder_export import encoder_from_version
+
+        model, compare = encoder_from_version(mv), _compare_encoder
+        sizes = ENCODER_BATCHES if tuple(sizes) == DEFAULT_SIZES else sizes
+    else:
+        model, compare = reference_model(mv), _compare
     reports = []
     for engine_name in engines or list(mv.info.engines):
         if engine_name not in ENGINES or not ENGINES[engine_name].is_installed():
@@ -92,8 +107,11 @@ def verify_version(
         engine = load_engine(mv, engine_name)
         report = ParityReport(engine_name, engine.device, getattr(engine, "providers", []), tolerance)
         for n in sizes:
-            report.rows.append(_compare(model, engine, n))
+            report.rows.append(compare(model, engine, n))
             row = report.rows[-1]
+            if is_encoder:
+                log(f"{engine_name:12s} batch={n:4d}  features rel diff {row['features_rel']:.2e}")
+                continue
             log(
                 f"{engine_name:12s} N={n:6d}  risk torch {row['risk_torch']:+.6f} engine {row['risk_engine']:+.6f}  "
                 f"rel diff {row['risk_rel']:.2e}  attention rel diff {row.get('attention_rel', 0):.2e}"
@@ -130,3 +148,23 @@ def _compare(model: torch.nn.Module, engine, n: int) -> dict:
     if attention is not None:
         row["attention_rel"] = float(np.abs(out["attention"] - attention).max() / np.abs(attention).max())
     return row
+
+
+def _compare_encoder(model: torch.nn.Module, engine, batch: int) -> dict:
+    from .encoder_export import example_patches
+
+    patch_size = next(t.shape[1] for t in engine.inputs if t.name == "patches")
+    patches = example_patches(batch, patch_size, seed=batch)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        expected = model(patches).numpy()
+    t1 = time.perf_counter()
+    got = engine.run({"patches": patches.numpy()})["features"]
+    t2 = time.perf_counter()
+    return {
+        "n": batch,
+        "features_abs": float(np.abs(got - expected).max()),
+        "features_rel": float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-12)),
+        "ms_torch": round((t1 - t0) * 1e3, 2),
+        "ms_engine": round((t2 - t1) * 1e3, 2),
+    }

@@ -1,0 +1,141 @@
+"""``histosurv export --encoder``: a patch encoder -> a new version of a model in the repository.
+
+Encoders are models of the repository like the fusion models, with the same files (``model.onnx``,
+reference ``model.safetensors``, manifest, config.pbtxt), so the server, Triton and ``verify`` treat
+them alike. The ONNX graph takes uint8 ``patches`` [-1, H, W, 3] with a dynamic batch and returns
+``features`` [-1, D].
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..data.atomic import atomic_dir, atomic_path
+from ..errors import InputError
+from ..runtime.manifest import TensorSpec, VersionInfo
+from ..runtime.repository import ModelVersion, sha256_file
+from .models.resnet import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, PatchEncoder, build_encoder, load_weights_file
+from .onnx_export import _quiet_exporter
+from .repository_writer import REFERENCE_WEIGHTS, prepare_version, publish_version
+
+__all__ = ["export_encoder", "encoder_specs", "encoder_from_version", "ENCODER_OPSET"]
+
+ENCODER_OPSET = 20
+EXAMPLE_BATCH = 3  # any batch >= 2 (torch.export specialises sizes 0 and 1)
+
+
+def encoder_specs(encoder: PatchEncoder, patch_size: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    return (
+        [TensorSpec("patches", "UINT8", (-1, patch_size, patch_size, 3))],
+        [TensorSpec("features", "FP32", (-1, encoder.feature_dim))],
+    )
+
+
+def export_encoder(
+    repository: str | os.PathLike,
+    encoder: str,
+    name: str | None = None,
+    weights: str | os.PathLike | None = None,
+    patch_size: int = 256,
+    version: int | None = None,
+    seed: int = 0,
+    log=lambda _: None,
+) -> ModelVersion:
+    """Exports encoder ``encoder`` (see ``ENCODERS``) as ``repository/<name>/<version>``; ``name``
+    defaults to ``<encoder>_encoder``. Without ``weights`` the encoder keeps its seeded torchvision
+    initialisation, and the manifest says so."""
+    if encoder not in ENCODERS:
+        raise InputError(f"unknown patch encoder {encoder!r}; known: {', '.join(sorted(ENCODERS))}")
+    if patch_size < 32:
+        raise InputError(f"patch size must be at least 32 px for a ResNet, got {patch_size}")
+    model = build_encoder(encoder, seed)
+    if weights is not None:
+        load_weights_file(model, weights)
+        source = {"source": "torchvision state_dict", "file": str(Path(weights).resolve()), "sha256": sha256_file(weights)}
+    else:
+        source = {"source": f"random init (torchvision's scheme, seed {seed}); no pretrained weights", "seed": seed}
+    name = name or f"{encoder}_encoder"
+    inputs, outputs = encoder_specs(model, patch_size)
+    model_dir, manifest, version = prepare_version(repository, name, inputs, outputs, version)
+    with atomic_dir(model_dir / str(version)) as tmp:
+        log(f"exporting ONNX graph of {encoder} ({model.feature_dim}-d, {patch_size} px patches) ...")
+        onnx_info = _export_onnx(model, tmp / "model.onnx", patch_size)
+        save_file({k: v.contiguous() for k, v in model.trunk.state_dict().items()}, str(tmp / REFERENCE_WEIGHTS))
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+    info = VersionInfo(
+        architecture=encoder,
+        config={
+            "patch_size": patch_size,
+            "feature_dim": model.feature_dim,
+            "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "in_graph": True},
+            "weights": source,
+            "description": ENCODERS[encoder].description,
+        },
+        survival_head="none",
+        genes={},
+        patch_encoder={},
+        engines={"onnxruntime": onnx_info},
+        files=files,
+        reference={"file": REFERENCE_WEIGHTS, "format": "safetensors state_dict (torchvision keys)"},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        histosurv_version=__version__,
+    )
+    return publish_version(repository, manifest, version, info)
+
+
+def encoder_from_version(mv: ModelVersion) -> PatchEncoder:
+    """The PyTorch encoder a version was exported from (for ``verify``)."""
+    from safetensors.torch import load_file
+
+    model = build_encoder(mv.info.architecture)
+    model.trunk.load_state_dict(load_file(str(mv.path / mv.info.reference["file"])), strict=True)
+    return model.eval()
+
+
+def example_patches(batch: int, patch_size: int, seed: int = 0) -> torch.Tensor:
+    """uint8 patches with some structure (smooth colour fields plus noise), not flat noise."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randint(0, 256, (batch, 3, 8, 8), generator=g).float()
+    smooth = torch.nn.functional.interpolate(low, size=(patch_size, patch_size), mode="bilinear", align_corners=False)
+    noise = torch.randint(-20, 21, (batch, 3, patch_size, patch_size), generator=g)
+    return (smooth + noise).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _export_onnx(model: PatchEncoder, path: Path, patch_size: int) -> dict:
+    import onnx
+
+    batch = torch.export.Dim("B", min=1, max=1 << 16)
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            model,
+            (example_patches(EXAMPLE_BATCH, patch_size),),
+            dynamo=True,
+            opset_version=ENCODER_OPSET,
+            dynamic_shapes=({0: batch},),
+            input_names=["patches"],
+            output_names=["features"],
+            optimize=True,
+            verbose=False,
+        )
+    proto = program.model_proto
+    ops = collections.Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in proto.graph.node)
+    with atomic_path(path, suffix=".onnx") as tmp:
+        onnx.save_model(proto, str(tmp))
+        onnx.checker.check_model(str(tmp))
+    return {
+        "file": path.name,
+        "opset": ENCODER_OPSET,
+        "ops": dict(sorted(ops.items())),
+        "max_batch": 1 << 16,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "graph_sha256": hashlib.sha256(proto.graph.SerializeToString()).hexdigest()[:16],
+    }
