@@ -6,13 +6,16 @@ import argparse
 import json
 import time
 
+from ._slide_options import add_slide_options, progress_printer, slide_config
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "predict",
         help="score patients with a model from a repository",
-        description="Either one case (--case-id with --features FILE...) or a table of cases (--clinical with "
-        "--features-dir). A patient's risk is the mean of its slides' risks.",
+        description="One case from its slides (--case-id with --slide FILE...: tissue, patches and patch encoder "
+        "run first) or from feature files (--features FILE...), or a table of cases (--clinical with --features-dir). "
+        "A patient's risk is the mean of its slides' risks.",
     )
     p.add_argument("--repo", required=True, help="model repository root")
     p.add_argument("--model", default="ammasurv")
@@ -22,10 +25,12 @@ def add_parser(sub) -> None:
     one = p.add_argument_group("one case")
     one.add_argument("--case-id")
     one.add_argument("--features", nargs="+", metavar="H5", help="the case's slide feature files")
+    one.add_argument("--slide", nargs="+", metavar="SLIDE", help="the case's slide files (.svs, .tiff, ...)")
     many = p.add_argument_group("a table of cases")
     many.add_argument("--clinical", help="CSV with case_id and slide_id (outcomes optional: then the c-index is printed)")
     many.add_argument("--features-dir", help="folder of <slide_id>.h5")
     p.add_argument("--out", help="write per-patient risks to this CSV (default: print)")
+    add_slide_options(p)
     p.set_defaults(handler=run)
 
 
@@ -35,11 +40,13 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..runtime.predict import FusionPredictor, score_cases
 
-    if bool(args.features) == bool(args.clinical):
-        raise InputError("give either --case-id with --features, or --clinical with --features-dir")
+    if sum(map(bool, (args.features, args.slide, args.clinical))) != 1:
+        raise InputError("give one of: --case-id with --slide, --case-id with --features, or --clinical with --features-dir")
     started = time.perf_counter()
     predictor = FusionPredictor.from_repository(args.repo, args.model, args.version, args.engine)
     genes = GeneTable.read(args.genes) if args.genes else None
+    if args.slide:
+        return _predict_slides(args, predictor, genes, started)
     if args.features:
         if not args.case_id:
             raise InputError("--features needs --case-id (the row of the gene table to use)")
@@ -51,6 +58,42 @@ def run(args: argparse.Namespace) -> int:
         cases = case_files(patients_from_clinical(table), args.features_dir)
     results = score_cases(predictor, cases, genes)
     _report(args, predictor, results, table, time.perf_counter() - started)
+    return 0
+
+
+def _predict_slides(args, predictor, genes, started: float) -> int:
+    from ..errors import InputError
+    from ..runtime.pipeline import PatchEncoder, featurize_slide, find_encoder
+
+    if not args.case_id:
+        raise InputError("--slide needs --case-id (the row of the gene table to use)")
+    vector = None
+    if "genes" in predictor.specs:
+        if genes is None:
+            raise InputError(f"model {predictor.version.name!r} needs --genes (a table with a row for {args.case_id!r})")
+        vector = predictor.genes_for(genes, args.case_id)
+    if predictor.feature_dim is None:
+        raise InputError(f"model {predictor.version.name!r} takes no image features; score it without --slide")
+    name = args.encoder or find_encoder(args.repo, predictor.feature_dim, predictor.version.info.patch_encoder.get("encoder"))
+    encoder = PatchEncoder.from_repository(args.repo, name, args.encoder_version, args.engine)
+    config = slide_config(args)
+    slides = [featurize_slide(s, encoder, config, progress_printer(s)) for s in args.slide]
+    result = predictor.patient(args.case_id, [s.bag for s in slides], vector)
+    stages = {k: round(sum(s.seconds[k] for s in slides), 3) for k in ("open", "mask", "grid", "read", "encode", "wait")}
+    stages["fuse"] = round(predictor.timings["fuse"], 3)
+    stages["total"] = round(time.perf_counter() - started, 3)
+    print(json.dumps({
+        "case_id": result.case_id,
+        "risk": result.risk,
+        "model": f"{predictor.version.name} v{predictor.version.version}",
+        "encoder": f"{name} v{encoder.version.version}",
+        "slides": [
+            {"slide": r.source, "risk": r.risk, "n_patches": r.n_patches, "mpp": f.grid.mpp, "level": f.grid.level,
+             "tissue_fraction": round(f.mask.tissue_fraction, 4), "reader": f.slide["backend"]}
+            for r, f in zip(result.slides, slides)
+        ],
+        "seconds": stages,
+    }, indent=1))
     return 0
 
 

@@ -1,0 +1,185 @@
+"""Slide to features: open -> tissue mask -> patch grid -> streamed patch batches -> encoder engine.
+
+Everything here reads the model repository only (the encoder is a model of it, like the fusion
+models), so a slide is scored on a box with no torch and no model source code. Each stage is timed;
+reading and encoding overlap (see ``slides.stream``), so their sum exceeds the wall time, and
+``wait`` is the part of reading that encoding did not hide.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__
+from ..data.features import Bag
+from ..errors import EmptySlideError, InputError, RepositoryError
+from .engines import Engine, load_engine
+from .repository import ModelRepository, ModelVersion, sha256_file
+from .slides import open_slide
+from .slides.stream import PatchStream
+from .slides.tiler import GridConfig, PatchGrid, plan_patch_grid
+from .slides.tissue import TissueConfig, TissueMask, tissue_mask
+
+__all__ = ["PatchEncoder", "SlideConfig", "SlideFeatures", "featurize_slide", "find_encoder"]
+
+STAGES = ("open", "mask", "grid", "read", "encode", "wait", "total")
+
+
+class PatchEncoder:
+    """A patch-encoder model version (``patches`` uint8 [-1, H, W, 3] -> ``features`` [-1, D])."""
+
+    def __init__(self, version: ModelVersion, engine: Engine):
+        specs = {t.name: t for t in version.inputs}
+        outputs = {t.name: t for t in version.outputs}
+        if "patches" not in specs or "features" not in outputs:
+            raise RepositoryError(
+                f"model {version.name!r} is not a patch encoder (it takes {sorted(specs)} and returns {sorted(outputs)})"
+            )
+        self.version, self.engine = version, engine
+        self.spec = specs["patches"]
+        self.patch_size = int(self.spec.shape[1])
+        self.feature_dim = int(outputs["features"].shape[-1])
+
+    @classmethod
+    def from_repository(
+        cls, root: str | os.PathLike, name: str, version: int | None = None, engine: str = "auto", **options
+    ) -> "PatchEncoder":
+        mv = ModelRepository(root).version(name, version)
+        return cls(mv, load_engine(mv, engine, **options))
+
+    def encode(self, patches: np.ndarray) -> np.ndarray:
+        problem = self.spec.check(patches)
+        if problem:
+            raise InputError(f"encoder {self.version.name!r}: {problem}")
+        out = self.engine.run({"patches": np.ascontiguousarray(patches, dtype=np.uint8)})["features"]
+        return np.asarray(out, dtype=np.float32)
+
+    def describe(self) -> dict:
+        return {
+            "encoder": self.version.name,
+            "encoder_version": self.version.version,
+            "encoder_architecture": self.version.info.architecture,
+            **{f"encoder_{k}": v for k, v in self.engine.describe().items() if k != "providers"},
+        }
+
+
+@dataclass(frozen=True)
+class SlideConfig:
+    tissue: TissueConfig = TissueConfig()
+    grid: GridConfig = GridConfig()  # its patch_size is replaced by the encoder's
+    batch_size: int = 32
+    num_workers: int = 2  # cuCIM decode workers
+    prefetch: int = 2  # batches read ahead of the encoder
+    reader: str = "auto"  # cucim | openslide | auto
+    device: str = "cpu"  # where slides are decoded and masked: cpu | cuda
+    slide_mpp: float | None = None  # for files that record no µm/px
+
+
+@dataclass
+class SlideFeatures:
+    bag: Bag
+    grid: PatchGrid
+    mask: TissueMask
+    slide: dict
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def patches_per_second(self) -> float:
+        return len(self.grid) / self.seconds["total"] if self.seconds.get("total") else 0.0
+
+    def timing_line(self) -> str:
+        s = self.seconds
+        return (
+            f"{len(self.grid)} patches in {s['total']:.2f} s ({self.patches_per_second:.1f} patches/s): open {s['open']:.2f} s, "
+            f"mask {s['mask']:.2f} s, grid {s['grid']:.3f} s, read {s['read']:.2f} s (waited {s['wait']:.2f} s), "
+            f"encode {s['encode']:.2f} s"
+        )
+
+
+def featurize_slide(
+    path: str | os.PathLike,
+    encoder: PatchEncoder,
+    config: SlideConfig = SlideConfig(),
+    progress: Callable[[int, int], None] | None = None,
+) -> SlideFeatures:
+    """Features and level-0 coordinates of every tissue patch of the slide at ``path``.
+
+    Raises :class:`EmptySlideError` when no patch holds enough tissue: a bag with no patches has no
+    risk, and a model given one would answer NaN."""
+    path = Path(path)
+    seconds = dict.fromkeys(STAGES, 0.0)
+    t_start = time.perf_counter()
+    with ThreadPoolExecutor(1) as hasher:
+        with open_slide(path, config.reader, config.device) as reader:
+            digest = hasher.submit(sha256_file, path)  # reads the file while the patches are decoded
+            if config.slide_mpp is not None:
+                reader.mpp = float(config.slide_mpp)
+            seconds["open"] = time.perf_counter() - t_start
+            mask = tissue_mask(reader, config.tissue, config.device)
+            seconds["mask"] = mask.seconds
+            t0 = time.perf_counter()
+            grid = plan_patch_grid(reader, mask, replace(config.grid, patch_size=encoder.patch_size))
+            seconds["grid"] = time.perf_counter() - t0
+            if len(grid) == 0:
+                raise EmptySlideError(
+                    f"{path}: no tissue patches: none of the {grid.candidates} grid windows has "
+                    f"{config.grid.min_tissue:.0%} tissue (tissue mask covers {mask.tissue_fraction:.1%} of the slide, "
+                    f"saturation threshold {mask.threshold:.1f}); an empty bag has no risk"
+                )
+            features = np.empty((len(grid), encoder.feature_dim), np.float32)
+            with PatchStream(reader, grid, config.batch_size, config.num_workers, config.prefetch) as stream:
+                for batch in stream:
+                    t0 = time.perf_counter()
+                    features[batch.index : batch.index + len(batch.coords)] = encoder.encode(batch.patches)
+                    seconds["encode"] += time.perf_counter() - t0
+                    if progress is not None:
+                        progress(batch.index + len(batch.coords), len(grid))
+            seconds["read"], seconds["wait"] = stream.read_seconds, stream.wait_seconds
+            slide_info = reader.describe()
+        slide_sha256 = digest.result()
+    seconds["total"] = time.perf_counter() - t_start
+    attrs = {
+        **grid.attrs(),
+        **encoder.describe(),
+        "slide": path.name,
+        "slide_sha256": slide_sha256,
+        "reader": slide_info["backend"],
+        "tissue_threshold": mask.threshold,
+        "tissue_config": str(asdict(config.tissue)),
+        "histosurv_version": __version__,
+    }
+    bag = Bag(features, grid.coords.copy(), attrs, str(path))
+    return SlideFeatures(bag, grid, mask, slide_info, seconds)
+
+
+def find_encoder(root: str | os.PathLike, feature_dim: int | None = None, preferred: str | None = None) -> str:
+    """The patch encoder of the repository to use: ``preferred`` (say, the encoder a fusion model's
+    training features came from) where present, else the only encoder giving ``feature_dim``-d
+    features (any width when None)."""
+    repo = ModelRepository(root)
+    widths = {}
+    for name in repo.models():
+        m = repo.manifest(name)
+        if any(t.name == "patches" for t in m.inputs):
+            widths[name] = next(t.shape[-1] for t in m.outputs if t.name == "features")
+    if preferred and preferred in widths:
+        if feature_dim is not None and widths[preferred] != feature_dim:
+            raise RepositoryError(f"encoder {preferred!r} gives {widths[preferred]}-d features; the model takes {feature_dim}")
+        return preferred
+    fitting = sorted(n for n, d in widths.items() if feature_dim is None or d == feature_dim)
+    if len(fitting) == 1:
+        return fitting[0]
+    wanted = f"{feature_dim}-d features" if feature_dim else "features"
+    if not fitting:
+        raise RepositoryError(
+            f"{repo.root}: no patch encoder gives {wanted} (encoders here: {widths or 'none'}); "
+            f"add one with 'histosurv export --encoder resnet18 --repo {repo.root}'"
+        )
+    raise RepositoryError(f"{repo.root}: several encoders give {wanted} ({', '.join(fitting)}); choose one with --encoder")

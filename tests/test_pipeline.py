@@ -1,0 +1,134 @@
+"""Slide to risk through the CLI on the real SVS: tile, predict --slide, and what bad slides give."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from histosurv.data.cohort import load_cohort
+from histosurv.data.synth import write_synthetic_cohort
+from histosurv.errors import EmptySlideError
+from histosurv.export.encoder_export import export_encoder
+from histosurv.export.repository_writer import export_run
+from histosurv.export.run import save_run
+from histosurv.export.training import train
+from histosurv.runtime.pipeline import PatchEncoder, SlideConfig, featurize_slide, find_encoder
+from histosurv.runtime.repository import sha256_file
+from histosurv.runtime.slides import open_slide
+
+from .conftest import TINY_SYNTH, TINY_TRAIN, run_cli, tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def slide_repo(tmp_path_factory):
+    """A repository with the ResNet18 encoder and a small AMMASurv taking its 512-d features."""
+    root = tmp_path_factory.mktemp("slide_repo")
+    cohort_dir = write_synthetic_cohort(root / "cohort", dataclasses.replace(TINY_SYNTH, feature_dim=512))
+    cohort = load_cohort(cohort_dir / "clinical.csv", cohort_dir / "genes.csv", cohort_dir / "features")
+    result = train(cohort, "ammasurv", tiny_model_config(feature_dim=512), dataclasses.replace(TINY_TRAIN, max_epochs=1))
+    run = save_run(root / "run", result, cohort)
+    repo = root / "model_repository"
+    export_run(run, repo, "ammasurv")
+    export_encoder(repo, "resnet18")
+    return repo, cohort_dir, cohort.patients[0].case_id
+
+
+def test_featurize_matches_encoding_the_grid_patches_directly(slide_repo, cmu_svs):
+    repo, _, _ = slide_repo
+    encoder = PatchEncoder.from_repository(repo, "resnet18_encoder")
+    result = featurize_slide(cmu_svs, encoder, SlideConfig(batch_size=8))
+    bag, grid = result.bag, result.grid
+    assert len(bag) == len(grid) > 20 and bag.dim == 512
+    assert np.array_equal(bag.coords, grid.coords)
+    with open_slide(cmu_svs, "openslide") as slide:  # the other reader: same pixels, same features
+        picks = [0, len(grid) // 2, len(grid) - 1]
+        patches = np.stack([slide.read_region(tuple(int(v) for v in grid.coords[i]), (256, 256), 0) for i in picks])
+    np.testing.assert_allclose(encoder.encode(patches), bag.features[picks], rtol=0, atol=1e-5)
+    assert set(result.seconds) >= {"open", "mask", "grid", "read", "encode", "total"}
+    assert result.bag.attrs["slide_sha256"] == sha256_file(cmu_svs)
+
+
+def test_tile_writes_a_clam_h5(slide_repo, cmu_svs, tmp_path):
+    repo, _, _ = slide_repo
+    out = run_cli("tile", cmu_svs, "--repo", repo, "--out", tmp_path / "cmu.h5", "--batch-size", "16")
+    assert out.returncode == 0, out.stderr
+    assert "patches/s" in out.stdout
+    with h5py.File(tmp_path / "cmu.h5") as f:
+        features, coords, attrs = f["features"][()], f["coords"][()], dict(f.attrs)
+    assert features.dtype == np.float32 and features.shape[1] == 512 and coords.shape == (len(features), 2)
+    assert np.isfinite(features).all()
+    assert attrs["patch_size"] == 256 and attrs["patch_level"] == 0 and attrs["mpp"] == pytest.approx(0.499)
+    assert attrs["encoder"] == "resnet18_encoder" and attrs["slide_sha256"] == sha256_file(cmu_svs)
+    assert (coords % 256 == 0).all()
+    again = run_cli("tile", cmu_svs, "--repo", repo, "--out", tmp_path / "cmu.h5")
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_predict_from_a_slide_equals_predict_from_its_features(slide_repo, cmu_svs, tmp_path):
+    repo, cohort_dir, case = slide_repo
+    genes = cohort_dir / "genes.csv"
+    tiled = run_cli("tile", cmu_svs, "--repo", repo, "--out", tmp_path / "cmu.h5")
+    assert tiled.returncode == 0, tiled.stderr
+    from_slide = run_cli("predict", "--repo", repo, "--case-id", case, "--genes", genes, "--slide", cmu_svs)
+    assert from_slide.returncode == 0, from_slide.stderr
+    report = json.loads(from_slide.stdout)
+    assert set(report["seconds"]) >= {"mask", "read", "encode", "fuse", "total"}
+    assert report["encoder"] == "resnet18_encoder v1" and report["slides"][0]["reader"] == "cucim"
+    from_h5 = run_cli("predict", "--repo", repo, "--case-id", case, "--genes", genes, "--features", tmp_path / "cmu.h5")
+    assert from_h5.returncode == 0, from_h5.stderr
+    h5_risk = json.loads(from_h5.stdout[: from_h5.stdout.rindex("}") + 1])["risk"]
+    assert np.isfinite(report["risk"]) and report["risk"] == pytest.approx(h5_risk, rel=1e-6)
+
+
+def test_no_tissue_is_an_empty_bag_not_a_nan(slide_repo, tmp_path):
+    import tifffile
+
+    repo, cohort_dir, case = slide_repo
+    rng = np.random.default_rng(0)
+    glass = np.clip(236 + rng.normal(0, 2, (1024, 1536, 3)), 0, 255).astype(np.uint8)
+    blank = tmp_path / "blank.tiff"
+    tifffile.imwrite(blank, glass, tile=(256, 256), photometric="rgb", compression="jpeg",
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    encoder = PatchEncoder.from_repository(repo, "resnet18_encoder")
+    with pytest.raises(EmptySlideError, match="no tissue patches"):
+        featurize_slide(blank, encoder)
+    out = run_cli("tile", blank, "--repo", repo, "--out", tmp_path / "blank.h5")
+    assert out.returncode == 2 and "empty bag" in out.stderr
+    out = run_cli("predict", "--repo", repo, "--case-id", case, "--genes", cohort_dir / "genes.csv", "--slide", blank)
+    assert out.returncode == 2 and "no tissue patches" in out.stderr and "nan" not in out.stdout.lower()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.tiff"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "text", "truncated"])
+def test_bad_slides_give_a_clear_error_and_no_h5(slide_repo, cmu_svs, tmp_path, kind):
+    repo, _, _ = slide_repo
+    slide = tmp_path / f"{kind}.svs"
+    if kind == "text":
+        slide.write_text("not a slide\n")
+    elif kind == "truncated":
+        slide.write_bytes(cmu_svs.read_bytes()[:900_000])
+    out = run_cli("tile", slide, "--repo", repo, "--out", tmp_path / "out")
+    assert out.returncode == 2
+    assert f"{kind}.svs" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_several_slides_go_on_after_a_failure(slide_repo, cmu_svs, tmp_path):
+    repo, _, _ = slide_repo
+    (tmp_path / "bad.svs").write_text("nope")
+    out = run_cli("tile", tmp_path / "bad.svs", cmu_svs, "--repo", repo, "--out", tmp_path / "features")
+    assert out.returncode == 2
+    assert "bad.svs: error" in out.stdout and "1 of 2 slides failed" in out.stdout
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["cmu_small_region.h5"]
+
+
+def test_find_encoder(slide_repo, tmp_path):
+    repo, _, _ = slide_repo
+    assert find_encoder(repo) == "resnet18_encoder"
+    assert find_encoder(repo, 512) == "resnet18_encoder"
+    with pytest.raises(Exception, match="no patch encoder gives 1024-d features"):
+        find_encoder(repo, 1024)
