@@ -200,3 +200,60 @@ def test_resize_area_average():
     assert resize_patches(patch, 2)[0, :, :, 0].tolist() == [[200, 0], [0, 0]]
     odd = resize_patches(np.full((2, 300, 300, 3), 77, np.uint8), 256)
     assert odd.shape == (2, 256, 256, 3) and (odd == 77).all()
+
+
+# -- synthetic slides whose tissue and pixels are known -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tissue_slide(tmp_path_factory):
+    from histosurv.data.synthetic_slide import write_synthetic_slide
+
+    return write_synthetic_slide(tmp_path_factory.mktemp("synthetic") / "tissue.tiff", 8192, 6144, mpp=0.5)
+
+
+@pytest.fixture(scope="module")
+def coordinate_slide(tmp_path_factory):
+    from histosurv.data.synthetic_slide import write_synthetic_slide
+
+    return write_synthetic_slide(
+        tmp_path_factory.mktemp("synthetic") / "coords.tiff", 4096, 3072, mpp=0.25, downsamples=(1, 4, 16),
+        compression="deflate", pattern="coordinates",
+    )
+
+
+@pytest.mark.parametrize("backend", ["cucim", "openslide"])
+def test_mask_and_grid_find_the_known_tissue(tissue_slide, backend):
+    with open_slide(tissue_slide.path, backend) as slide:
+        mask = tissue_mask(slide)
+        assert slide.level_downsamples[mask_level := slide.best_level_for_downsample(32)] == 16  # read from 16x
+        grid = plan_patch_grid(slide, mask, GridConfig(min_tissue=0))
+    truth = tissue_slide.tissue_mask(mask.downsample)[: mask.mask.shape[0], : mask.mask.shape[1]]
+    assert iou(mask.mask, truth) >= 0.95, f"mask IoU {iou(mask.mask, truth):.4f} (level {mask_level})"
+    # a patch is tissue when the true tissue (on a fine 8x grid) covers half of it
+    true_fraction = TissueMask(tissue_slide.tissue_mask(8), 8.0, 0, "cpu").fraction_in(grid.coords, grid.size_level0)
+    found, true = grid.tissue >= 0.5, true_fraction >= 0.5
+    assert true.sum() > 200
+    assert iou(found, true) >= 0.95, f"patch IoU {iou(found, true):.4f}"
+
+
+@pytest.mark.parametrize("backend", ["cucim", "openslide"])
+@pytest.mark.parametrize(
+    "patch_size,mpp,level,read_size",
+    [(128, 0.25, 0, 128), (128, 1.0, 1, 128), (64, 4.0, 2, 64), (128, 0.5, 0, 256), (96, 2.0, 1, 192)],
+)
+def test_patches_hold_the_pixels_at_their_coordinates_at_every_level(
+    coordinate_slide, backend, patch_size, mpp, level, read_size
+):
+    everything = TissueMask(np.ones((3072 // 16, 4096 // 16), bool), 16.0, 0, "cpu")
+    with open_slide(coordinate_slide.path, backend) as slide:
+        grid = plan_patch_grid(slide, everything, GridConfig(patch_size=patch_size, mpp=mpp, min_tissue=0))
+        assert (grid.level, grid.read_size) == (level, read_size)
+        assert grid.mpp == pytest.approx(mpp)
+        with PatchStream(slide, grid, batch_size=16) as stream:
+            patches = np.concatenate([b.patches for b in stream])
+    assert len(patches) == len(grid) == (4096 // grid.size_level0) * (3072 // grid.size_level0)
+    for i in range(0, len(grid), max(1, len(grid) // 40)):
+        x, y = (int(v) for v in grid.coords[i])
+        expected = coordinate_slide.expected_region((x, y), (read_size, read_size), level)
+        assert np.array_equal(patches[i], resize_patches(expected[None], patch_size)[0]), f"patch at {(x, y)}"

@@ -1,0 +1,431 @@
+"""Whole-slide reading on the CPU: cuCIM, tiffslide and OpenSlide on the same windows of the same slide.
+
+Part 1 (``--parts readers``): windows of 256 x 256 pixels read one at a time at level 0, per reader:
+
+* ``cucim``              ``CuImage.read_region(location, size, 0)`` + ``np.asarray``, one call per window;
+* ``cucim batched wW bB`` the iterator ``read_region(locations, size, 0, num_workers=W, batch_size=B)``
+                          (W worker threads: with W > 1 it is not single-threaded);
+* ``tiffslide``          ``TiffSlide.read_region(..., as_array=True)``;
+* ``openslide``          ``OpenSlide.read_region`` + ``convert("RGB")`` (the baseline).
+
+Two sets of windows, identical for every reader and read in the same order:
+
+* ``aligned``: a fixed random sample of windows whose corner is a tile corner (with 256 px tiles each
+  window is exactly one tile);
+* ``unaligned``: as many random windows at non-tile offsets in x and y (each touches up to 4 tiles).
+
+Each reader gets a freshly opened handle per pass (opening is not timed), so no pass starts with a
+tile cache warmed by the previous one; within a pass each library keeps its default cache (cuCIM
+none, OpenSlide a 32 MiB tile cache, tiffslide none), as a user gets it. The figure is the best pass
+of ``--repeat``; sets smaller than ``--windows`` (a small slide) get proportionally more passes. The
+file is read once before timing so every reader finds it in the page cache. ``vs openslide`` is
+windows/s divided by OpenSlide's on the same slide and set, measured in the same run (above 1 is
+faster). Timings are only meaningful on an otherwise idle machine.
+
+The slides: a synthetic pyramidal JPEG TIFF written by ``histosurv.data.synthetic_slide`` (pattern
+"tissue", q90, 256 px tiles; kept in ``--workdir`` and reused when given, else in a temporary folder)
+and, with ``--svs``, a real Aperio slide (e.g. ``cmu_small_region.svs``, 240 px tiles, one level).
+
+    python bench/slides.py                                    # ~20k x 16k synthetic slide, ~1-2 minutes
+    python bench/slides.py --svs ~/.cache/histosurv/cmu_small_region.svs --json /tmp/slides.json
+    python bench/slides.py --width 8192 --height 6144 --windows 300 --repeat 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+# All three readers are imported up front, in this order, before any timing: cuCIM's single-read
+# speed was seen to depend on what the process had imported before it (shared/research/deps.md, 1).
+import tifffile
+import openslide
+import tiffslide
+from cucim import CuImage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from histosurv.data.synthetic_slide import (  # noqa: E402
+    SyntheticSlide,
+    describe_synthetic_slide,
+    write_synthetic_slide,
+)
+
+WINDOW = 256
+BASELINE = "openslide"
+OPENSLIDE_CACHE_BYTES = 32 * 2**20  # OpenSlide's default tile cache
+PARTS = ("readers",)  # part 2 (the whole slide-to-features path) adds "pipeline"
+
+Location = tuple[int, int]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", type=_parts, default=list(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--width", type=int, default=20480, help="synthetic slide width, level-0 px")
+    p.add_argument("--height", type=int, default=16384, help="synthetic slide height, level-0 px")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the synthetic slide")
+    p.add_argument("--workdir", type=Path, help="keep (and reuse) the synthetic slide here, not in a temporary folder")
+    p.add_argument("--svs", type=Path, help="also measure this real slide (e.g. cmu_small_region.svs)")
+    p.add_argument("--windows", type=int, default=1000, help="windows per set (aligned, unaligned)")
+    p.add_argument("--repeat", type=int, default=3, help="timed passes per reader and set; the best is reported")
+    p.add_argument("--batched", type=_batched_list, default=[(1, 16), (2, 16)],
+                   help="cuCIM batched configurations as WORKERSxBATCH, comma-separated (default 1x16,2x16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window sample")
+    p.add_argument("--json", type=Path, help="also write the facts and rows here")
+    return p.parse_args(argv)
+
+
+def _parts(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = sorted(set(names) - set(PARTS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
+    return names
+
+
+def _batched_list(text: str) -> list[tuple[int, int]]:
+    try:
+        pairs = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        pairs = [()]
+    if any(len(pair) != 2 or min(pair) < 1 for pair in pairs):
+        raise argparse.ArgumentTypeError(f"expected WORKERSxBATCH pairs such as 1x16,2x16, got {text!r}")
+    return pairs  # type: ignore[return-value]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    print_header(args)
+    with tempfile.TemporaryDirectory(prefix="histosurv-bench-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        synthetic = write_bench_slide(workdir, args.width, args.height, quality=args.quality)
+        slides = [("synthetic", synthetic.path)] + ([("svs", args.svs)] if args.svs else [])
+        rows: list[dict] = []
+        if "readers" in args.parts:
+            for name, path in slides:
+                print(f"\n{name}: {describe_slide(path)}")
+                print_cache_note(path)
+                print_pixel_check(path, args.seed)
+                rows += bench_readers(path, windows=args.windows, repeat=args.repeat, batched=args.batched,
+                                      seed=args.seed, slide_name=name, log=print)
+            print_reader_table(rows)
+        # Part 2 (slide -> tissue mask -> patches -> features through histosurv's pipeline) goes here,
+        # measured on the same slides and printed with print_table.
+    if args.json:
+        facts = software_facts() | machine_facts()
+        args.json.write_text(json.dumps({"facts": facts, "args": _jsonable(args), "rows": rows}, indent=2) + "\n")
+        print(f"\nrows written to {args.json}")
+    return 0
+
+
+# --- the slide ------------------------------------------------------------------------------------------
+
+
+def write_bench_slide(workdir: Path, width: int, height: int, *, quality: int = 90, log=print) -> SyntheticSlide:
+    """The synthetic JPEG slide in ``workdir``, written unless it is already there: the writer is
+    deterministic and atomic, so a file under the final name is complete and identical."""
+    path = Path(workdir) / f"synthetic_{width}x{height}_q{quality}.tif"
+    options = dict(compression="jpeg", jpeg_quality=quality, pattern="tissue", tile=WINDOW)
+    if path.exists():
+        log(f"reusing {path}")
+        return describe_synthetic_slide(path, width, height, **options)
+    start = time.perf_counter()
+    slide = write_synthetic_slide(path, width, height, **options)
+    log(f"wrote {path.name} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s")
+    return slide
+
+
+def describe_slide(path: Path) -> str:
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        tiles = f"{page.tilewidth} px tiles" if page.is_tiled else "stripped"
+        compression = page.compression.name.lower()
+    image = CuImage(str(path))
+    dims = " / ".join(f"{w}x{h}" for w, h in image.resolutions["level_dimensions"])
+    levels = image.resolutions["level_count"]
+    return f"{path.name}, {dims} ({levels} level{'s' if levels > 1 else ''}), {tiles}, {compression}"
+
+
+def print_cache_note(path: Path) -> None:
+    """Says when OpenSlide's default tile cache can hold all of level 0: then every repeated tile in a
+    pass is a cache hit for OpenSlide only (cuCIM's default is no cache), which flatters it."""
+    width, height = CuImage(str(path)).resolutions["level_dimensions"][0]
+    decoded = width * height * 4  # OpenSlide caches decoded ARGB tiles
+    if decoded <= OPENSLIDE_CACHE_BYTES:
+        print(f"  note: level 0 decoded is {decoded / 2**20:.0f} MiB, within OpenSlide's default "
+              f"{OPENSLIDE_CACHE_BYTES // 2**20} MiB tile cache: its unaligned figure counts cache hits")
+
+
+def tile_size(path: Path) -> int:
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        return page.tilewidth if page.is_tiled else WINDOW
+
+
+# --- the windows ----------------------------------------------------------------------------------------
+
+
+def aligned_windows(width: int, height: int, tile: int, count: int, rng: np.random.Generator) -> list[Location]:
+    """Up to ``count`` distinct windows whose corner is a tile corner, in random order."""
+    xs, ys = range(0, width - WINDOW + 1, tile), range(0, height - WINDOW + 1, tile)
+    n = len(xs) * len(ys)
+    picks = rng.choice(n, size=min(count, n), replace=False)
+    return [(xs[i % len(xs)], ys[i // len(xs)]) for i in picks]
+
+
+def unaligned_windows(width: int, height: int, tile: int, count: int, rng: np.random.Generator) -> list[Location]:
+    """``count`` random windows whose corner is off the tile grid in both x and y."""
+    out: list[Location] = []
+    while len(out) < count:
+        x, y = int(rng.integers(0, width - WINDOW + 1)), int(rng.integers(0, height - WINDOW + 1))
+        if x % tile and y % tile:
+            out.append((x, y))
+    return out
+
+
+# --- the readers ----------------------------------------------------------------------------------------
+
+# Each reader: open(path) -> handle, and a pass that reads every window through the handle and
+# returns how many it read (the count guards against a batched iterator that drops windows).
+Pass = Callable[[object, list[Location]], int]
+
+
+def _cucim_single(image: CuImage, windows: list[Location]) -> int:
+    for location in windows:
+        np.asarray(image.read_region(location, (WINDOW, WINDOW), 0))
+    return len(windows)
+
+
+def _cucim_batched(workers: int, batch: int) -> Pass:
+    def run(image: CuImage, windows: list[Location]) -> int:
+        regions = image.read_region(windows, (WINDOW, WINDOW), 0, num_workers=workers, batch_size=batch)
+        return sum(np.asarray(b).reshape(-1, WINDOW, WINDOW, 3).shape[0] for b in regions)
+
+    return run
+
+
+def _tiffslide(slide: tiffslide.TiffSlide, windows: list[Location]) -> int:
+    for location in windows:
+        slide.read_region(location, 0, (WINDOW, WINDOW), as_array=True)
+    return len(windows)
+
+
+def _openslide(slide: openslide.OpenSlide, windows: list[Location]) -> int:
+    for location in windows:
+        np.asarray(slide.read_region(location, 0, (WINDOW, WINDOW)).convert("RGB"))
+    return len(windows)
+
+
+def readers(batched: Sequence[tuple[int, int]]) -> dict[str, tuple[Callable[[Path], object], Pass]]:
+    out: dict[str, tuple[Callable[[Path], object], Pass]] = {"cucim": (lambda p: CuImage(str(p)), _cucim_single)}
+    for workers, batch in batched:
+        out[f"cucim batched w{workers} b{batch}"] = (lambda p: CuImage(str(p)), _cucim_batched(workers, batch))
+    out["tiffslide"] = (lambda p: tiffslide.TiffSlide(str(p)), _tiffslide)
+    out[BASELINE] = (lambda p: openslide.OpenSlide(str(p)), _openslide)
+    return out
+
+
+def read_one(name: str, path: Path, location: Location) -> np.ndarray:
+    """One window through one library, as uint8 RGB (for the pixel check)."""
+    if name == "cucim":
+        return np.asarray(CuImage(str(path)).read_region(location, (WINDOW, WINDOW), 0))
+    if name == "tiffslide":
+        return tiffslide.TiffSlide(str(path)).read_region(location, 0, (WINDOW, WINDOW), as_array=True)
+    return np.asarray(openslide.OpenSlide(str(path)).read_region(location, 0, (WINDOW, WINDOW)).convert("RGB"))
+
+
+# --- measuring ------------------------------------------------------------------------------------------
+
+
+def bench_readers(
+    slide_path: Path,
+    *,
+    windows: int = 1000,
+    repeat: int = 3,
+    batched: Sequence[tuple[int, int]] = ((1, 16), (2, 16)),
+    seed: int = 0,
+    slide_name: str | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> list[dict]:
+    """Windows per second of every reader on both window sets of one slide; one row per (set, reader),
+    with ``vs_baseline`` = windows/s over OpenSlide's on the same set."""
+    slide_path = Path(slide_path)
+    width, height = CuImage(str(slide_path)).resolutions["level_dimensions"][0]
+    if width < WINDOW or height < WINDOW:
+        raise ValueError(f"{slide_path}: level 0 is {width} x {height}, smaller than one {WINDOW} px window")
+    tile = tile_size(slide_path)
+    rng = np.random.default_rng(seed)
+    sets = {
+        "aligned": aligned_windows(width, height, tile, windows, rng),
+        "unaligned": unaligned_windows(width, height, tile, windows, rng),
+    }
+    warm_page_cache(slide_path)
+    rows = []
+    for set_name, locations in sets.items():
+        # A small slide has few aligned windows; more passes keep the timed work comparable.
+        passes = max(repeat, math.ceil(repeat * windows / len(locations)))
+        for reader, (open_, run) in readers(batched).items():
+            times = time_passes(open_, run, slide_path, locations, passes)
+            row = {
+                "slide": slide_name or slide_path.name,
+                "set": set_name,
+                "reader": reader,
+                "windows": len(locations),
+                "passes": passes,
+                "best_s": min(times),
+                "median_s": float(np.median(times)),
+                "windows_per_s": len(locations) / min(times),
+            }
+            log(f"  {set_name:9s} {reader:22s} {row['windows_per_s']:8.0f} windows/s "
+                f"(best of {passes}: {min(times):.3f} s, median {row['median_s']:.3f} s)")
+            rows.append(row)
+    add_ratios(rows)
+    return rows
+
+
+def time_passes(
+    open_: Callable[[Path], object], run: Pass, path: Path, windows: list[Location], passes: int
+) -> list[float]:
+    times = []
+    for _ in range(passes):
+        handle = open_(path)  # fresh per pass: no tile cache carried over from the previous pass
+        start = time.perf_counter()
+        got = run(handle, windows)
+        times.append(time.perf_counter() - start)
+        if got != len(windows):
+            raise RuntimeError(f"read {got} windows, expected {len(windows)}")
+        close = getattr(handle, "close", None)
+        if close:
+            close()
+    return times
+
+
+def warm_page_cache(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def add_ratios(rows: list[dict]) -> None:
+    base = {(r["slide"], r["set"]): r["windows_per_s"] for r in rows if r["reader"] == BASELINE}
+    for r in rows:
+        b = base.get((r["slide"], r["set"]))
+        r["vs_baseline"] = r["windows_per_s"] / b if b else None
+
+
+def print_pixel_check(path: Path, seed: int, count: int = 4) -> None:
+    """Max |difference| between the readers (and a raw tile decode) on a few windows of each set."""
+    width, height = CuImage(str(path)).resolutions["level_dimensions"][0]
+    tile = tile_size(path)
+    rng = np.random.default_rng(seed + 1)
+    for set_name, picker in (("aligned", aligned_windows), ("unaligned", unaligned_windows)):
+        diffs = {"tiffslide": 0, "openslide": 0}
+        raw_diff = 0
+        for location in picker(width, height, tile, count, rng):
+            ref = read_one("cucim", path, location).astype(np.int16)
+            for name in diffs:
+                diffs[name] = max(diffs[name], int(np.abs(read_one(name, path, location) - ref).max()))
+            if set_name == "aligned" and tile == WINDOW:
+                raw_diff = max(raw_diff, int(np.abs(raw_tile(path, location) - ref).max()))
+        parts = [f"cucim vs {name} {d}" for name, d in diffs.items()]
+        if set_name == "aligned" and tile == WINDOW:
+            parts.append(f"cucim vs raw tile decode {raw_diff}")
+        print(f"  pixels, {count} {set_name} windows, max |diff|: " + ", ".join(parts))
+
+
+def raw_tile(path: Path, location: Location) -> np.ndarray:
+    """The level-0 tile at ``location`` decoded straight from the file (tifffile + imagecodecs)."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        across = math.ceil(page.imagewidth / page.tilewidth)
+        index = (location[1] // page.tilelength) * across + location[0] // page.tilewidth
+        tif.filehandle.seek(page.dataoffsets[index])
+        data = tif.filehandle.read(page.databytecounts[index])  # before page.decode, whose first use seeks
+        return page.decode(data, index)[0][0]
+
+
+# --- output ---------------------------------------------------------------------------------------------
+
+
+def print_table(
+    rows: list[dict], columns: Sequence[tuple[str, Callable[[dict], str]]], left: Sequence[str] = ()
+) -> None:
+    """One row per dict; ``columns`` are (header, cell formatter); headers in ``left`` are left-aligned."""
+    header = [h for h, _ in columns]
+    body = [[cell(r) for _, cell in columns] for r in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    for line in [header, ["-" * w for w in widths], *body]:
+        cells = (c.ljust(w) if h in left else c.rjust(w) for c, w, h in zip(line, widths, header))
+        print("  ".join(cells).rstrip())
+
+
+def print_reader_table(rows: list[dict]) -> None:
+    print("\n256 x 256 windows at level 0, windows/s (best pass); vs openslide = windows/s / OpenSlide's\n")
+    print_table(rows, [
+        ("slide", lambda r: r["slide"]),
+        ("set", lambda r: r["set"]),
+        ("reader", lambda r: r["reader"]),
+        ("windows", lambda r: str(r["windows"])),
+        ("windows/s", lambda r: f"{r['windows_per_s']:.0f}"),
+        ("ms/window", lambda r: f"{1e3 / r['windows_per_s']:.2f}"),
+        ("vs openslide", lambda r: f"{r['vs_baseline']:.2f}x" if r["vs_baseline"] else "n/a"),
+    ], left=("slide", "set", "reader"))
+
+
+def software_facts() -> dict:
+    return {
+        "cucim": _version("cucim-cu12") or _version("cucim-cu13") or "unknown",
+        "openslide-python": openslide.__version__,
+        "openslide": openslide.__library_version__,
+        "tiffslide": _version("tiffslide"),
+        "tifffile": tifffile.__version__,
+        "imagecodecs": _version("imagecodecs"),
+        "numpy": np.__version__,
+    }
+
+
+def machine_facts() -> dict:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def print_header(args: argparse.Namespace) -> None:
+    m, s = machine_facts(), software_facts()
+    print("Whole-slide readers on the CPU")
+    print(f"machine : {m['cpu']}, {m['logical_cpus']} logical CPUs; {m['platform']}")
+    print(f"software: python {m['python']}, " + ", ".join(f"{k} {v}" for k, v in s.items()))
+    batched = ", ".join(f"{w} worker(s) x batch {b}" for w, b in args.batched)
+    print(f"runs    : {args.windows} windows per set, best of {args.repeat} passes (more for small sets), "
+          f"fresh handle per pass, seed {args.seed}; cuCIM batched: {batched}")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _jsonable(args: argparse.Namespace) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
