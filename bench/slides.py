@@ -22,6 +22,11 @@ file is read once before timing so every reader finds it in the page cache. ``vs
 windows/s divided by OpenSlide's on the same slide and set, measured in the same run (above 1 is
 faster). Timings are only meaningful on an otherwise idle machine.
 
+Part 2 (``--parts pipeline``): the whole slide-to-features path (tissue mask, patch grid, patches,
+ResNet18 encoder in ONNX Runtime) on the same slides, as a serial CLAM-style loop on OpenSlide (the
+baseline) and as histosurv's pipeline on OpenSlide and on cuCIM, with the time split by stage and a
+check that all three give the same features.
+
 The slides: a synthetic pyramidal JPEG TIFF written by ``histosurv.data.synthetic_slide`` (pattern
 "tissue", q90, 256 px tiles; kept in ``--workdir`` and reused when given, else in a temporary folder)
 and, with ``--svs``, a real Aperio slide (e.g. ``cmu_small_region.svs``, 240 px tiles, one level).
@@ -64,7 +69,7 @@ from histosurv.data.synthetic_slide import (  # noqa: E402
 WINDOW = 256
 BASELINE = "openslide"
 OPENSLIDE_CACHE_BYTES = 32 * 2**20  # OpenSlide's default tile cache
-PARTS = ("readers",)  # part 2 (the whole slide-to-features path) adds "pipeline"
+PARTS = ("readers", "pipeline")
 
 Location = tuple[int, int]
 
@@ -83,6 +88,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="cuCIM batched configurations as WORKERSxBATCH, comma-separated (default 1x16,2x16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the window sample")
     p.add_argument("--json", type=Path, help="also write the facts and rows here")
+    p.add_argument("--encoder", default="resnet18", help="pipeline: patch encoder (resnet18 or resnet50_trunc)")
+    p.add_argument("--batch-size", type=int, default=32, help="pipeline: patches per encoder call")
+    p.add_argument("--workers", type=int, default=2, help="pipeline: cuCIM decode workers")
+    p.add_argument("--device", default="cpu", help="pipeline: decode and mask on cpu or cuda (GPU boxes)")
     return p.parse_args(argv)
 
 
@@ -120,8 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows += bench_readers(path, windows=args.windows, repeat=args.repeat, batched=args.batched,
                                       seed=args.seed, slide_name=name, log=print)
             print_reader_table(rows)
-        # Part 2 (slide -> tissue mask -> patches -> features through histosurv's pipeline) goes here,
-        # measured on the same slides and printed with print_table.
+        if "pipeline" in args.parts:
+            pipeline_rows = []
+            encoder = pipeline_encoder(workdir, args.encoder)
+            for name, path in slides:
+                pipeline_rows += bench_pipeline(path, encoder, name, args.batch_size, args.workers, args.device)
+            print_pipeline_table(pipeline_rows)
+            rows += pipeline_rows
     if args.json:
         facts = software_facts() | machine_facts()
         args.json.write_text(json.dumps({"facts": facts, "args": _jsonable(args), "rows": rows}, indent=2) + "\n")
@@ -353,6 +367,111 @@ def raw_tile(path: Path, location: Location) -> np.ndarray:
         tif.filehandle.seek(page.dataoffsets[index])
         data = tif.filehandle.read(page.databytecounts[index])  # before page.decode, whose first use seeks
         return page.decode(data, index)[0][0]
+
+
+# --- part 2: slide -> tissue mask -> patch grid -> patches -> features --------------------------------
+
+
+def pipeline_encoder(workdir: Path, name: str):
+    """The patch encoder as the runtime loads it: exported once into ``workdir`` (not timed)."""
+    from histosurv.export.encoder_export import export_encoder
+    from histosurv.runtime.pipeline import PatchEncoder
+    from histosurv.runtime.repository import ModelRepository
+
+    repo = workdir / "bench_repository"
+    model = f"{name}_encoder"
+    if not (repo / model).is_dir() or not ModelRepository(repo).manifest(model).versions:
+        print(f"\nexporting the {name} encoder into {repo} (once, not timed) ...")
+        export_encoder(repo, name)
+    return PatchEncoder.from_repository(repo, model)
+
+
+def bench_pipeline(path: Path, encoder, slide_name: str, batch_size: int, workers: int, device: str) -> list[dict]:
+    """The whole path, three ways, on the same tissue patches and the same encoder engine:
+
+    * ``serial openslide`` (the baseline, as CLAM's extract_features does it): one OpenSlide
+      ``read_region`` per patch, then the encoder on each batch; reading and encoding take turns;
+    * ``histosurv openslide``: histosurv's pipeline on the OpenSlide reader (read-ahead only);
+    * ``histosurv cucim``: the default, cuCIM's batched reads with decode workers plus read-ahead.
+    """
+    from dataclasses import replace
+
+    from histosurv.runtime.pipeline import SlideConfig, featurize_slide
+
+    config = SlideConfig(batch_size=batch_size, num_workers=workers, device=device)
+    featurize_slide(path, encoder, config)  # warm-up: page cache, ORT's first-run allocations
+    rows = [serial_openslide(path, encoder, config, slide_name)]
+    for reader in ("openslide", "cucim"):
+        result = featurize_slide(path, encoder, replace(config, reader=reader))
+        rows.append(_pipeline_row(slide_name, f"histosurv {reader}" + (f" ({device})" if device != "cpu" else ""),
+                                  len(result.grid), result.seconds, result.bag.features))
+    reference = rows[0].pop("features")
+    for row in rows[1:]:
+        same = np.array_equal(row.pop("features"), reference)
+        row["same_features"] = same
+    rows[0]["same_features"] = True
+    for row in rows:
+        row["vs_baseline"] = row["patches_per_s"] / rows[0]["patches_per_s"]
+    return rows
+
+
+def serial_openslide(path: Path, encoder, config, slide_name: str) -> dict:
+    from dataclasses import replace
+
+    from histosurv.runtime.slides import open_slide
+    from histosurv.runtime.slides.stream import resize_patches
+    from histosurv.runtime.slides.tiler import plan_patch_grid
+    from histosurv.runtime.slides.tissue import tissue_mask
+
+    seconds = dict.fromkeys(("open", "mask", "grid", "read", "encode", "wait", "total"), 0.0)
+    t_start = time.perf_counter()
+    with open_slide(path, "openslide") as reader:
+        seconds["open"] = time.perf_counter() - t_start
+        mask = tissue_mask(reader, config.tissue)
+        seconds["mask"] = mask.seconds
+        grid = plan_patch_grid(reader, mask, replace(config.grid, patch_size=encoder.patch_size))
+        slide = openslide.OpenSlide(str(path))
+        features = np.empty((len(grid), encoder.feature_dim), np.float32)
+        size = (grid.read_size, grid.read_size)
+        for start in range(0, len(grid), config.batch_size):
+            t0 = time.perf_counter()
+            coords = grid.coords[start : start + config.batch_size]
+            patches = np.stack([np.asarray(slide.read_region((int(x), int(y)), grid.level, size).convert("RGB"))
+                                for x, y in coords])
+            patches = resize_patches(patches, grid.patch_size)
+            t1 = time.perf_counter()
+            features[start : start + len(coords)] = encoder.encode(patches)
+            seconds["read"] += t1 - t0
+            seconds["encode"] += time.perf_counter() - t1
+        seconds["wait"] = seconds["read"]  # nothing hides the reading
+        slide.close()
+    seconds["total"] = time.perf_counter() - t_start
+    return _pipeline_row(slide_name, "serial openslide", len(grid), seconds, features)
+
+
+def _pipeline_row(slide_name: str, method: str, patches: int, seconds: dict, features: np.ndarray) -> dict:
+    return {"part": "pipeline", "slide": slide_name, "method": method, "patches": patches,
+            "patches_per_s": patches / seconds["total"], **{f"{k}_s": v for k, v in seconds.items()},
+            "features": features}
+
+
+def print_pipeline_table(rows: list[dict]) -> None:
+    print("\nslide -> features (256 px patches at 0.5 µm/px), whole path; vs serial = patches/s over the serial "
+          "OpenSlide baseline;\nread and encode overlap in histosurv's rows, so they add up to more than the total; "
+          "'wait' is the reading\nthe overlap did not hide\n")
+    print_table(rows, [
+        ("slide", lambda r: r["slide"]),
+        ("method", lambda r: r["method"]),
+        ("patches", lambda r: str(r["patches"])),
+        ("total s", lambda r: f"{r['total_s']:.2f}"),
+        ("patches/s", lambda r: f"{r['patches_per_s']:.1f}"),
+        ("vs serial", lambda r: f"{r['vs_baseline']:.2f}x"),
+        ("mask s", lambda r: f"{r['mask_s']:.2f}"),
+        ("read s", lambda r: f"{r['read_s']:.2f}"),
+        ("encode s", lambda r: f"{r['encode_s']:.2f}"),
+        ("wait s", lambda r: f"{r['wait_s']:.2f}"),
+        ("same features", lambda r: "yes" if r["same_features"] else "NO"),
+    ], left=("slide", "method"))
 
 
 # --- output ---------------------------------------------------------------------------------------------
