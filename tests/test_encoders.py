@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from histosurv.errors import InputError, MissingInputError
-from histosurv.export.encoder_export import encoder_from_version, example_patches, export_encoder
+from histosurv.export.encoder_export import (
+    EncoderExportError,
+    _check_onnx_runs,
+    encoder_from_version,
+    example_patches,
+    export_encoder,
+)
 from histosurv.export.models.resnet import (
     ENCODERS,
     IMAGENET_MEAN,
@@ -50,6 +56,8 @@ def test_torchvision_weights_load_and_are_used(name):
     with torch.no_grad():
         before = encoder(patches)
     sd = torchvision_state_dict(TORCHVISION_NAME[name])
+    kept = {k: v for k, v in TORCHVISION_KEYS[TORCHVISION_NAME[name]].items() if not k.startswith(ENCODERS[name].dropped)}
+    assert {k: list(v.shape) for k, v in encoder.trunk.state_dict().items()} == kept
     load_torchvision_state_dict(encoder, sd)
     for key, value in encoder.trunk.state_dict().items():
         assert torch.equal(value, sd[key]), key
@@ -73,6 +81,7 @@ def test_checkpoint_wrappers_and_dataparallel_prefixes_are_accepted():
         (lambda sd: sd.pop("layer2.1.bn2.running_var"), "missing 1 keys \\(layer2.1.bn2.running_var\\)"),
         (lambda sd: sd.update({"head.weight": torch.zeros(3)}), "unexpected 1 keys \\(head.weight\\)"),
         (lambda sd: sd.update({"conv1.weight": torch.zeros(64, 3, 3, 3)}), "wrong shapes \\(conv1.weight: \\(64, 3, 3, 3\\)"),
+        (lambda sd: sd.update({"bn1.running_mean": [0.0] * 64}), "not tensors \\(bn1.running_mean\\)"),
     ],
 )
 def test_weights_that_do_not_fit_are_refused_by_name(change, message):
@@ -80,6 +89,11 @@ def test_weights_that_do_not_fit_are_refused_by_name(change, message):
     change(sd)
     with pytest.raises(InputError, match=message):
         load_torchvision_state_dict(build_encoder("resnet18"), sd)
+
+
+def test_a_state_dict_must_be_a_dict():
+    with pytest.raises(InputError, match="ckpt: holds a list, not a state_dict"):
+        load_torchvision_state_dict(build_encoder("resnet18"), [torch.zeros(1)], source="ckpt")
 
 
 def test_resnet50_weights_do_not_load_into_resnet18():
@@ -142,10 +156,20 @@ def test_repository_entry_is_a_patch_encoder(exported):
     assert [(t.name, t.datatype, t.shape) for t in mv.inputs] == [("patches", "UINT8", (-1, 256, 256, 3))]
     assert mv.outputs[0].shape == (-1, ENCODERS[mv.info.architecture].feature_dim)
     assert "no pretrained weights" in mv.info.config["weights"]["source"]
+    pbtxt = (repo / mv.name / "config.pbtxt").read_text()
+    assert 'name: "patches"' in pbtxt and "TYPE_UINT8" in pbtxt and "dims: [ -1, 256, 256, 3 ]" in pbtxt
+    assert f"dims: [ -1, {ENCODERS[mv.info.architecture].feature_dim} ]" in pbtxt
     encoder = PatchEncoder.from_repository(repo, mv.name)
     assert (encoder.patch_size, encoder.feature_dim) == (256, mv.outputs[0].shape[1])
     with pytest.raises(InputError, match="'patches' must have shape \\[-1, 256, 256, 3\\]"):
         encoder.encode(np.zeros((2, 224, 224, 3), np.uint8))
+
+
+def test_export_refuses_a_graph_that_disagrees_with_pytorch(exported):
+    mv, _ = exported
+    other = build_encoder(mv.info.architecture, seed=1)  # not the weights the graph was exported with
+    with pytest.raises(EncoderExportError, match="differ from PyTorch's"):
+        _check_onnx_runs(other, mv.path / "model.onnx", 256)
 
 
 def test_cli_export_and_verify(tmp_path):
@@ -172,6 +196,7 @@ def test_cli_export_and_verify(tmp_path):
     [
         (["--encoder", "resnet34"], "unknown patch encoder 'resnet34'"),
         (["--encoder", "resnet18", "--weights", "missing.pth"], "missing.pth: encoder weights file not found"),
+        (["--run", ".", "--patch-size", "224"], "--patch-size goes with --encoder"),
     ],
 )
 def test_cli_export_bad_input(tmp_path, args, message):

@@ -1,4 +1,4 @@
-"""histosurv export: a training run -> a new version in a model repository."""
+"""histosurv export: a training run, or a patch encoder, -> a new version in a model repository."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("--name", help="model name in the repository (default: ammasurv, or <encoder>_encoder)")
     p.add_argument("--version", type=int, help="version number (default: one above the highest)")
     p.add_argument("--weights", help="encoder: torchvision state_dict (.pth or .safetensors; default: seeded init)")
-    p.add_argument("--patch-size", type=int, default=256, help="encoder: patch side in pixels (default: 256)")
+    # default None, not 256: a --patch-size given with --run is refused rather than silently ignored
+    p.add_argument("--patch-size", type=int, help="encoder: patch side in pixels (default: 256)")
     p.set_defaults(handler=run)
 
 
@@ -29,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
         return _export_encoder(args)
     if args.weights:
         raise InputError("--weights goes with --encoder (a run's weights are in its run directory)")
+    if args.patch_size is not None:
+        raise InputError("--patch-size goes with --encoder (a fusion model takes features, not patches)")
     from ..export.repository_writer import export_run
 
     mv = export_run(args.run, args.repo, args.name or "ammasurv", args.version, log=print)
@@ -43,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 def _export_encoder(args: argparse.Namespace) -> int:
     from ..export.encoder_export import export_encoder
 
-    mv = export_encoder(args.repo, args.encoder, args.name, args.weights, args.patch_size, args.version, log=print)
+    patch_size = 256 if args.patch_size is None else args.patch_size
+    mv = export_encoder(args.repo, args.encoder, args.name, args.weights, patch_size, args.version, log=print)
     spec = mv.inputs[0]
     print(
         f"exported {mv.name} version {mv.version} to {mv.path}: model.onnx ({spec.name} {spec.datatype} "

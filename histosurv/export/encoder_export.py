@@ -3,7 +3,9 @@
 Encoders are models of the repository like the fusion models, with the same files (``model.onnx``,
 reference ``model.safetensors``, manifest, config.pbtxt), so the server, Triton and ``verify`` treat
 them alike. The ONNX graph takes uint8 ``patches`` [-1, H, W, 3] with a dynamic batch and returns
-``features`` [-1, D].
+``features`` [-1, D]. Before a version is published, its graph is run in ONNX Runtime at batch 1 and
+3: torch.export treats sizes 0 and 1 specially, and a graph that only works at the example's batch
+must never reach the repository. (``histosurv verify`` then measures parity properly.)
 """
 
 from __future__ import annotations
@@ -15,21 +17,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .. import __version__
 from ..data.atomic import atomic_dir, atomic_path
-from ..errors import InputError
+from ..errors import HistosurvError, InputError
 from ..runtime.manifest import TensorSpec, VersionInfo
 from ..runtime.repository import ModelVersion, sha256_file
 from .models.resnet import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, PatchEncoder, build_encoder, load_weights_file
 from .onnx_export import _quiet_exporter
-from .repository_writer import REFERENCE_WEIGHTS, prepare_version, publish_version
+from .repository_writer import REFERENCE_WEIGHTS, prepare_version, publish_version, write_reference
 
-__all__ = ["export_encoder", "encoder_specs", "encoder_from_version", "ENCODER_OPSET"]
+__all__ = ["export_encoder", "encoder_specs", "encoder_from_version", "example_patches", "ENCODER_OPSET", "EncoderExportError"]
 
 ENCODER_OPSET = 20
 EXAMPLE_BATCH = 3  # any batch >= 2 (torch.export specialises sizes 0 and 1)
+SMOKE_BATCHES = (1, 3)
+SMOKE_TOLERANCE = 1e-3  # a gross-error guard only; verify measures against 1e-4
+
+
+class EncoderExportError(HistosurvError, RuntimeError):
+    """The exported graph does not run, or gives other features than PyTorch, at some batch size."""
 
 
 def encoder_specs(encoder: PatchEncoder, patch_size: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -68,8 +75,9 @@ def export_encoder(
     with atomic_dir(model_dir / str(version)) as tmp:
         log(f"exporting ONNX graph of {encoder} ({model.feature_dim}-d, {patch_size} px patches) ...")
         onnx_info = _export_onnx(model, tmp / "model.onnx", patch_size)
-        save_file({k: v.contiguous() for k, v in model.trunk.state_dict().items()}, str(tmp / REFERENCE_WEIGHTS))
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        log(f"checking the graph in ONNX Runtime at batch {' and '.join(map(str, SMOKE_BATCHES))} ...")
+        _check_onnx_runs(model, tmp / "model.onnx", patch_size)
+        files = write_reference(tmp, model.trunk.state_dict())
     info = VersionInfo(
         architecture=encoder,
         config={
@@ -107,6 +115,30 @@ def example_patches(batch: int, patch_size: int, seed: int = 0) -> torch.Tensor:
     smooth = torch.nn.functional.interpolate(low, size=(patch_size, patch_size), mode="bilinear", align_corners=False)
     noise = torch.randint(-20, 21, (batch, 3, patch_size, patch_size), generator=g)
     return (smooth + noise).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _check_onnx_runs(model: PatchEncoder, path: Path, patch_size: int) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for batch in SMOKE_BATCHES:
+        patches = example_patches(batch, patch_size, seed=100 + batch)
+        try:
+            (got,) = session.run(["features"], {"patches": patches.numpy()})
+        except Exception as e:  # noqa: BLE001 - ORT raises its own types; the batch is what matters
+            raise EncoderExportError(f"{path.name}: ONNX Runtime cannot run the graph at batch {batch}: {e}") from e
+        with torch.inference_mode():
+            expected = model(patches).numpy()
+        if got.shape != expected.shape:
+            raise EncoderExportError(f"{path.name}: features of shape {got.shape} at batch {batch}, expected {expected.shape}")
+        rel = float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-12))
+        if not rel <= SMOKE_TOLERANCE:  # also catches NaN
+            raise EncoderExportError(
+                f"{path.name}: ONNX Runtime's features differ from PyTorch's by {rel:.2e} (relative) at batch {batch}"
+            )
 
 
 def _export_onnx(model: PatchEncoder, path: Path, patch_size: int) -> dict:

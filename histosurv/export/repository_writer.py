@@ -26,7 +26,7 @@ from ..runtime.triton_config import render_config_pbtxt
 from .onnx_export import export_onnx
 from .run import load_run
 
-__all__ = ["export_run", "tensor_specs", "REFERENCE_WEIGHTS", "prepare_version", "publish_version"]
+__all__ = ["export_run", "tensor_specs", "REFERENCE_WEIGHTS", "prepare_version", "publish_version", "write_reference"]
 
 REFERENCE_WEIGHTS = "model.safetensors"
 
@@ -60,8 +60,7 @@ def export_run(
     with atomic_dir(model_dir / str(version)) as tmp:
         log(f"exporting ONNX graph of {run_config['architecture']} ...")
         onnx_info = export_onnx(model, tmp / "model.onnx")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / REFERENCE_WEIGHTS))
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        files = write_reference(tmp, model.state_dict())
     return publish_version(
         repository, manifest, version, _version_info(model, run_config, run_dir, onnx_info, files)
     )
@@ -77,6 +76,13 @@ def prepare_version(repository, name: str, inputs, outputs, version: int | None)
     if (model_dir / str(version)).exists():
         raise RepositoryError(f"{model_dir / str(version)} already exists; versions are immutable, export a new one")
     return model_dir, manifest, version
+
+
+def write_reference(version_dir: Path, state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Saves the reference weights ``verify`` compares engines against, then hashes every file of the
+    (not yet published) version folder: the manifest's sha256 must cover exactly what is served."""
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(version_dir / REFERENCE_WEIGHTS))
+    return {p.name: sha256_file(p) for p in sorted(version_dir.iterdir())}
 
 
 def publish_version(repository, manifest: ModelManifest, version: int, info: VersionInfo) -> ModelVersion:

@@ -173,6 +173,8 @@ def load_torchvision_state_dict(encoder: PatchEncoder, state_dict: dict, source:
     ``layer4.`` for the truncated ResNet50) are dropped; any other missing or unexpected key, or a
     shape that differs, is an error naming the keys: a half-loaded encoder gives plausible-looking
     features that no model was trained on."""
+    if not isinstance(state_dict, dict):
+        raise InputError(f"{source}: holds a {type(state_dict).__name__}, not a state_dict")
     for wrapper in ("state_dict", "model"):
         if isinstance(state_dict.get(wrapper), dict):
             state_dict = state_dict[wrapper]
@@ -187,7 +189,14 @@ def load_torchvision_state_dict(encoder: PatchEncoder, state_dict: dict, source:
         problems.append(f"missing {len(missing)} keys ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''})")
-    shapes = [f"{k}: {tuple(v.shape)} for {tuple(own[k].shape)}" for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    not_tensors = sorted(k for k, v in state_dict.items() if k in own and not isinstance(v, torch.Tensor))
+    if not_tensors:
+        problems.append(f"not tensors ({', '.join(not_tensors[:5])})")
+    shapes = [
+        f"{k}: {tuple(v.shape)} for {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+    ]
     if shapes:
         problems.append(f"wrong shapes ({'; '.join(shapes[:3])})")
     if problems:
