@@ -257,3 +257,28 @@ def test_patches_hold_the_pixels_at_their_coordinates_at_every_level(
         x, y = (int(v) for v in grid.coords[i])
         expected = coordinate_slide.expected_region((x, y), (read_size, read_size), level)
         assert np.array_equal(patches[i], resize_patches(expected[None], patch_size)[0]), f"patch at {(x, y)}"
+
+
+def test_stream_reads_ahead_at_most_prefetch_batches():
+    """Memory is bounded by the queue, not by the slide: a slow consumer never has more than
+    ``prefetch`` batches waiting plus the one being read."""
+    import time
+
+    state = {"produced": 0, "consumed": 0, "ahead": 0}
+
+    class CountingReader:
+        path = "counting.svs"
+
+        def read_regions(self, coords, size, level, batch_size, num_workers):
+            for start in range(0, len(coords), batch_size):
+                state["produced"] += 1
+                state["ahead"] = max(state["ahead"], state["produced"] - state["consumed"])
+                yield np.zeros((len(coords[start : start + batch_size]), 8, 8, 3), np.uint8)
+
+    grid = PatchGrid(np.zeros((400, 2), np.int64), np.ones(400), 0, 8, 8, 8, 0.5)
+    with PatchStream(CountingReader(), grid, batch_size=4, prefetch=3) as stream:
+        for _ in stream:
+            time.sleep(0.002)  # the encoder is the slow side
+            state["consumed"] += 1
+    assert state["consumed"] == 100
+    assert state["ahead"] <= 3 + 2  # queued + the one being put + the one being consumed
