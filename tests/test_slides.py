@@ -172,3 +172,16 @@ def test_truncated_tiff_fails_at_the_first_missing_tile(tmp_path, backend):
 
 def test_backends_registered():
     assert {"cucim", "openslide"} <= set(READERS)
+
+
+def test_gpu_requests_without_a_gpu_are_clear_errors(cmu_svs):
+    from histosurv.runtime.slides.tissue import TissueConfig, gpu_available, mask_from_rgb
+
+    if gpu_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SlideError, match="cupy|GPU"):
+        open_slide(cmu_svs, "cucim", device="cuda")
+    with pytest.raises(SlideError, match="OpenSlide decodes on the CPU only"):
+        open_slide(cmu_svs, "openslide", device="cuda")
+    with pytest.raises(SlideError, match="GPU tissue mask needs cupy"):
+        mask_from_rgb(np.zeros((8, 8, 3), np.uint8), TissueConfig(), mpp=16.0, device="cuda")

@@ -231,6 +231,8 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", device: str = "cp
         raise MissingInputError(f"{path}: slide file not found")
     if not path.is_file():
         raise SlideError(f"{path}: not a file (a .mrxs slide is opened through its .mrxs file, not its folder)")
+    if device != "cpu" and backend == "openslide":
+        raise SlideError(f"OpenSlide decodes on the CPU only; use the cucim reader for device {device!r}")
     if backend != "auto":
         if backend not in READERS:
             raise SlideError(f"unknown slide reader {backend!r}; known: {', '.join(sorted(READERS))}")
@@ -238,6 +240,10 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", device: str = "cp
             raise SlideError(f"slide reader {backend!r} is not installed here")
         return READERS[backend].open(path, device=device) if backend == "cucim" else READERS[backend].open(path)
     order = ["openslide"] if path.suffix.lower() in OPENSLIDE_ONLY_SUFFIXES else ["cucim", "openslide"]
+    if device != "cpu":
+        if "cucim" not in order:
+            raise SlideError(f"{path}: GPU decode needs a format cuCIM reads, and {path.suffix} goes through OpenSlide")
+        order = ["cucim"]
     order = [b for b in order if READERS[b].is_installed()]
     if not order:
         raise SlideError(f"{path}: no slide reader is installed (pip install cucim-cu12 or openslide-bin)")
