@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         patients = [p for p in patients_from_clinical(clinical) if p.case_id in held_out]
         predictor = FusionPredictor.from_repository(out / "model_repository", "ammasurv")
         cases = case_files(patients, cohort_dir / "features")
-        results = score_cases(predictor, cases, GeneTable.read(cohort_dir / "genes.csv"))
+        gene_table = GeneTable.read(cohort_dir / "genes.csv")
+        results = score_cases(predictor, cases, gene_table)
         c = concordance_index([p.time for p in patients], [p.event for p in patients], [r.risk for r in results])
         pd.DataFrame({"case_id": [r.case_id for r in results], "risk": [r.risk for r in results]}).to_csv(
             out / "predictions.csv", index=False
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         features = featurize_slide(slide, encoder, SlideConfig())
         write_bag(out / "features" / f"{slide.stem}.h5", features.bag)
         case = patients[0]
-        slide_risk = predictor.slide(features.bag, predictor.genes_for(GeneTable.read(cohort_dir / "genes.csv"), case.case_id))
+        slide_risk = predictor.slide(features.bag, predictor.genes_for(gene_table, case.case_id))
         _slide_summary(slide, features, slide_risk, case.case_id, encoder_version, args.encoder_weights)
 
     _summary(stage, c, len(patients), result, reports, predictor, time.perf_counter() - total)

@@ -33,9 +33,11 @@ class OpenSlideReader(SlideReader):
         return True
 
     @classmethod
-    def open(cls, path: Path) -> "OpenSlideReader":
+    def open(cls, path: Path, device: str = "cpu") -> "OpenSlideReader":
         import openslide
 
+        if device != "cpu":
+            raise SlideError(f"OpenSlide decodes on the CPU only; use the cucim reader for device {device!r}")
         try:
             slide = openslide.OpenSlide(str(path))
         except (openslide.OpenSlideError, OSError) as e:

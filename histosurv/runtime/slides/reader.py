@@ -58,6 +58,11 @@ class SlideReader(abc.ABC):
     @abc.abstractmethod
     def is_installed(cls) -> bool: ...
 
+    @classmethod
+    @abc.abstractmethod
+    def open(cls, path: Path, device: str = "cpu") -> "SlideReader":
+        """Opens ``path`` for reading, decoding on ``device``; a :class:`SlideError` if it cannot."""
+
     @abc.abstractmethod
     def _read(self, location: tuple[int, int], size: tuple[int, int], level: int) -> np.ndarray:
         """A window that lies entirely inside ``level``: uint8 (h, w, 3)."""
@@ -123,9 +128,12 @@ class SlideReader(abc.ABC):
         self._check_level(level)
         locations = np.asarray(locations, dtype=np.int64).reshape(-1, 2)
         size = (int(size[0]), int(size[1]))
-        for x, y in locations[[0, -1]] if len(locations) else ():
-            if self._inside(int(x), int(y), *size, level) != ((int(x), int(y), *size), (0, 0)):
-                raise SlideError(f"{self.path}: window at {(int(x), int(y))} of size {size} is not inside level {level}")
+        ds, (lw, lh) = self.level_downsamples[level], self.level_dimensions[level]
+        corner = np.floor(locations / ds).astype(np.int64)  # in level pixels
+        outside = (corner < 0).any(axis=1) | (corner[:, 0] + size[0] > lw) | (corner[:, 1] + size[1] > lh)
+        if outside.any():
+            x, y = (int(v) for v in locations[np.argmax(outside)])
+            raise SlideError(f"{self.path}: window at {(x, y)} of size {size} is not inside level {level}")
         try:
             yield from self._read_many(locations, size, level, max(1, int(batch_size)), max(1, int(num_workers)))
         except SlideError:
@@ -231,14 +239,12 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", device: str = "cp
         raise MissingInputError(f"{path}: slide file not found")
     if not path.is_file():
         raise SlideError(f"{path}: not a file (a .mrxs slide is opened through its .mrxs file, not its folder)")
-    if device != "cpu" and backend == "openslide":
-        raise SlideError(f"OpenSlide decodes on the CPU only; use the cucim reader for device {device!r}")
     if backend != "auto":
         if backend not in READERS:
             raise SlideError(f"unknown slide reader {backend!r}; known: {', '.join(sorted(READERS))}")
         if not READERS[backend].is_installed():
             raise SlideError(f"slide reader {backend!r} is not installed here")
-        return READERS[backend].open(path, device=device) if backend == "cucim" else READERS[backend].open(path)
+        return READERS[backend].open(path, device)
     order = ["openslide"] if path.suffix.lower() in OPENSLIDE_ONLY_SUFFIXES else ["cucim", "openslide"]
     if device != "cpu":
         if "cucim" not in order:
@@ -250,7 +256,7 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", device: str = "cp
     reasons = []
     for name in order:
         try:
-            return READERS[name].open(path, device=device) if name == "cucim" else READERS[name].open(path)
+            return READERS[name].open(path, device)
         except SlideError as e:
             reasons.append(f"{name}: {e.__cause__ or e}")
     raise SlideError(f"{path}: not a slide any installed reader can open ({'; '.join(reasons)})")
