@@ -93,6 +93,7 @@ def _ort_runner(onnx_path: str | None, n: int, threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = False  # as histosurv's engine runs it (runtime/engines/ort.py)
     session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
     providers = session.get_providers()
     if providers[0] != "CPUExecutionProvider":
