@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--repo", required=True)
     p.add_argument("--model", default="ammasurv")
     p.add_argument("--version", type=int, help="default: the highest")
-    p.add_argument("--sizes", type=_sizes, default=DEFAULT_SIZES, help="bag sizes, default: 1,17,1000,5000")
+    p.add_argument("--sizes", type=_sizes, default=DEFAULT_SIZES, help="bag sizes, default: 1,17,1000,16384")
     p.add_argument("--tolerance", type=float, default=1e-4, help="relative, default: 1e-4")
     p.add_argument("--engine", action="append", help="engine(s) to check (default: all present)")
     p.add_argument("--no-write", action="store_true", help="do not record the figures in the manifest")

@@ -30,7 +30,7 @@ from .run import load_weights
 
 __all__ = ["DEFAULT_SIZES", "ParityReport", "verify_version", "RISK_FLOOR"]
 
-DEFAULT_SIZES = (1, 17, 1000, 5000)
+DEFAULT_SIZES = (1, 17, 1000, 16384)
 ENCODER_BATCHES = (1, 4, 16)
 RISK_FLOOR = 0.01
 
