@@ -27,7 +27,7 @@ SIZES = (1, 17, 1000, 5000)
 def test_repository_layout_and_manifest(tiny_repo, tiny_cohort):
     model_dir = tiny_repo / "ammasurv"
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "histosurv.json"]
-    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["model.onnx", "model.safetensors"]
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["model.onnx", "model.opset23.onnx", "model.safetensors"]
     manifest = json.loads((model_dir / "histosurv.json").read_text())
     v1 = manifest["versions"]["1"]
     assert [t["name"] for t in manifest["inputs"]] == ["features", "coords", "genes"]
@@ -39,6 +39,27 @@ def test_repository_layout_and_manifest(tiny_repo, tiny_cohort):
     for name, digest in v1["files"].items():
         assert sha256_file(model_dir / "1" / name) == digest
     assert v1["engines"]["onnxruntime"]["ops"]["com.microsoft::MultiHeadAttention"] == 2
+    assert v1["engines"]["onnx_opset23"]["ops"]["ai.onnx::Attention"] == 2
+
+
+def test_opset23_graph_for_tensorrt_matches_pytorch_at_untraced_sizes(tiny_repo):
+    """TensorRT cannot run here, so the standard-Attention graph is checked on ONNX Runtime's CPU
+    kernel (which holds the N x N scores: fine at these sizes) at sizes other than the traced one."""
+    import onnxruntime as ort
+
+    from histosurv.export.verify import reference_model
+
+    mv = ModelRepository(tiny_repo).version("ammasurv")
+    model = SingleBag(reference_model(mv)).eval()
+    session = ort.InferenceSession(str(mv.path / "model.opset23.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 2, 17, 300):
+        inputs = example_inputs(model.model, n=n, seed=n)
+        with torch.inference_mode():
+            risk, attention = model(**inputs)
+        got_risk, got_attention = session.run(["risk", "attention"], {k: v.numpy() for k, v in inputs.items()})
+        assert got_attention.shape == (n,)
+        assert abs(got_risk[0] - risk.item()) <= 1e-4 * max(abs(risk.item()), 0.01)
+        np.testing.assert_allclose(got_attention, attention.numpy(), rtol=0, atol=1e-4 * attention.abs().max().item())
 
 
 def test_config_pbtxt_is_tritons(tiny_repo):

@@ -6,6 +6,9 @@ the full score matrix: 8.4 GB at N = 16k (shared/research/deps.md section 3). on
 ``optimize_for_ort`` rewrites them into ``com.microsoft.MultiHeadAttention``, whose CPU kernel is
 flash-style and flat in memory, including AMMA's shape (more queries than keys). The export checks
 that every attention was rewritten and refuses to write a graph where one was not.
+
+A second graph, at opset 23 with one standard ``Attention`` node per attention, is what TensorRT
+(10.14 and newer) builds its fused attention from; it is written beside the first.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from ..data.atomic import atomic_path
 from ..errors import HistosurvError
 from .models import risk_from_logits
 
-__all__ = ["SingleBag", "export_onnx", "FusedAttentionMissing", "OPSET"]
+__all__ = ["SingleBag", "export_onnx", "export_onnx_standard", "FusedAttentionMissing", "OPSET", "STANDARD_OPSET"]
 
 OPSET = 20  # what the dynamo exporter and onnxscript's ORT fusions target together
+STANDARD_OPSET = 23  # the first opset with the standard Attention op
 EXAMPLE_N = 37  # any N >= 2 (torch.export specialises sizes 0 and 1)
 
 
@@ -74,41 +78,68 @@ def example_inputs(model: nn.Module, n: int = EXAMPLE_N, seed: int = 0) -> dict[
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, max_bag: int = 1 << 20) -> dict:
     """Writes ``path`` atomically; returns facts for the manifest (opset, node counts, tensor names)."""
-    import onnx
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
+    program = _dynamo_export(model, OPSET, max_bag)
+    fused, fusions = optimize_for_ort(program.model)
+    proto = ir.serde.serialize_model(fused)
+    ops = _save_checked(model, proto, path, "com.microsoft::MultiHeadAttention")
+    return {
+        **_facts(path, OPSET, ops, max_bag),
+        "attention": "com.microsoft.MultiHeadAttention",
+        "fusions": {k: v for k, v in fusions.items() if v},
+    }
+
+
+def export_onnx_standard(model: nn.Module, path: str | os.PathLike, max_bag: int = 1 << 20) -> dict:
+    """The same signature at opset 23, every attention one standard ``ai.onnx::Attention`` node: the
+    graph TensorRT 10.14+ turns into its fused IAttention layer. ONNX Runtime's CPU kernel for that op
+    materialises the N x N scores, so this graph is for TensorRT, not for serving on a CPU."""
+    program = _dynamo_export(model, STANDARD_OPSET, max_bag)
+    ops = _save_checked(model, program.model_proto, path, "ai.onnx::Attention")
+    return {**_facts(path, STANDARD_OPSET, ops, max_bag), "attention": "ai.onnx::Attention", "for": "tensorrt>=10.14"}
+
+
+def _dynamo_export(model: nn.Module, opset: int, max_bag: int):
     model = model.eval()
     wrapper = SingleBag(model).eval()
     kwargs = example_inputs(model)
     bag = torch.export.Dim("N", min=1, max=max_bag)
     dynamic = {name: ({0: bag} if name in ("features", "coords") else None) for name in kwargs}
     with _quiet_exporter(), torch.no_grad():
-        program = torch.onnx.export(
+        return torch.onnx.export(
             wrapper,
             (),
             kwargs=kwargs,
             dynamo=True,
-            opset_version=OPSET,
+            opset_version=opset,
             dynamic_shapes=dynamic,
             input_names=list(kwargs),
             output_names=wrapper.output_names(),
             optimize=True,
             verbose=False,
         )
-        fused, fusions = optimize_for_ort(program.model)
-    proto = ir.serde.serialize_model(fused)
+
+
+def _save_checked(model: nn.Module, proto, path, attention_op: str) -> collections.Counter:
+    import onnx
+
     ops = collections.Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in proto.graph.node)
-    _check_attention_fused(model, ops)
+    _check_attention_fused(model, ops, attention_op)
     with atomic_path(path, suffix=".onnx") as tmp:
         onnx.save_model(proto, str(tmp))
         onnx.checker.check_model(str(tmp))
+    return ops
+
+
+def _facts(path, opset: int, ops: collections.Counter, max_bag: int) -> dict:
+    import onnx
+
     return {
         "file": Path(path).name,
-        "opset": OPSET,
-        "attention": "com.microsoft.MultiHeadAttention",
+        "opset": opset,
         "ops": dict(sorted(ops.items())),
-        "fusions": {k: v for k, v in fusions.items() if v},
         "max_bag": max_bag,
         "torch": torch.__version__,
         "onnx": onnx.__version__,
@@ -129,10 +160,10 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def _check_attention_fused(model: nn.Module, ops: collections.Counter) -> None:
-    expected, got = model.attention_ops, ops.get("com.microsoft::MultiHeadAttention", 0)
+def _check_attention_fused(model: nn.Module, ops: collections.Counter, attention_op: str) -> None:
+    expected, got = model.attention_ops, ops.get(attention_op, 0)
     if got != expected:
         raise FusedAttentionMissing(
-            f"the exported graph has {got} fused MultiHeadAttention nodes, the model has {expected} attentions; "
-            f"an unfused attention would materialise an N x N matrix on ONNX Runtime (op counts: {dict(ops)})"
+            f"the exported graph has {got} {attention_op} nodes, the model has {expected} attentions; "
+            f"an unfused attention would be decomposed into an N x N matrix (op counts: {dict(ops)})"
         )

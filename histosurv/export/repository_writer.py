@@ -23,12 +23,14 @@ from ..errors import RepositoryError
 from ..runtime.manifest import ModelManifest, TensorSpec, VersionInfo
 from ..runtime.repository import MANIFEST, ModelRepository, ModelVersion, sha256_file
 from ..runtime.triton_config import render_config_pbtxt
-from .onnx_export import export_onnx
+from .onnx_export import export_onnx, export_onnx_standard
 from .run import load_run
 
 __all__ = ["export_run", "tensor_specs", "REFERENCE_WEIGHTS", "prepare_version", "publish_version", "write_reference"]
 
 REFERENCE_WEIGHTS = "model.safetensors"
+STANDARD_GRAPH = "model.opset23.onnx"  # TensorRT builds model.plan from it on the serving GPU
+STANDARD_ENGINE_KEY = "onnx_opset23"
 
 
 def tensor_specs(model: torch.nn.Module) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -60,10 +62,12 @@ def export_run(
     with atomic_dir(model_dir / str(version)) as tmp:
         log(f"exporting ONNX graph of {run_config['architecture']} ...")
         onnx_info = export_onnx(model, tmp / "model.onnx")
+        log("exporting the opset-23 graph (standard Attention, for TensorRT) ...")
+        standard_info = export_onnx_standard(model, tmp / STANDARD_GRAPH)
         files = write_reference(tmp, model.state_dict())
-    return publish_version(
-        repository, manifest, version, _version_info(model, run_config, run_dir, onnx_info, files)
-    )
+    info = _version_info(model, run_config, run_dir, onnx_info, files)
+    info.engines[STANDARD_ENGINE_KEY] = standard_info
+    return publish_version(repository, manifest, version, info)
 
 
 def prepare_version(repository, name: str, inputs, outputs, version: int | None) -> tuple[Path, ModelManifest, int]:
