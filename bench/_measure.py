@@ -1,8 +1,11 @@
 """The code that runs inside the benchmark's fresh subprocesses: the one-off export and one measurement each.
 
-The parent (fusion.py) never imports this module. A child's ``ru_maxrss`` starts at the parent's own
+The parent (engines.py) never imports this module. A child's ``ru_maxrss`` starts at the parent's own
 peak (Linux carries the high-water mark across fork and exec), so a parent that had loaded torch or
 run the export would inflate every worker's peak.
+
+Engines other than the two eager torch baselines are the artifacts of a real model repository, loaded
+with ``histosurv.runtime.engines.load_engine`` exactly as ``histosurv predict`` and the server load them.
 """
 
 from __future__ import annotations
@@ -19,24 +22,26 @@ from torch import nn
 
 from histosurv.export.models import build_model
 from histosurv.export.models.ammasurv import AMMASurvConfig
-from histosurv.export.onnx_export import example_inputs, export_onnx
+from histosurv.export.onnx_export import example_inputs
 
 CONFIG = AMMASurvConfig(n_genes=200, feature_dim=512)  # paper defaults: d = 512 + 32, 8 heads, 2 layers
-TORCH_ENGINES = ("naive", "sdpa")
+EAGER = ("naive", "sdpa")
+MODEL = "ammasurv"
 
 
 def build(attention_impl: str) -> nn.Module:
-    torch.manual_seed(0)  # every process, and the exported graph, must hold the same weights
+    torch.manual_seed(0)  # every process, and the exported artifacts, must hold the same weights
     return build_model("ammasurv", CONFIG, attention_impl=attention_impl).eval()
 
 
-def prepare(onnx_path: str | None) -> dict:
-    """Facts the parent needs for its header and estimates; exports the ONNX file when asked."""
+def prepare(repo: str | None, keys: list[str], max_bag: int) -> dict:
+    """Facts for the header and estimates; exports the artifacts ``keys`` into ``repo`` when asked."""
     model = build("sdpa")
     encoder = [m for m in model.layers.modules() if isinstance(m, nn.Linear)]
     facts = {
         "torch": torch.__version__,
         "onnxruntime": _version("onnxruntime"),
+        "tensorrt": _version("tensorrt"),
         "config": CONFIG.to_dict(),
         "dim": CONFIG.dim,
         "heads": CONFIG.heads,
@@ -44,9 +49,18 @@ def prepare(onnx_path: str | None) -> dict:
         "gene_tokens": CONFIG.gene_groups,
         "params": sum(p.numel() for p in model.parameters()),
         "encoder_linear_params": sum(p.numel() for m in encoder for p in m.parameters()),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
-    if onnx_path:
-        facts["onnx"] = export_onnx(model, onnx_path)
+    if repo and keys:
+        from histosurv.export.repository_writer import add_engine, export_model
+
+        artifacts = [a for a in ("onnxruntime_fp16", "torch") if a in keys or (a == "torch" and "torch_cuda" in keys)]
+        run_config = {"architecture": "ammasurv", "model": CONFIG.to_dict(), "genes": [f"g{i}" for i in range(200)]}
+        mv = export_model(model, run_config, repo, MODEL, artifacts=artifacts)
+        if "tensorrt" in keys:
+            mv, _ = add_engine(repo, MODEL, "tensorrt", max_bag=max_bag)
+        facts["engines"] = {k: {f: v for f, v in e.items() if f != "ops"} for k, e in mv.info.engines.items()}
+        facts["onnx_ops"] = mv.info.engines["onnxruntime"]["ops"]
     return facts
 
 
@@ -57,63 +71,69 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def worker(engine: str, n: int, onnx_path: str | None, repeat: int, threads: int) -> dict:
+def worker(engine: str, n: int, repo: str | None, device: str, repeat: int, threads: int, budget_s: float) -> dict:
     """One (engine, N) measurement in this process; returns the JSON-able result."""
-    if engine in TORCH_ENGINES:
-        run, extra = _torch_runner(engine, n, threads)
-    elif engine == "onnxruntime":
-        run, extra = _ort_runner(onnx_path, n, threads)
-    else:
-        raise SystemExit(f"unknown engine {engine!r}")
-    return {"engine": engine, "n": n, "threads": threads, **extra, **measure(run, repeat)}
-
-
-def _torch_runner(engine: str, n: int, threads: int):
     torch.set_num_threads(threads)
-    model = build(engine)
-    batched = {k: v[None] for k, v in example_inputs(model, n=n, seed=0).items()}
+    if engine in EAGER:
+        run, extra = _eager_runner(engine, n, device)
+    else:
+        run, extra = _engine_runner(engine, n, repo, threads)
+    cuda = extra.get("device", "cpu").startswith("cuda")
+    return {"engine": engine, "n": n, "threads": threads, **extra, **measure(run, repeat, budget_s, cuda)}
+
+
+def _eager_runner(engine: str, n: int, device: str):
+    model = build(engine).to(device)
+    batched = {k: v[None].to(device) for k, v in example_inputs(model, n=n, seed=0).items()}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def run():
         with torch.inference_mode():
             model(**batched, return_attention=True)
+        sync()
 
-    return run, {"intra_op_threads": torch.get_num_threads()}
+    return run, {"device": device, "intra_op_threads": torch.get_num_threads()}
 
 
-def _ort_runner(onnx_path: str | None, n: int, threads: int):
-    import onnxruntime as ort
+def _engine_runner(key: str, n: int, repo: str | None, threads: int):
+    from histosurv.runtime.engines import load_engine
+    from histosurv.runtime.repository import ModelRepository
 
-    if not onnx_path:
-        raise SystemExit("the onnxruntime engine needs the exported ONNX path")
-    # Inputs come from the torch model (same generator, same gene scaler); drop it before the session
-    # so its weights are not resident next to the session's copy.
+    if not repo:
+        raise SystemExit(f"engine {key!r} needs the benchmark's model repository")
+    # Inputs come from the torch model (same generator, same gene scaler); drop it before loading the
+    # engine so its weights are not resident next to the engine's copy.
     model = build("sdpa")
     feeds = {k: v.numpy() for k, v in example_inputs(model, n=n, seed=0).items()}
     del model
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.enable_cpu_mem_arena = False  # as histosurv's engine runs it (runtime/engines/ort.py)
-    session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-    providers = session.get_providers()
-    if providers[0] != "CPUExecutionProvider":
-        raise SystemExit(f"ONNX Runtime runs on {providers}, not the CPU provider this benchmark is about")
-    return (lambda: session.run(None, feeds)), {"providers": providers}
+    gc.collect()
+    mv = ModelRepository(repo).version(MODEL)
+    backend = mv.info.engines[key].get("backend", key)
+    options = {"threads": threads} if backend in ("onnxruntime", "torch") else {}
+    engine = load_engine(mv, key, **options)
+    described = engine.describe()
+    return (lambda: engine.run(feeds)), {k: v for k, v in described.items() if k != "engine"}
 
 
-def measure(run, repeat: int) -> dict:
-    """Median wall time of ``repeat`` runs after one warm-up, and the process's peak RSS around them."""
+def measure(run, repeat: int, budget_s: float, cuda: bool) -> dict:
+    """Median wall time of up to ``repeat`` runs after one warm-up (fewer once ``budget_s`` is spent,
+    at least one), and the process's peak RSS (and CUDA allocator peak) around them."""
     gc.collect()
     peak_reset = reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     baseline = psutil.Process().memory_info().rss
+    gpu_baseline = torch.cuda.memory_allocated() if cuda else 0
     run()  # warm-up: first-call allocations, kernel selection, ORT's lazy initialisation
-    times = []
+    times, started = [], time.perf_counter()
     for _ in range(repeat):
         start = time.perf_counter()
         run()
         times.append((time.perf_counter() - start) * 1e3)
+        if time.perf_counter() - started > budget_s:
+            break
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {
+    result = {
         "median_ms": statistics.median(times),
         "times_ms": times,
         "baseline_rss_bytes": baseline,
@@ -121,6 +141,9 @@ def measure(run, repeat: int) -> dict:
         "extra_rss_bytes": peak - baseline,
         "peak_reset": peak_reset,
     }
+    if cuda:  # torch's allocator only: ONNX Runtime's and TensorRT's own device memory is not in it
+        result["gpu_extra_bytes"] = torch.cuda.max_memory_allocated() - gpu_baseline
+    return result
 
 
 def reset_peak_rss() -> bool:

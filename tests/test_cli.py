@@ -26,10 +26,19 @@ def test_cli_chain_synth_train_export_verify_predict(tmp_path, capsys):
     args = ["--clinical", cohort / "clinical.csv", "--genes", cohort / "genes.csv", "--features-dir", cohort / "features"]
     assert main(["train", *map(str, args), "--out", str(tmp_path / "run"), *TINY_MODEL_FLAGS, *TINY_TRAIN_FLAGS]) == 0
     assert "test c-index" in capsys.readouterr().out
-    assert main(["export", "--run", str(tmp_path / "run"), "--repo", str(tmp_path / "repo")]) == 0
-    assert main(["verify", "--repo", str(tmp_path / "repo"), "--sizes", "1,17,300"]) == 0
+    repo = str(tmp_path / "repo")
+    assert main(["export", "--run", str(tmp_path / "run"), "--repo", repo, "--artifacts", "onnxruntime_fp16"]) == 0
+    assert "engines onnx_opset23, onnxruntime, onnxruntime_fp16," in capsys.readouterr().out
+    # the compiled-torch package is built into the existing version, as on a serving machine
+    assert main(["export", "--add-engine", "torch", "--repo", repo, "--name", "ammasurv"]) == 0
+    assert "model.pt2 (torch)" in capsys.readouterr().out
+    assert main(["verify", "--repo", repo, "--sizes", "1,17,300"]) == 0
     out = capsys.readouterr().out
-    assert "PASS onnxruntime" in out and "largest relative difference of the risk" in out
+    for engine in ("onnxruntime ", "onnxruntime_fp16 ", "torch "):
+        assert f"PASS {engine}" in out
+    assert "largest relative difference of the risk" in out
+    assert main(["export", "--add-engine", "torch", "--repo", repo, "--name", "ammasurv"]) == 2
+    assert "model.pt2 already exists (engine 'torch'); pass --replace" in capsys.readouterr().err
 
     preds = tmp_path / "preds.csv"
     assert main(["predict", "--repo", str(tmp_path / "repo"), "--clinical", str(cohort / "clinical.csv"),
@@ -38,11 +47,13 @@ def test_cli_chain_synth_train_export_verify_predict(tmp_path, capsys):
     assert len(frame) == 40 and np.isfinite(frame["risk"]).all()
     assert "c-index" in capsys.readouterr().out
 
-    assert main(["predict", "--repo", str(tmp_path / "repo"), "--case-id", "SYN0-0003",
-                 "--features", str(cohort / "features" / "SYN0-0003-01.h5"), "--genes", str(cohort / "genes.csv")]) == 0
-    single = json.loads(capsys.readouterr().out.split("\n}\n")[0] + "\n}")
-    assert single["case_id"] == "SYN0-0003"
-    assert single["risk"] == pytest.approx(frame.set_index("case_id").loc["SYN0-0003", "risk"], rel=1e-6)
+    # FP16 risks agree to ~1e-3 absolute; a relative bound alone would fail for risks near 0
+    for engine, rel, abs_ in (("onnxruntime", 1e-6, 0), ("torch", 1e-5, 1e-7), ("onnxruntime_fp16", 1e-2, 5e-3)):
+        assert main(["predict", "--repo", repo, "--case-id", "SYN0-0003", "--engine", engine,
+                     "--features", str(cohort / "features" / "SYN0-0003-01.h5"), "--genes", str(cohort / "genes.csv")]) == 0
+        single = json.loads(capsys.readouterr().out.split("\n}\n")[0] + "\n}")
+        assert single["case_id"] == "SYN0-0003"
+        assert single["risk"] == pytest.approx(frame.set_index("case_id").loc["SYN0-0003", "risk"], rel=rel, abs=abs_)
 
 
 def test_console_script_help_and_version():

@@ -27,7 +27,9 @@ SIZES = (1, 17, 1000, 5000)
 def test_repository_layout_and_manifest(tiny_repo, tiny_cohort):
     model_dir = tiny_repo / "ammasurv"
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "histosurv.json"]
-    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["model.onnx", "model.opset23.onnx", "model.safetensors"]
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == [
+        "model.fp16.onnx", "model.onnx", "model.opset23.onnx", "model.pt2", "model.safetensors"
+    ]
     manifest = json.loads((model_dir / "histosurv.json").read_text())
     v1 = manifest["versions"]["1"]
     assert [t["name"] for t in manifest["inputs"]] == ["features", "coords", "genes"]
@@ -40,6 +42,8 @@ def test_repository_layout_and_manifest(tiny_repo, tiny_cohort):
         assert sha256_file(model_dir / "1" / name) == digest
     assert v1["engines"]["onnxruntime"]["ops"]["com.microsoft::MultiHeadAttention"] == 2
     assert v1["engines"]["onnx_opset23"]["ops"]["ai.onnx::Attention"] == 2
+    assert v1["engines"]["onnxruntime_fp16"]["ops"]["com.microsoft::MultiHeadAttention"] == 2
+    assert v1["engines"]["torch"]["device"] == "cpu" and sum(v1["engines"]["torch"]["attention_kernels"].values()) == 2
 
 
 def test_opset23_graph_for_tensorrt_matches_pytorch_at_untraced_sizes(tiny_repo):
@@ -131,25 +135,28 @@ def test_graph_has_fused_attention_and_no_bag_by_bag_value(tmp_path):
 
 
 def test_verify_records_parity_in_the_manifest(tiny_repo):
-    reports = verify_version(tiny_repo, "ammasurv", sizes=SIZES)
-    assert [r.engine for r in reports] == ["onnxruntime"]
-    assert reports[0].providers == ["CPUExecutionProvider"]
-    assert [row["n"] for row in reports[0].rows] == list(SIZES)
-    assert reports[0].passed and reports[0].max_risk_rel <= 1e-4
-    parity = ModelManifest.load(tiny_repo / "ammasurv" / "histosurv.json").versions[1].parity["onnxruntime"]
-    assert parity["passed"] and parity["max_risk_rel"] == reports[0].max_risk_rel
+    reports = {r.engine: r for r in verify_version(tiny_repo, "ammasurv", sizes=SIZES)}
+    assert sorted(reports) == ["onnxruntime", "onnxruntime_fp16", "torch"]
+    assert reports["onnxruntime"].providers == ["CPUExecutionProvider"]
+    assert [row["n"] for row in reports["onnxruntime"].rows] == list(SIZES)
+    # each engine is held to the tolerance of the precision it computes in
+    assert {e: r.tolerance for e, r in reports.items()} == {"onnxruntime": 1e-4, "onnxruntime_fp16": 1e-2, "torch": 1e-4}
+    assert all(r.passed for r in reports.values())
+    parity = ModelManifest.load(tiny_repo / "ammasurv" / "histosurv.json").versions[1].parity
+    for engine, report in reports.items():
+        assert parity[engine]["passed"] and parity[engine]["max_risk_rel"] == report.max_risk_rel
 
 
 def test_new_export_is_a_new_version_and_old_ones_stay(tiny_run, tmp_path):
     repo = tmp_path / "repo"
-    export_run(tiny_run, repo, "m")
+    export_run(tiny_run, repo, "m", artifacts=())
     first = (repo / "m" / "1" / "model.onnx").read_bytes()
-    mv = export_run(tiny_run, repo, "m")
+    mv = export_run(tiny_run, repo, "m", artifacts=())
     assert mv.version == 2 and (repo / "m" / "1" / "model.onnx").read_bytes() == first
     assert ModelRepository(repo).version("m").version == 2
     assert ModelRepository(repo).version("m", 1).version == 1
     with pytest.raises(RepositoryError, match="immutable"):
-        export_run(tiny_run, repo, "m", version=1)
+        export_run(tiny_run, repo, "m", version=1, artifacts=())
 
 
 def test_a_run_with_another_interface_is_refused(tiny_run, tiny_cohort, tmp_path):
@@ -159,11 +166,11 @@ def test_a_run_with_another_interface_is_refused(tiny_run, tiny_cohort, tmp_path
     from .conftest import TINY_TRAIN
 
     repo = tmp_path / "repo"
-    export_run(tiny_run, repo, "m")
+    export_run(tiny_run, repo, "m", artifacts=())
     image_only = train(tiny_cohort, "ammasurv", tiny_model_config(modality="image"), TINY_TRAIN)
     other = save_run(tmp_path / "image_run", image_only, tiny_cohort)
     with pytest.raises(RepositoryError, match="another model name"):
-        export_run(other, repo, "m")
+        export_run(other, repo, "m", artifacts=())
     assert sorted(p.name for p in (repo / "m").iterdir()) == ["1", "config.pbtxt", "histosurv.json"]
 
 

@@ -32,7 +32,7 @@ def slide_repo(tmp_path_factory):
     result = train(cohort, "ammasurv", tiny_model_config(feature_dim=512), dataclasses.replace(TINY_TRAIN, max_epochs=1))
     run = save_run(root / "run", result, cohort)
     repo = root / "model_repository"
-    export_run(run, repo, "ammasurv")
+    export_run(run, repo, "ammasurv", artifacts=())
     export_encoder(repo, "resnet18")
     return repo, cohort_dir, cohort.patients[0].case_id
 

@@ -14,6 +14,7 @@ def add_slide_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("slides")
     group.add_argument("--encoder", help="patch-encoder model in the repository (default: the one that fits)")
     group.add_argument("--encoder-version", type=int, help="default: the highest")
+    group.add_argument("--encoder-engine", default="auto", help="patch-encoder engine (default: auto)")
     group.add_argument("--mpp", type=float, default=g.mpp, help=f"µm per pixel of the patches (default: {g.mpp}, i.e. 20x)")
     group.add_argument("--min-tissue", type=float, default=g.min_tissue,
                        help=f"fraction of a patch that must be tissue (default: {g.min_tissue})")

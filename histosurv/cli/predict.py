@@ -20,7 +20,12 @@ def add_parser(sub) -> None:
     p.add_argument("--repo", required=True, help="model repository root")
     p.add_argument("--model", default="ammasurv")
     p.add_argument("--version", type=int, help="default: the highest")
-    p.add_argument("--engine", default="auto", help="backend (default: auto)")
+    p.add_argument(
+        "--engine",
+        default="auto",
+        help="fusion model engine: a key of the version's manifest (onnxruntime, onnxruntime_fp16, torch, "
+        "torch_cuda, tensorrt) or auto, the best one this machine can run (default)",
+    )
     p.add_argument("--genes", help="gene table CSV (case_id + one column per gene)")
     one = p.add_argument_group("one case")
     one.add_argument("--case-id")
@@ -75,7 +80,7 @@ def _predict_slides(args, predictor, genes, started: float) -> int:
     if predictor.feature_dim is None:
         raise InputError(f"model {predictor.version.name!r} takes no image features; score it without --slide")
     name = args.encoder or find_encoder(args.repo, predictor.feature_dim, predictor.version.info.patch_encoder.get("encoder"))
-    encoder = PatchEncoder.from_repository(args.repo, name, args.encoder_version, args.engine)
+    encoder = PatchEncoder.from_repository(args.repo, name, args.encoder_version, args.encoder_engine)
     config = slide_config(args)
     slides = [featurize_slide(s, encoder, config, progress_printer(s)) for s in args.slide]
     result = predictor.patient(args.case_id, [s.bag for s in slides], vector)

@@ -18,7 +18,6 @@ def add_parser(sub) -> None:
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (.svs, .tiff, .ndpi, ...)")
     p.add_argument("--out", required=True, help="output .h5 for one slide, or a folder for <slide name>.h5 files")
     p.add_argument("--repo", required=True, help="model repository holding the patch encoder")
-    p.add_argument("--engine", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace feature files that exist")
     add_slide_options(p)
     p.set_defaults(handler=run)
@@ -39,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{', '.join(existing[:3])} already exist; pass --overwrite to replace them")
     config = slide_config(args)
     name = args.encoder or find_encoder(args.repo)
-    encoder = PatchEncoder.from_repository(args.repo, name, args.encoder_version, args.engine)
+    encoder = PatchEncoder.from_repository(args.repo, name, args.encoder_version, args.encoder_engine)
     failed = 0
     for slide, target in zip(args.slides, targets):
         try:

@@ -27,7 +27,15 @@ from ..data.atomic import atomic_path
 from ..errors import HistosurvError
 from .models import risk_from_logits
 
-__all__ = ["SingleBag", "export_onnx", "export_onnx_standard", "FusedAttentionMissing", "OPSET", "STANDARD_OPSET"]
+__all__ = [
+    "SingleBag",
+    "export_onnx",
+    "export_onnx_standard",
+    "export_onnx_fp16",
+    "FusedAttentionMissing",
+    "OPSET",
+    "STANDARD_OPSET",
+]
 
 OPSET = 20  # what the dynamo exporter and onnxscript's ORT fusions target together
 STANDARD_OPSET = 23  # the first opset with the standard Attention op
@@ -87,6 +95,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, max_bag: int = 1 << 2
     ops = _save_checked(model, proto, path, "com.microsoft::MultiHeadAttention")
     return {
         **_facts(path, OPSET, ops, max_bag),
+        "backend": "onnxruntime",
+        "precision": "fp32",
         "attention": "com.microsoft.MultiHeadAttention",
         "fusions": {k: v for k, v in fusions.items() if v},
     }
@@ -98,7 +108,22 @@ def export_onnx_standard(model: nn.Module, path: str | os.PathLike, max_bag: int
     materialises the N x N scores, so this graph is for TensorRT, not for serving on a CPU."""
     program = _dynamo_export(model, STANDARD_OPSET, max_bag)
     ops = _save_checked(model, program.model_proto, path, "ai.onnx::Attention")
-    return {**_facts(path, STANDARD_OPSET, ops, max_bag), "attention": "ai.onnx::Attention", "for": "tensorrt>=10.14"}
+    facts = _facts(path, STANDARD_OPSET, ops, max_bag)
+    # build_input: not served as is; `histosurv export --add-engine tensorrt` builds model.plan from it
+    return {**facts, "attention": "ai.onnx::Attention", "for": "tensorrt>=10.14", "build_input": True}
+
+
+def export_onnx_fp16(model: nn.Module, source: str | os.PathLike, path: str | os.PathLike, max_bag: int = 1 << 20) -> dict:
+    """An FP16 copy of the fused graph at ``source`` (see :mod:`.fp16`), for ONNX Runtime's GPU
+    providers: inputs and outputs stay FP32, the coordinate embedding too."""
+    import onnx
+
+    from .fp16 import to_fp16
+
+    proto = to_fp16(onnx.load(str(source)))
+    ops = _save_checked(model, proto, path, "com.microsoft::MultiHeadAttention")
+    facts = {**_facts(path, OPSET, ops, max_bag), "attention": "com.microsoft.MultiHeadAttention"}
+    return {**facts, "backend": "onnxruntime", "precision": "fp16", "for": "ONNX Runtime CUDA / TensorRT providers"}
 
 
 def _dynamo_export(model: nn.Module, opset: int, max_bag: int):

@@ -23,14 +23,27 @@ from ..errors import RepositoryError
 from ..runtime.manifest import ModelManifest, TensorSpec, VersionInfo
 from ..runtime.repository import MANIFEST, ModelRepository, ModelVersion, sha256_file
 from ..runtime.triton_config import render_config_pbtxt
-from .onnx_export import export_onnx, export_onnx_standard
+from .onnx_export import export_onnx, export_onnx_fp16, export_onnx_standard
 from .run import load_run
 
-__all__ = ["export_run", "tensor_specs", "REFERENCE_WEIGHTS", "prepare_version", "publish_version", "write_reference"]
+__all__ = [
+    "export_run",
+    "export_model",
+    "add_engine",
+    "tensor_specs",
+    "REFERENCE_WEIGHTS",
+    "prepare_version",
+    "publish_version",
+    "write_reference",
+    "ARTIFACTS",
+]
 
 REFERENCE_WEIGHTS = "model.safetensors"
 STANDARD_GRAPH = "model.opset23.onnx"  # TensorRT builds model.plan from it on the serving GPU
 STANDARD_ENGINE_KEY = "onnx_opset23"
+FP16_GRAPH = "model.fp16.onnx"
+# What `export` writes besides model.onnx and the opset-23 graph; "torch" compiles for ~1 minute.
+ARTIFACTS = ("onnxruntime_fp16", "torch")
 
 
 def tensor_specs(model: torch.nn.Module) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -54,20 +67,93 @@ def export_run(
     name: str,
     version: int | None = None,
     log=lambda _: None,
+    artifacts=ARTIFACTS,
 ) -> ModelVersion:
-    """Exports the run's model as ``repository/name/<version>`` (default: one above the highest)."""
+    """Exports the run's model as ``repository/name/<version>`` (default: one above the highest):
+    the fused ONNX graph and the opset-23 graph always, plus ``artifacts`` (see ARTIFACTS)."""
     model, run_config = load_run(run_dir)
+    return export_model(model, run_config, repository, name, version, log, artifacts, run_dir=run_dir)
+
+
+def export_model(
+    model: torch.nn.Module,
+    run_config: dict,
+    repository: str | os.PathLike,
+    name: str,
+    version: int | None = None,
+    log=lambda _: None,
+    artifacts=ARTIFACTS,
+    run_dir: str | os.PathLike | None = None,
+) -> ModelVersion:
+    """``export_run`` for a model in memory; ``run_config`` needs ``architecture``, ``model`` (its
+    config) and ``genes`` (names), as a run's config.json has them."""
+    unknown = set(artifacts) - set(ARTIFACTS)
+    if unknown:
+        raise RepositoryError(f"unknown artifacts {sorted(unknown)}; export writes {list(ARTIFACTS)}")
+    model = model.eval()
     inputs, outputs = tensor_specs(model)
     model_dir, manifest, version = prepare_version(repository, name, inputs, outputs, version)
+    engines = {}
     with atomic_dir(model_dir / str(version)) as tmp:
         log(f"exporting ONNX graph of {run_config['architecture']} ...")
-        onnx_info = export_onnx(model, tmp / "model.onnx")
+        engines["onnxruntime"] = export_onnx(model, tmp / "model.onnx")
         log("exporting the opset-23 graph (standard Attention, for TensorRT) ...")
-        standard_info = export_onnx_standard(model, tmp / STANDARD_GRAPH)
+        engines[STANDARD_ENGINE_KEY] = export_onnx_standard(model, tmp / STANDARD_GRAPH)
+        if "onnxruntime_fp16" in artifacts:
+            log("writing the FP16 graph (for GPU providers) ...")
+            engines["onnxruntime_fp16"] = export_onnx_fp16(model, tmp / "model.onnx", tmp / FP16_GRAPH)
+        if "torch" in artifacts:
+            key, file, device = _torch_artifact()
+            log(f"compiling {file} with AOTInductor for {device} (about a minute) ...")
+            from .torch_export import export_pt2
+
+            engines[key] = export_pt2(model, tmp / file, device=device)
         files = write_reference(tmp, model.state_dict())
-    info = _version_info(model, run_config, run_dir, onnx_info, files)
-    info.engines[STANDARD_ENGINE_KEY] = standard_info
+    info = _version_info(model, run_config, run_dir, engines, files)
     return publish_version(repository, manifest, version, info)
+
+
+def add_engine(
+    repository, name: str, engine: str, version: int | None = None, replace: bool = False, log=lambda _: None, **options
+) -> tuple[ModelVersion, str]:
+    """Builds a machine-specific artifact into an existing version, on the machine that will run it:
+    ``tensorrt`` (model.plan from the opset-23 graph) or ``torch`` (model.pt2, or model.cuda.pt2 on a
+    GPU, compiled from the reference weights). Other files of the version are left as they are.
+    Returns the version and the manifest key of the new engine."""
+    from .verify import reference_model
+
+    repo = ModelRepository(repository)
+    mv = repo.version(name, version)
+    if engine == "tensorrt":
+        from .tensorrt_build import PLAN_FILE, build_plan
+
+        key, file = "tensorrt", PLAN_FILE
+        build = lambda path: build_plan(mv, path, log=log, **options)  # noqa: E731
+    elif engine == "torch":
+        from .torch_export import export_pt2
+
+        if any(t.name == "patches" for t in mv.inputs):
+            raise RepositoryError(f"{mv.path}: patch encoders are served by ONNX Runtime; no torch package for them")
+        key, file, device = _torch_artifact(options.pop("device", None))
+        log(f"compiling {file} with AOTInductor for {device} (about a minute) ...")
+        build = lambda path: export_pt2(reference_model(mv), path, device=device, **options)  # noqa: E731
+    else:
+        raise RepositoryError(f"--add-engine builds tensorrt or torch artifacts, not {engine!r}")
+    if key in mv.info.engines and not replace:
+        raise RepositoryError(f"{mv.path / file} already exists (engine {key!r}); pass --replace to rebuild it")
+    entry = build(mv.path / file)  # written atomically beside the other files
+    manifest = repo.manifest(name)
+    info = manifest.versions[mv.version]
+    info.engines[key] = entry
+    info.files[file] = sha256_file(mv.path / file)
+    info.parity.pop(key, None)  # figures of a replaced artifact no longer hold
+    return publish_version(repository, manifest, mv.version, info), key
+
+
+def _torch_artifact(device: str | None = None) -> tuple[str, str, str]:
+    """(manifest key, file, device) of the AOTInductor package this machine builds: CUDA where a GPU is."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return ("torch", "model.pt2", "cpu") if device == "cpu" else ("torch_cuda", "model.cuda.pt2", device)
 
 
 def prepare_version(repository, name: str, inputs, outputs, version: int | None) -> tuple[Path, ModelManifest, int]:
@@ -116,21 +202,20 @@ def _next_version(model_dir: Path, manifest: ModelManifest) -> int:
     return max([0, *manifest.versions, *on_disk]) + 1
 
 
-def _version_info(model, run_config: dict, run_dir, onnx_info: dict, files: dict) -> VersionInfo:
+def _version_info(model, run_config: dict, run_dir, engines: dict, files: dict) -> VersionInfo:
     genes = {"names": run_config["genes"], "standardised_in_graph": True}
     if getattr(model, "genes", None) is not None:
         genes.update(mean=model.genes.mean.tolist(), scale=model.genes.scale.tolist())
-    metrics_path = Path(run_dir) / "metrics.json"
-    training = {"run": str(Path(run_dir).resolve()), "train": run_config.get("train", {})}
-    if metrics_path.is_file():
-        training["metrics"] = json.loads(metrics_path.read_text())
+    training = {"run": str(Path(run_dir).resolve()) if run_dir else None, "train": run_config.get("train", {})}
+    if run_dir and (Path(run_dir) / "metrics.json").is_file():
+        training["metrics"] = json.loads((Path(run_dir) / "metrics.json").read_text())
     return VersionInfo(
         architecture=run_config["architecture"],
         config=run_config["model"],
         survival_head=model.cfg.survival_head,
         genes=genes,
         patch_encoder=run_config.get("patch_encoder", {}),
-        engines={"onnxruntime": onnx_info},
+        engines=engines,
         files=files,
         reference={"file": REFERENCE_WEIGHTS, "format": "safetensors state_dict"},
         training=training,

@@ -4,7 +4,7 @@ Importing this package registers the built-in backends; each imports its library
 engine is created, so a missing optional library costs nothing until it is asked for.
 """
 
-from . import ort  # noqa: F401  (registers OnnxRuntimeEngine)
-from .base import ENGINES, Engine, EngineUnavailable, load_engine, register_engine
+from . import ort, tensorrt, torch_engine  # noqa: F401  (register their engines)
+from .base import ENGINES, Engine, EngineUnavailable, backend_of, load_engine, load_models, register_engine
 
-__all__ = ["ENGINES", "Engine", "EngineUnavailable", "load_engine", "register_engine"]
+__all__ = ["ENGINES", "Engine", "EngineUnavailable", "backend_of", "load_engine", "load_models", "register_engine"]

@@ -1,28 +1,44 @@
 """One small interface for every inference backend, and the registry that picks one.
 
-An engine loads one model version from the repository, says which tensors it takes and returns,
-runs on named numpy arrays, and reports where it really runs (``device``, ``providers``), because
-some backends fall back to the CPU without raising.
+An engine loads one artifact of a model version (an entry of the manifest's ``engines``: the key
+names the artifact, e.g. ``onnxruntime_fp16``; its ``backend`` names the class that runs it), says
+which tensors it takes and returns, runs on named numpy arrays, and reports where it really runs
+(``device``, ``providers``), because some backends fall back to the CPU without raising.
+
+Artifacts tied to a machine (a TensorRT plan is built for one GPU and one TensorRT version; an
+AOTInductor package for one device type and one torch release) are refused at load with a message
+naming the file, before the library gets a chance to crash or, worse, to run wrongly.
 """
 
 from __future__ import annotations
 
 import abc
 import warnings
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from ...errors import HistosurvError
-from ..repository import ModelVersion
+from ...errors import HistosurvError, RepositoryError
+from ..repository import ModelRepository, ModelVersion
 
-__all__ = ["Engine", "ENGINES", "register_engine", "load_engine", "EngineUnavailable"]
+__all__ = [
+    "Engine",
+    "ENGINES",
+    "register_engine",
+    "load_engine",
+    "load_models",
+    "EngineUnavailable",
+    "backend_of",
+    "usable_engine_keys",
+]
 
 ENGINES: dict[str, type["Engine"]] = {}
 
 
 class EngineUnavailable(HistosurvError, RuntimeError):
-    """The backend's library is not installed here, or the model version has no artifact for it."""
+    """The backend's library is not installed here, the artifact was built for another machine, or the
+    model version has no artifact for it."""
 
 
 def register_engine(cls: type["Engine"]) -> type["Engine"]:
@@ -30,18 +46,40 @@ def register_engine(cls: type["Engine"]) -> type["Engine"]:
     return cls
 
 
+def backend_of(key: str, entry: dict) -> str | None:
+    """The backend that runs a manifest engine entry; None for inputs to other builds (the opset-23
+    graph is what TensorRT builds from, not something served as is)."""
+    return entry.get("backend", key) if not entry.get("build_input") else None
+
+
 class Engine(abc.ABC):
     name: ClassVar[str]
     priority: ClassVar[int] = 100  # order tried by engine="auto": lower first
     install_hint: ClassVar[str] = ""
 
-    def __init__(self, version: ModelVersion):
+    def __init__(self, version: ModelVersion, key: str | None = None):
         self.version = version
+        self.key = key or self.name
+        self.entry = version.info.engines.get(self.key, {})
+        self.path: Path = version.engine_file(self.key)
+        problem = self.incompatibility(self.entry)
+        if problem:
+            raise EngineUnavailable(f"{self.path}: {problem}")
 
     @classmethod
     @abc.abstractmethod
     def is_installed(cls) -> bool:
         """True when the backend's library imports here."""
+
+    @classmethod
+    def incompatibility(cls, entry: dict) -> str | None:
+        """Why an artifact described by ``entry`` cannot run on this machine, or None if it can."""
+        return None
+
+    @classmethod
+    def preferred_here(cls, entry: dict) -> bool:
+        """Whether engine="auto" may pick this artifact here (e.g. not an FP16 graph on a CPU)."""
+        return True
 
     @property
     def inputs(self):
@@ -50,6 +88,10 @@ class Engine(abc.ABC):
     @property
     def outputs(self):
         return self.version.outputs
+
+    @property
+    def precision(self) -> str:
+        return self.entry.get("precision", "fp32")
 
     @property
     @abc.abstractmethod
@@ -61,27 +103,90 @@ class Engine(abc.ABC):
         """Named inputs (validated by the caller) -> named outputs."""
 
     def describe(self) -> dict:
-        return {"engine": self.name, "device": self.device}
+        return {"engine": self.key, "backend": self.name, "device": self.device, "precision": self.precision}
+
+
+def usable_engine_keys(version: ModelVersion, first_only: bool = False) -> list[str]:
+    """Manifest keys engine="auto" would try, best first: installed backends, artifacts that suit this
+    machine. Machine checks may import a backend's library, so they run in order and, with
+    ``first_only``, stop at the first usable artifact (a CPU box choosing ONNX Runtime never imports torch)."""
+    candidates = []
+    for key, entry in version.info.engines.items():
+        cls = ENGINES.get(backend_of(key, entry) or "")
+        if cls is not None and cls.is_installed() and cls.preferred_here(entry):
+            candidates.append((cls.priority, entry.get("precision", "fp32") != "fp32", key, cls))
+    usable = []
+    for *_, key, cls in sorted(candidates, key=lambda c: c[:3]):
+        if cls.incompatibility(version.info.engines[key]) is None:
+            usable.append(key)
+            if first_only:
+                break
+    return usable
 
 
 def load_engine(version: ModelVersion, name: str = "auto", **options) -> Engine:
-    """Loads backend ``name`` for ``version``; ``auto`` takes the first installed backend that the
-    version has an artifact for."""
-    if name != "auto":
-        if name not in ENGINES:
-            raise EngineUnavailable(f"unknown engine {name!r}; known: {', '.join(sorted(ENGINES))}")
-        cls = ENGINES[name]
-        if not cls.is_installed():
-            raise EngineUnavailable(f"engine {name!r} is not installed here ({cls.install_hint})")
-        return cls(version, **options)
-    for cls in sorted(ENGINES.values(), key=lambda c: c.priority):
-        if cls.name in version.info.engines and cls.is_installed():
-            return cls(version, **options)
-    raise EngineUnavailable(
-        f"no usable engine for {version.name} version {version.version}: the version has "
-        f"{sorted(version.info.engines)}, installed backends are "
-        f"{[c.name for c in ENGINES.values() if c.is_installed()]}"
-    )
+    """Loads the artifact ``name`` of ``version``: a manifest engine key (``onnxruntime_fp16``), a
+    backend name (its artifact of the same key), or ``auto``: the best artifact this machine can run."""
+    engines = version.info.engines
+    if name == "auto":
+        keys = usable_engine_keys(version, first_only=True)
+        if not keys:
+            raise EngineUnavailable(
+                f"no engine of {version.name} version {version.version} can run here: " + "; ".join(_why_not(version))
+            )
+        name = keys[0]
+    if name not in engines:
+        if name in ENGINES:
+            raise EngineUnavailable(
+                f"{version.path}: no {name} artifact in this version (present: {', '.join(sorted(engines))})"
+            )
+        raise EngineUnavailable(
+            f"unknown engine {name!r}; this version has {', '.join(sorted(engines))} "
+            f"(backends: {', '.join(sorted(ENGINES))})"
+        )
+    backend = backend_of(name, engines[name])
+    if backend is None:
+        raise EngineUnavailable(f"{version.path / engines[name]['file']} is an input to engine builds, not an engine")
+    cls = ENGINES.get(backend)
+    if cls is None:
+        raise EngineUnavailable(f"engine {name!r} needs backend {backend!r}, which this histosurv does not have")
+    if not cls.is_installed():
+        raise EngineUnavailable(f"engine {name!r} needs {backend}, which is not installed here ({cls.install_hint})")
+    return cls(version, key=name, **options)
+
+
+def _why_not(version: ModelVersion) -> list[str]:
+    reasons = []
+    for key, entry in version.info.engines.items():
+        backend = backend_of(key, entry)
+        cls = ENGINES.get(backend or "")
+        path = version.path / entry.get("file", "?")
+        if backend is None:
+            continue
+        if cls is None:
+            reasons.append(f"{path}: backend {backend!r} unknown to this histosurv")
+        elif not cls.is_installed():
+            reasons.append(f"{path}: {backend} is not installed ({cls.install_hint})")
+        elif not cls.preferred_here(entry):
+            reasons.append(f"{path}: {entry.get('precision')} graph, not chosen on this machine unless named")
+        else:
+            reasons.append(f"{path}: {cls.incompatibility(entry)}")
+    return reasons or [f"{version.path}: the manifest lists no engines"]
+
+
+def load_models(
+    repository, names: list[str] | None = None, engine: str = "auto", **options
+) -> tuple[dict[str, Engine], dict[str, str]]:
+    """Loads the highest version of every model (or of ``names``); a model that cannot load (a damaged
+    file, an artifact for another machine) is reported in the second dict and the others still load."""
+    repo = ModelRepository(repository)
+    loaded, failed = {}, {}
+    for name in names or repo.models():
+        try:
+            loaded[name] = load_engine(repo.version(name), engine, **options)
+        except (RepositoryError, EngineUnavailable) as e:
+            failed[name] = str(e)
+    return loaded, failed
 
 
 def warn_fallback(message: str) -> None:

@@ -13,13 +13,24 @@ memory would stay at the largest bag it has seen (AMMASurv at N = 16k: 1.11 GB p
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
 from ..repository import ModelVersion
 from .base import Engine, EngineUnavailable, register_engine, warn_fallback
 
-__all__ = ["OnnxRuntimeEngine"]
+__all__ = ["OnnxRuntimeEngine", "default_providers"]
+
+
+def default_providers() -> list[str]:
+    """CUDA first where onnxruntime-gpu is installed *and* an NVIDIA device exists: onnxruntime-gpu
+    lists the CUDA provider even on machines without a GPU (shared/research/deps.md section 2)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and Path("/dev/nvidia0").exists():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 @register_engine
@@ -31,23 +42,23 @@ class OnnxRuntimeEngine(Engine):
     def __init__(
         self,
         version: ModelVersion,
+        key: str | None = None,
         providers: list[str] | None = None,
         threads: int | None = None,
         allow_fallback: bool = False,
         memory_arena: bool = False,
     ):
-        super().__init__(version)
+        super().__init__(version, key)
         import onnxruntime as ort
 
-        self.requested = list(providers or ["CPUExecutionProvider"])
+        self.requested = list(providers or default_providers())
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.enable_cpu_mem_arena = memory_arena
         if threads or os.environ.get("HISTOSURV_THREADS"):
             options.intra_op_num_threads = int(threads or os.environ["HISTOSURV_THREADS"])
         options.log_severity_level = 3  # provider load failures are reported below, by us
-        path = version.engine_file(self.name)
-        self.session = ort.InferenceSession(str(path), options, providers=self.requested)
+        self.session = ort.InferenceSession(str(self.path), options, providers=self.requested)
         self.providers = self.session.get_providers()
         dropped = [p for p in self.requested if p not in self.providers]
         if dropped:
@@ -64,6 +75,11 @@ class OnnxRuntimeEngine(Engine):
         except ImportError:
             return False
         return True
+
+    @classmethod
+    def preferred_here(cls, entry: dict) -> bool:
+        # ORT's CPU kernels for FP16 mostly cast back and forth: the FP16 graph is for GPU providers
+        return entry.get("precision", "fp32") == "fp32" or default_providers()[0] != "CPUExecutionProvider"
 
     @property
     def device(self) -> str:
