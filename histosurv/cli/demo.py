@@ -1,6 +1,6 @@
 """histosurv demo: the whole path, end to end, on a synthetic cohort and a real slide.
 
-synthesise -> train AMMASurv -> export to a model repository -> verify ONNX Runtime against PyTorch
+synthesise -> train AMMASurv -> export to a model repository -> verify every engine against PyTorch
 -> predict the held-out patients from the repository alone -> c-index;
 then a real Aperio slide -> tissue mask -> patch grid -> ResNet18 patch encoder -> AMMASurv -> risk,
 with the time of each stage.
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         mv = export_run(out / "run", out / "model_repository", "ammasurv")
         print(f"{mv.path}: {', '.join(sorted(mv.info.files))}")
 
-    with stage("verify ONNX Runtime against PyTorch"):
+    with stage("verify every engine against PyTorch"):
         reports = verify_version(out / "model_repository", "ammasurv", log=print)
 
     with stage("predict held-out patients (runtime only)"):
