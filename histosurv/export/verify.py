@@ -22,7 +22,8 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from ..runtime.engines import ENGINES, backend_of, load_engine
+from ..runtime.engines import backend_of, load_engine
+from ..runtime.engines.base import why_unusable
 from ..runtime.repository import MANIFEST, ModelRepository, ModelVersion
 from .models import build_model
 from .onnx_export import SingleBag, example_inputs
@@ -136,14 +137,7 @@ def _servable(mv: ModelVersion) -> list[str]:
 def _skip_reason(mv: ModelVersion, key: str) -> str | None:
     """Why an artifact present in the version cannot be checked on this machine (None: it can).
     Artifacts named explicitly but absent are left to load_engine, which names what is there."""
-    entry = mv.info.engines.get(key)
-    if entry is None:
-        return None
-    cls = ENGINES.get(backend_of(key, entry) or "")
-    if cls is None or not cls.is_installed():
-        return f"its backend {backend_of(key, entry)!r} is not installed here"
-    problem = cls.incompatibility(entry)
-    return f"{mv.path / entry['file']}: {problem}" if problem else None
+    return why_unusable(mv, key) if key in mv.info.engines else None
 
 
 def _compare(model: torch.nn.Module, engine, n: int) -> dict:

@@ -31,6 +31,7 @@ __all__ = [
     "EngineUnavailable",
     "backend_of",
     "usable_engine_keys",
+    "why_unusable",
 ]
 
 ENGINES: dict[str, type["Engine"]] = {}
@@ -155,23 +156,27 @@ def load_engine(version: ModelVersion, name: str = "auto", **options) -> Engine:
     return cls(version, key=name, **options)
 
 
+def why_unusable(version: ModelVersion, key: str, for_auto: bool = False) -> str | None:
+    """Why artifact ``key`` cannot run on this machine (or, with ``for_auto``, would not be chosen by
+    engine="auto"), naming its file; None if it can."""
+    entry = version.info.engines[key]
+    backend, path = backend_of(key, entry), version.path / entry.get("file", "?")
+    cls = ENGINES.get(backend or "")
+    if backend is None:
+        return f"{path}: an input to engine builds, not an engine"
+    if cls is None:
+        return f"{path}: backend {backend!r} unknown to this histosurv"
+    if not cls.is_installed():
+        return f"{path}: {backend} is not installed here ({cls.install_hint})"
+    if for_auto and not cls.preferred_here(entry):
+        return f"{path}: {entry.get('precision')} graph, not chosen on this machine unless named"
+    problem = cls.incompatibility(entry)
+    return f"{path}: {problem}" if problem else None
+
+
 def _why_not(version: ModelVersion) -> list[str]:
-    reasons = []
-    for key, entry in version.info.engines.items():
-        backend = backend_of(key, entry)
-        cls = ENGINES.get(backend or "")
-        path = version.path / entry.get("file", "?")
-        if backend is None:
-            continue
-        if cls is None:
-            reasons.append(f"{path}: backend {backend!r} unknown to this histosurv")
-        elif not cls.is_installed():
-            reasons.append(f"{path}: {backend} is not installed ({cls.install_hint})")
-        elif not cls.preferred_here(entry):
-            reasons.append(f"{path}: {entry.get('precision')} graph, not chosen on this machine unless named")
-        else:
-            reasons.append(f"{path}: {cls.incompatibility(entry)}")
-    return reasons or [f"{version.path}: the manifest lists no engines"]
+    reasons = [why_unusable(version, key, for_auto=True) for key, e in version.info.engines.items() if backend_of(key, e)]
+    return [r for r in reasons if r] or [f"{version.path}: the manifest lists no engines"]
 
 
 def load_models(
