@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 CUCIM_SPEC ?= cucim-cu12==26.10.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/engines.py
 	$(BIN)/python bench/slides.py --svs "$$($(BIN)/python -c "from histosurv.data.demo_slide import demo_slide; print(demo_slide())")"
+
+proto: $(VENV)/.installed  # regenerate histosurv/runtime/server/_proto from proto/ (the output is committed)
+	$(BIN)/python proto/generate.py
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -59,7 +59,7 @@ def test_cli_chain_synth_train_export_verify_predict(tmp_path, capsys):
 def test_console_script_help_and_version():
     out = run_cli("--help")
     assert out.returncode == 0
-    for command in ("demo", "train", "export", "verify", "tile", "predict", "synth"):
+    for command in ("demo", "train", "export", "verify", "tile", "predict", "synth", "serve"):
         assert command in out.stdout
     assert run_cli("--version").stdout.startswith("histosurv ")
 

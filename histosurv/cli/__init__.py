@@ -10,7 +10,7 @@ from ..errors import HistosurvError
 
 __all__ = ["main"]
 
-COMMANDS = ("demo", "synth", "train", "export", "verify", "tile", "predict")
+COMMANDS = ("demo", "synth", "train", "export", "verify", "tile", "predict", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,184 @@
+"""``inference.GRPCInferenceService``: the KServe v2 protocol plus the Triton extensions its clients use.
+
+Errors a client causes come back as INVALID_ARGUMENT (bad tensors: the message names the tensor and
+the problem) or NOT_FOUND (unknown model or version); the server stays live. Engines run in worker
+threads so one slow request does not stall the event loop that serves the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from ... import __version__
+from ...errors import HistosurvError, InputError
+from ..triton_config import PLATFORMS
+from ._proto import grpc_service_pb2 as pb
+from ._proto import grpc_service_pb2_grpc as pb_grpc
+from .models import LoadedModel, ModelNotFound, ModelStore, check_repository_name, now_ms
+from .tensors import decode_inputs, encode_outputs
+
+__all__ = ["InferenceServicer", "SERVER_NAME", "EXTENSIONS"]
+
+SERVER_NAME = "histosurv"
+EXTENSIONS = ["model_configuration", "statistics", "model_repository"]
+_DATA_TYPES = {"FP32": "TYPE_FP32", "FP16": "TYPE_FP16", "INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "UINT8": "TYPE_UINT8"}
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, store: ModelStore, model_control: str = "none"):
+        self.store, self.model_control = store, model_control
+
+    # --- health and metadata -------------------------------------------------------------------
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.store.ready)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+    async def ModelReady(self, request, context):
+        try:
+            self.store.get(request.name, request.version)
+        except ModelNotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request, context):
+        model = await self._model(request.name, request.version, context)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(model.version.version)],
+            platform=_platform(model),
+            inputs=[tensor(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in model.version.inputs],
+            outputs=[tensor(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in model.version.outputs],
+        )
+
+    async def ModelConfig(self, request, context):
+        model = await self._model(request.name, request.version, context)
+        config = pb.ModelConfig(name=model.name, platform=_platform(model), max_batch_size=0)
+        for t in model.version.inputs:
+            config.input.add(name=t.name, data_type=_DATA_TYPES[t.datatype], dims=list(t.shape))
+        for t in model.version.outputs:
+            config.output.add(name=t.name, data_type=_DATA_TYPES[t.datatype], dims=list(t.shape))
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(self, request, context):
+        if request.name:
+            models = [await self._model(request.name, request.version, context)]
+        else:
+            models = self.store.loaded()
+        return pb.ModelStatisticsResponse(model_stats=[_statistics(m) for m in models])
+
+    # --- inference -----------------------------------------------------------------------------
+
+    async def ModelInfer(self, request, context):
+        received = time.perf_counter_ns()
+        model = await self._model(request.model_name, request.model_version, context)
+        stats = model.stats
+        try:
+            inputs = decode_inputs(request, model.version.inputs)
+            decoded = time.perf_counter_ns()
+            outputs = await asyncio.to_thread(model.engine.run, inputs)
+            computed = time.perf_counter_ns()
+            response = pb.ModelInferResponse(
+                model_name=model.name, model_version=str(model.version.version), id=request.id
+            )
+            encode_outputs(response, outputs, model.version.outputs, [o.name for o in request.outputs])
+        except InputError as e:
+            with stats.lock:
+                stats.fail.add(time.perf_counter_ns() - received)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finished = time.perf_counter_ns()
+        with stats.lock:
+            stats.inference_count += 1
+            stats.execution_count += 1
+            stats.last_inference_ms = now_ms()
+            stats.success.add(finished - received)
+            stats.compute_input.add(decoded - received)
+            stats.compute_infer.add(computed - decoded)
+            stats.compute_output.add(finished - computed)
+        return response
+
+    # --- repository control --------------------------------------------------------------------
+
+    async def RepositoryIndex(self, request, context):
+        await self._repository(request.repository_name, context)
+        index = pb.RepositoryIndexResponse.ModelIndex
+        rows = [index(name=n, version=v, state=s, reason=r) for n, v, s, r in self.store.index()]
+        if request.ready:
+            rows = [r for r in rows if r.state == "READY"]
+        return pb.RepositoryIndexResponse(models=rows)
+
+    async def RepositoryModelLoad(self, request, context):
+        await self._explicit(request.repository_name, context)
+        try:
+            await asyncio.to_thread(self.store.load, request.model_name)
+        except HistosurvError as e:
+            code = grpc.StatusCode.NOT_FOUND if request.model_name not in self.store.repository.models() else grpc.StatusCode.INTERNAL
+            await context.abort(code, f"failed to load '{request.model_name}': {e}")
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self._explicit(request.repository_name, context)
+        try:
+            self.store.unload(request.model_name)
+        except ModelNotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        return pb.RepositoryModelUnloadResponse()
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    async def _model(self, name: str, version: str, context) -> LoadedModel:
+        if not name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model name is empty")
+        try:
+            return self.store.get(name, version)
+        except ModelNotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+
+    async def _repository(self, name: str, context) -> None:
+        try:
+            check_repository_name(name)
+        except HistosurvError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+
+    async def _explicit(self, repository: str, context) -> None:
+        await self._repository(repository, context)
+        if self.model_control != "explicit":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"explicit model load/unload is not allowed with --model-control {self.model_control}",
+            )
+
+
+def _platform(model: LoadedModel) -> str:
+    """Triton's platform name where Triton has one for the backend (onnxruntime_onnx, tensorrt_plan)."""
+    return PLATFORMS[model.engine.name][0] if model.engine.name in PLATFORMS else f"histosurv_{model.engine.name}"
+
+
+def _statistics(model: LoadedModel) -> pb.ModelStatistics:
+    s = model.stats
+    with s.lock:
+        duration = lambda d: pb.StatisticDuration(count=d.count, ns=d.ns)  # noqa: E731
+        return pb.ModelStatistics(
+            name=model.name,
+            version=str(model.version.version),
+            last_inference=s.last_inference_ms,
+            inference_count=s.inference_count,
+            execution_count=s.execution_count,
+            inference_stats=pb.InferStatistics(
+                success=duration(s.success),
+                fail=duration(s.fail),
+                queue=duration(s.queue),
+                compute_input=duration(s.compute_input),
+                compute_infer=duration(s.compute_infer),
+                compute_output=duration(s.compute_output),
+            ),
+        )

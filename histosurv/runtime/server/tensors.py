@@ -1,0 +1,100 @@
+"""KServe v2 tensors <-> numpy, checked against a model's tensor specs.
+
+Every problem a client can cause is a ``BadTensor`` naming the tensor and what is wrong with it,
+which the servicer answers with INVALID_ARGUMENT: unknown, missing or repeated inputs, a datatype the
+input does not take, a wrong rank or size, raw bytes that do not fill the shape, typed contents of the
+wrong kind or count, and NaN or infinite values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import InputError
+from ..manifest import DATATYPES, TensorSpec
+
+__all__ = ["BadTensor", "decode_inputs", "encode_outputs", "TYPED_FIELDS"]
+
+# The InferTensorContents field that carries each datatype when it is not sent raw (FP16: raw only).
+TYPED_FIELDS = {
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "INT64": "int64_contents",
+    "INT32": "int_contents",
+    "UINT8": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "BOOL": "bool_contents",
+}
+WIRE_DTYPES = {**DATATYPES, "FP64": np.float64, "UINT32": np.uint32, "UINT64": np.uint64, "BOOL": np.bool_}
+# A client may send FP16 where the model takes FP32 (half the bytes on the wire); it is widened here.
+WIDENED = {("FP16", "FP32")}
+
+
+class BadTensor(InputError):
+    pass
+
+
+def decode_inputs(request, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    by_name = {s.name: s for s in specs}
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise BadTensor(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send all inputs raw or none")
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        spec = by_name.get(tensor.name)
+        if spec is None:
+            raise BadTensor(f"input '{tensor.name}' is not an input of this model (inputs: {', '.join(by_name)})")
+        if tensor.name in arrays:
+            raise BadTensor(f"input '{tensor.name}' is given twice")
+        if tensor.datatype != spec.datatype and (tensor.datatype, spec.datatype) not in WIDENED:
+            raise BadTensor(f"input '{tensor.name}' must be {spec.datatype}, got datatype '{tensor.datatype}'")
+        shape = tuple(int(d) for d in tensor.shape)
+        if any(d < 0 for d in shape):
+            raise BadTensor(f"input '{tensor.name}' has a negative dimension in shape {list(shape)}")
+        array = _raw(tensor, shape, raw[i]) if raw else _typed(tensor, shape)
+        problem = spec.check(array)
+        if problem:
+            raise BadTensor(problem)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise BadTensor(f"input '{tensor.name}' contains NaN or infinite values")
+        arrays[tensor.name] = np.ascontiguousarray(array, dtype=spec.dtype)
+    missing = [name for name in by_name if name not in arrays]
+    if missing:
+        raise BadTensor(f"missing input(s) {', '.join(repr(m) for m in missing)}")
+    return arrays
+
+
+def _raw(tensor, shape: tuple[int, ...], data: bytes) -> np.ndarray:
+    dtype = np.dtype(WIRE_DTYPES[tensor.datatype]).newbyteorder("<")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        raise BadTensor(
+            f"input '{tensor.name}': raw contents are {len(data)} bytes, shape {list(shape)} of {tensor.datatype} "
+            f"needs {expected}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _typed(tensor, shape: tuple[int, ...]) -> np.ndarray:
+    field = TYPED_FIELDS.get(tensor.datatype)
+    if field is None:
+        raise BadTensor(f"input '{tensor.name}': {tensor.datatype} can only be sent in raw_input_contents")
+    values = getattr(tensor.contents, field)
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(values) != count:
+        raise BadTensor(f"input '{tensor.name}': {len(values)} values in contents.{field}, shape {list(shape)} needs {count}")
+    return np.asarray(values, dtype=WIRE_DTYPES[tensor.datatype]).reshape(shape)
+
+
+def encode_outputs(response, arrays: dict[str, np.ndarray], specs: list[TensorSpec], requested: list[str]) -> None:
+    """Appends the requested outputs (all when none were named) as raw little-endian contents."""
+    by_name = {s.name: s for s in specs}
+    unknown = [name for name in requested if name not in by_name]
+    if unknown:
+        raise BadTensor(f"requested output(s) {unknown} are not outputs of this model (outputs: {', '.join(by_name)})")
+    for name in requested or list(by_name):
+        spec = by_name[name]
+        array = np.ascontiguousarray(arrays[name], dtype=np.dtype(spec.dtype).newbyteorder("<"))
+        response.outputs.add(name=name, datatype=spec.datatype, shape=list(array.shape))
+        response.raw_output_contents.append(array.tobytes())
