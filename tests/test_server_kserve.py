@@ -157,6 +157,10 @@ def _bad(kind: str):
     if kind == "NaN":
         features[3, 4] = np.nan
         return "ammasurv", "", _inputs(features, coords, genes)
+    if kind == "empty bag":
+        return "ammasurv", "", _inputs(features[:0].copy(), coords[:0].copy(), genes)
+    if kind == "lengths differ":
+        return "ammasurv", "", _inputs(features, coords[:10].copy(), genes)
     if kind == "unknown model":
         return "nope", "", _inputs(features, coords, genes)
     if kind == "unknown version":
@@ -173,6 +177,8 @@ def _bad(kind: str):
         ("wrong rank", "INVALID_ARGUMENT", "'features' must have 2 dimensions"),
         ("wrong width", "INVALID_ARGUMENT", r"'features' must have shape \[-1, 32\]"),
         ("NaN", "INVALID_ARGUMENT", "input 'features' contains NaN"),
+        ("empty bag", "INVALID_ARGUMENT", "input 'features' is empty: a bag needs at least one patch"),
+        ("lengths differ", "INVALID_ARGUMENT", "inputs disagree on the number of patches: 'features' has 12, 'coords' has 10"),
         ("unknown model", "NOT_FOUND", "model 'nope' is not loaded"),
         ("unknown version", "NOT_FOUND", "model 'ammasurv' has no loaded version '7'"),
     ],

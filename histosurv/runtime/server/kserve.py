@@ -95,6 +95,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             with stats.lock:
                 stats.fail.add(time.perf_counter_ns() - received)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:  # an engine failure: the request fails, the server goes on
+            with stats.lock:
+                stats.fail.add(time.perf_counter_ns() - received)
+            await context.abort(grpc.StatusCode.INTERNAL, f"model '{model.name}' failed: {type(e).__name__}: {e}")
         finished = time.perf_counter_ns()
         with stats.lock:
             stats.inference_count += 1

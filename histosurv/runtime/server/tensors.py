@@ -3,7 +3,7 @@
 Every problem a client can cause is a ``BadTensor`` naming the tensor and what is wrong with it,
 which the servicer answers with INVALID_ARGUMENT: unknown, missing or repeated inputs, a datatype the
 input does not take, a wrong rank or size, raw bytes that do not fill the shape, typed contents of the
-wrong kind or count, and NaN or infinite values.
+wrong kind or count, NaN or infinite values, an empty bag, and features and coords of different lengths.
 """
 
 from __future__ import annotations
@@ -62,7 +62,19 @@ def decode_inputs(request, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
     missing = [name for name in by_name if name not in arrays]
     if missing:
         raise BadTensor(f"missing input(s) {', '.join(repr(m) for m in missing)}")
+    _check_bag_lengths(arrays, by_name)
     return arrays
+
+
+def _check_bag_lengths(arrays: dict[str, np.ndarray], specs: dict[str, TensorSpec]) -> None:
+    """Inputs with a variable first dimension (features, coords; an encoder's patches) describe the same
+    patches: they must agree in length, and an empty bag has no risk to give."""
+    lengths = {name: arrays[name].shape[0] for name, spec in specs.items() if spec.shape and spec.shape[0] == -1}
+    if len(set(lengths.values())) > 1:
+        described = ", ".join(f"'{name}' has {n}" for name, n in lengths.items())
+        raise BadTensor(f"inputs disagree on the number of patches: {described}")
+    if lengths and next(iter(lengths.values())) == 0:
+        raise BadTensor(f"input '{next(iter(lengths))}' is empty: a bag needs at least one patch")
 
 
 def _raw(tensor, shape: tuple[int, ...], data: bytes) -> np.ndarray:
