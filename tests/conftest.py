@@ -6,6 +6,7 @@ with dimensions small enough that the whole suite stays fast on two cores.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 from histosurv.data.cohort import load_cohort
 from histosurv.data.synth import SynthConfig, write_synthetic_cohort
 from histosurv.export.models.ammasurv import AMMASurvConfig
+from histosurv.export.encoder_export import export_encoder
 from histosurv.export.repository_writer import export_run
 from histosurv.export.run import save_run
 from histosurv.export.training import TrainConfig, train
@@ -57,6 +59,20 @@ def tiny_repo(tiny_run, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
     export_run(tiny_run, repo, "ammasurv")
     return repo
+
+
+@pytest.fixture(scope="session")
+def slide_repo(tmp_path_factory):
+    """A repository with the ResNet18 encoder and a small AMMASurv taking its 512-d features."""
+    root = tmp_path_factory.mktemp("slide_repo")
+    cohort_dir = write_synthetic_cohort(root / "cohort", dataclasses.replace(TINY_SYNTH, feature_dim=512))
+    cohort = load_cohort(cohort_dir / "clinical.csv", cohort_dir / "genes.csv", cohort_dir / "features")
+    result = train(cohort, "ammasurv", tiny_model_config(feature_dim=512), dataclasses.replace(TINY_TRAIN, max_epochs=1))
+    run = save_run(root / "run", result, cohort)
+    repo = root / "model_repository"
+    export_run(run, repo, "ammasurv", artifacts=())
+    export_encoder(repo, "resnet18")
+    return repo, cohort_dir, cohort.patients[0].case_id
 
 
 def run_cli(*args: str, cwd: Path | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:

@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import h5py
 import numpy as np
 import pytest
 
-from histosurv.data.cohort import load_cohort
-from histosurv.data.synth import write_synthetic_cohort
 from histosurv.errors import EmptySlideError
-from histosurv.export.encoder_export import export_encoder
-from histosurv.export.repository_writer import export_run
-from histosurv.export.run import save_run
-from histosurv.export.training import train
 from histosurv.runtime.pipeline import PatchEncoder, SlideConfig, featurize_slide, find_encoder
 from histosurv.runtime.repository import sha256_file
 from histosurv.runtime.slides import open_slide
 
-from .conftest import TINY_SYNTH, TINY_TRAIN, run_cli, tiny_model_config
-
-
-@pytest.fixture(scope="module")
-def slide_repo(tmp_path_factory):
-    """A repository with the ResNet18 encoder and a small AMMASurv taking its 512-d features."""
-    root = tmp_path_factory.mktemp("slide_repo")
-    cohort_dir = write_synthetic_cohort(root / "cohort", dataclasses.replace(TINY_SYNTH, feature_dim=512))
-    cohort = load_cohort(cohort_dir / "clinical.csv", cohort_dir / "genes.csv", cohort_dir / "features")
-    result = train(cohort, "ammasurv", tiny_model_config(feature_dim=512), dataclasses.replace(TINY_TRAIN, max_epochs=1))
-    run = save_run(root / "run", result, cohort)
-    repo = root / "model_repository"
-    export_run(run, repo, "ammasurv", artifacts=())
-    export_encoder(repo, "resnet18")
-    return repo, cohort_dir, cohort.patients[0].case_id
+from .conftest import run_cli
 
 
 def test_featurize_matches_encoding_the_grid_patches_directly(slide_repo, cmu_svs):

@@ -24,13 +24,14 @@ class ServeProcess:
     def __init__(self, repo, *extra: str):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "histosurv", "serve", "--repo", str(repo), "--host", "127.0.0.1",
-             "--grpc-port", "0", *extra],
+             "--grpc-port", "0", "--metrics-port", "0", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "HISTOSURV_THREADS": "1"},
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
-        self.url = self.wait_for("serving KServe v2 gRPC on ").rsplit(" ", 1)[-1]
+        self.url = self.wait_for("serving KServe v2 ").rsplit(" ", 1)[-1]
+        self.metrics_url = self.wait_for("metrics on ").rsplit(" ", 1)[-1]
 
     def _pump(self):
         for line in self.proc.stdout:

@@ -6,9 +6,7 @@ naming what is wrong, and the server must stay live afterwards.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import threading
 
 import grpc
 import numpy as np
@@ -21,30 +19,9 @@ from histosurv.data.features import Bag  # noqa: E402
 from histosurv.runtime.predict import FusionPredictor  # noqa: E402
 from histosurv.runtime.server._proto import grpc_service_pb2 as pb  # noqa: E402
 from histosurv.runtime.server._proto import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-from histosurv.runtime.server.app import create_server  # noqa: E402
 from histosurv.runtime.server.models import ModelStore  # noqa: E402
 
-
-class RunningServer:
-    """A grpc.aio server on its own event loop in a background thread (stopped inside that loop)."""
-
-    def __init__(self, store: ModelStore, model_control: str = "none"):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-        async def start():
-            server, port = create_server(store, "127.0.0.1:0", model_control)
-            await server.start()
-            return server, port
-
-        self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(30)
-        self.url = f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(grace=1), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+from .serving import RunningServer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

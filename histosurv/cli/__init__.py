@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands whose flags a config file can also set
     try:
         return int(args.handler(args) or 0)
     except (HistosurvError, FileExistsError) as e:

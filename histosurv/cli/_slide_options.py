@@ -6,15 +6,16 @@ import argparse
 import sys
 
 
-def add_slide_options(parser: argparse.ArgumentParser) -> None:
+def add_slide_options(parser: argparse.ArgumentParser, encoder_options: bool = True) -> None:
     from ..runtime.slides.tiler import GridConfig
     from ..runtime.slides.tissue import TissueConfig
 
     g, t = GridConfig(), TissueConfig()
     group = parser.add_argument_group("slides")
-    group.add_argument("--encoder", help="patch-encoder model in the repository (default: the one that fits)")
-    group.add_argument("--encoder-version", type=int, help="default: the highest")
-    group.add_argument("--encoder-engine", default="auto", help="patch-encoder engine (default: auto)")
+    if encoder_options:
+        group.add_argument("--encoder", help="patch-encoder model in the repository (default: the one that fits)")
+        group.add_argument("--encoder-version", type=int, help="default: the highest")
+        group.add_argument("--encoder-engine", default="auto", help="patch-encoder engine (default: auto)")
     group.add_argument("--mpp", type=float, default=g.mpp, help=f"µm per pixel of the patches (default: {g.mpp}, i.e. 20x)")
     group.add_argument("--min-tissue", type=float, default=g.min_tissue,
                        help=f"fraction of a patch that must be tissue (default: {g.min_tissue})")
@@ -27,7 +28,8 @@ def add_slide_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=int, default=2, help="slide decode workers (default: 2)")
     group.add_argument("--reader", default="auto", choices=["auto", "cucim", "openslide"])
     group.add_argument("--device", default="cpu", help="decode and mask slides on: cpu or cuda (default: cpu)")
-    group.add_argument("--slide-mpp", type=float, help="µm per pixel of level 0, for slides that do not record it")
+    if encoder_options:  # the server takes it per request
+        group.add_argument("--slide-mpp", type=float, help="µm per pixel of level 0, for slides that do not record it")
 
 
 def slide_config(args: argparse.Namespace):
@@ -49,7 +51,7 @@ def slide_config(args: argparse.Namespace):
         num_workers=args.workers,
         reader=args.reader,
         device=args.device,
-        slide_mpp=args.slide_mpp,
+        slide_mpp=getattr(args, "slide_mpp", None),
     )
 
 

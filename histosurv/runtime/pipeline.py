@@ -108,8 +108,13 @@ def featurize_slide(
     encoder: PatchEncoder,
     config: SlideConfig = SlideConfig(),
     progress: Callable[[int, int], None] | None = None,
+    encode: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> SlideFeatures:
     """Features and level-0 coordinates of every tissue patch of the slide at ``path``.
+
+    ``progress(done, total)`` is called once the patch grid is planned (done = 0) and after every
+    encoded batch; an exception it raises stops the work (the server cancels a slide this way).
+    ``encode`` replaces ``encoder.encode`` (the server passes its dynamic batcher).
 
     Raises :class:`EmptySlideError` when no patch holds enough tissue: a bag with no patches has no
     risk, and a model given one would answer NaN."""
@@ -133,11 +138,14 @@ def featurize_slide(
                     f"{config.grid.min_tissue:.0%} tissue (tissue mask covers {mask.tissue_fraction:.1%} of the slide, "
                     f"saturation threshold {mask.threshold:.1f}); an empty bag has no risk"
                 )
+            encode = encode or encoder.encode
+            if progress is not None:
+                progress(0, len(grid))
             features = np.empty((len(grid), encoder.feature_dim), np.float32)
             with PatchStream(reader, grid, config.batch_size, config.num_workers, config.prefetch) as stream:
                 for batch in stream:
                     t0 = time.perf_counter()
-                    features[batch.index : batch.index + len(batch.coords)] = encoder.encode(batch.patches)
+                    features[batch.index : batch.index + len(batch.coords)] = encode(batch.patches)
                     seconds["encode"] += time.perf_counter() - t0
                     if progress is not None:
                         progress(batch.index + len(batch.coords), len(grid))

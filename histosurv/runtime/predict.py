@@ -68,7 +68,7 @@ class FusionPredictor:
         return table.vectors([case_id], self.gene_names)[0]
 
     def slide(self, bag: Bag, genes: np.ndarray | None = None) -> SlideRisk:
-        inputs = self._inputs(bag, genes)
+        inputs = self.inputs_for(bag, genes)
         t0 = time.perf_counter()
         out = self.engine.run(inputs)
         self.timings["fuse"] += time.perf_counter() - t0
@@ -80,7 +80,8 @@ class FusionPredictor:
         slides = [self.slide(b, genes) for b in bags]
         return PatientRisk(case_id, float(np.mean([s.risk for s in slides])), slides)
 
-    def _inputs(self, bag: Bag, genes: np.ndarray | None) -> dict[str, np.ndarray]:
+    def inputs_for(self, bag: Bag, genes: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The engine inputs for ``bag`` and ``genes``, checked against the model's tensors (InputError names the one at fault)."""
         inputs = {}
         if "features" in self.specs:
             bag = validate_bag(bag, self.feature_dim)
@@ -88,7 +89,7 @@ class FusionPredictor:
             if "coords" in self.specs:
                 inputs["coords"] = bag.coords
         if "genes" in self.specs:
-            inputs["genes"] = self._check_genes(genes)
+            inputs["genes"] = self.check_genes(genes)
         for name, array in inputs.items():
             problem = self.specs[name].check(array)
             if problem:
@@ -96,7 +97,7 @@ class FusionPredictor:
             inputs[name] = np.ascontiguousarray(array, dtype=self.specs[name].dtype)
         return inputs
 
-    def _check_genes(self, genes: np.ndarray | None) -> np.ndarray:
+    def check_genes(self, genes: np.ndarray | None) -> np.ndarray:
         if genes is None:
             raise InputError(
                 f"model {self.version.name!r} needs 'genes' ({len(self.gene_names)} values in the manifest's order)"

@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ..metrics import ServerMetrics
+from ._proto._pool import POOL
 from ._proto import grpc_service_pb2 as pb
 from ._proto import grpc_service_pb2_grpc as pb_grpc
+from ._proto import slide_service_pb2 as spb
+from ._proto import slide_service_pb2_grpc as spb_grpc
 from .kserve import InferenceServicer
-from .models import ModelStore
+from .models import ExecutionConfig, ModelNotFound, ModelStore
+from .security import BearerAuthInterceptor, TLSConfig, server_credentials
+from .slide_service import SlideService, SlideServiceConfig
 
 __all__ = ["create_server", "serve", "ServeOptions", "DEFAULT_MAX_MESSAGE_BYTES", "INFERENCE_SERVICE"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SLIDE_SERVICE = spb.DESCRIPTOR.services_by_name["SlideService"].full_name
 
 
 @dataclass
@@ -32,8 +40,15 @@ class ServeOptions:
     repository: str
     host: str = "0.0.0.0"
     grpc_port: int = 8001  # Triton's
-    model_control: str = "none"  # none | explicit
+    metrics_port: int | None = 8002  # Triton's; None: no metrics endpoint
+    metrics_host: str | None = None  # default: host
+    model_control: str = "none"  # none | poll | explicit
+    poll_seconds: float = 15.0
     engine: str = "auto"
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    slides: SlideServiceConfig = field(default_factory=SlideServiceConfig)
+    tls: TLSConfig | None = None
+    tokens: frozenset[str] | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     grace_seconds: float = 30.0
 
@@ -43,56 +58,123 @@ def create_server(
     address: str = "127.0.0.1:8001",
     model_control: str = "none",
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    metrics: ServerMetrics | None = None,
+    slides: SlideServiceConfig | None = None,
+    tls: TLSConfig | None = None,
+    tokens: frozenset[str] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """A server with the KServe v2 service, health and reflection, bound to ``address`` (port 0: any
-    free port); returns it, not yet started, with the bound port. Call it inside the loop that runs it.
-    The health servicer is ``server.health``; it reports SERVING once ``store`` has a model loaded."""
+    """A server with the KServe v2 service, the slide service, health and reflection, bound to
+    ``address`` (port 0: any free port); returns it, not yet started, with the bound port. Call it
+    inside the loop that runs it. ``server.health`` is the health servicer (SERVING once ``store`` has
+    a model loaded: see :func:`set_serving`), ``server.metrics`` the metrics."""
+    interceptors = [BearerAuthInterceptor(tokens)] if tokens else []
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-        ]
+        ],
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(store, model_control), server)
+    server.metrics = metrics or ServerMetrics(store.loaded)
+    store.on_load = lambda model: setattr(model, "on_batch", _batch_observer(server.metrics))
+    for model in store.loaded():
+        store.on_load(model)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(store, model_control, server.metrics), server)
+    server.slides = SlideService(store, slides or SlideServiceConfig(), server.metrics)
+    spb_grpc.add_SlideServiceServicer_to_server(server.slides, server)
     server.health = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(server.health, server)
-    names = (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server, pool=pb.POOL)
-    port = server.add_insecure_port(address)
+    names = (INFERENCE_SERVICE, SLIDE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server, pool=POOL)
+    port = server.add_secure_port(address, server_credentials(tls)) if tls else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind the gRPC server to {address}")
     return server, port
 
 
+def _batch_observer(metrics: ServerMetrics):
+    def observe(model, n_patches: int) -> None:
+        metrics.encoder_batch.labels(model.name).observe(n_patches)
+
+    return observe
+
+
 async def set_serving(server: grpc.aio.Server, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for service in ("", INFERENCE_SERVICE):  # "" is the whole server, as grpc health checkers ask
+    for service in ("", INFERENCE_SERVICE, SLIDE_SERVICE):  # "" is the whole server, as grpc health checkers ask
         await server.health.set(service, status)
 
 
-async def serve(options: ServeOptions) -> None:
+async def serve(options: ServeOptions, ready: Callable[[int, int | None], None] | None = None) -> None:
     """Runs until SIGTERM or SIGINT, then stops taking requests and lets running ones finish within
-    ``grace_seconds``."""
-    store = ModelStore(options.repository, engine=options.engine)
+    ``grace_seconds``. ``ready(grpc_port, metrics_port)`` is called once serving."""
+    store = ModelStore(options.repository, engine=options.engine, execution=options.execution)
+    metrics = ServerMetrics(store.loaded)
     server, port = create_server(
-        store, f"{options.host}:{options.grpc_port}", options.model_control, options.max_message_bytes
+        store, f"{options.host}:{options.grpc_port}", options.model_control, options.max_message_bytes,
+        metrics, options.slides, options.tls, options.tokens,
     )
+    metrics_port = None
+    if options.metrics_port is not None:
+        metrics_port = metrics.start_http(options.metrics_host or options.host, options.metrics_port)
     await set_serving(server, False)
     await server.start()
     await asyncio.to_thread(store.load_all)
     for name, version, state, reason in store.index():
         _say(f"model {name} {version or '-'}: {state}{' (' + reason + ')' if reason else ''}")
     await set_serving(server, store.ready)
-    _say(f"serving KServe v2 gRPC on {options.host}:{port}")
+    scheme = "TLS" if options.tls else "plaintext"
+    _say(f"serving KServe v2 and histosurv.v1 gRPC ({scheme}) on {options.host}:{port}")
+    if metrics_port is not None:
+        _say(f"metrics on http://{options.metrics_host or options.host}:{metrics_port}/metrics")
+    if ready is not None:
+        ready(port, metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    poller = None
+    if options.model_control == "poll":
+        poller = asyncio.create_task(poll_repository(store, options.poll_seconds, lambda: set_serving(server, store.ready)))
     await stop.wait()
     _say(f"shutting down: finishing running requests (up to {options.grace_seconds:g} s)")
+    if poller is not None:
+        poller.cancel()
     await set_serving(server, False)
     await server.stop(grace=options.grace_seconds)
+    server.slides.close()
+    store.close()
+    metrics.stop_http()
     _say("stopped")
+
+
+async def poll_repository(store: ModelStore, seconds: float, changed=None) -> None:
+    """``--model-control poll``: every ``seconds``, loads what changed in the repository. A new
+    version that fails to load is reported and the version serving stays; a removed model is unloaded
+    once its running requests finish."""
+    seen = store.fingerprints()
+    while True:
+        await asyncio.sleep(seconds)
+        now = store.fingerprints()
+        for name in sorted(set(now) | set(seen)):
+            if now.get(name) == seen.get(name):
+                continue
+            if name not in now:
+                _say(f"model {name}: removed from the repository, unloading")
+                try:
+                    store.unload(name)
+                except ModelNotFound:
+                    pass
+            else:
+                loaded = await asyncio.to_thread(store.load, name, False)
+                if loaded is not None:
+                    _say(f"model {name} {loaded.version.version}: READY")
+                else:
+                    version, reason = store.failure(name)
+                    _say(f"model {name} {version}: UNAVAILABLE ({reason}); the version loaded before keeps serving")
+        seen = now
+        if changed is not None:
+            await changed()
 
 
 def _say(message: str) -> None:

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 import grpc
 
 from ... import __version__
-from ...errors import HistosurvError, InputError
+from ...errors import HistosurvError, InputError, MissingInputError
+from ..metrics import ServerMetrics
 from ..triton_config import PLATFORMS
 from ._proto import grpc_service_pb2 as pb
 from ._proto import grpc_service_pb2_grpc as pb_grpc
 from .models import LoadedModel, ModelNotFound, ModelStore, check_repository_name, now_ms
+from .scheduler import QueueFull
 from .tensors import decode_inputs, encode_outputs
 
 __all__ = ["InferenceServicer", "SERVER_NAME", "EXTENSIONS"]
@@ -28,8 +32,9 @@ _DATA_TYPES = {"FP32": "TYPE_FP32", "FP16": "TYPE_FP16", "INT64": "TYPE_INT64", 
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, store: ModelStore, model_control: str = "none"):
+    def __init__(self, store: ModelStore, model_control: str = "none", metrics: ServerMetrics | None = None):
         self.store, self.model_control = store, model_control
+        self.metrics = metrics or ServerMetrics(store.loaded)
 
     # --- health and metadata -------------------------------------------------------------------
 
@@ -80,35 +85,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         received = time.perf_counter_ns()
-        model = await self._model(request.model_name, request.model_version, context)
-        stats = model.stats
-        try:
-            inputs = decode_inputs(request, model.version.inputs)
-            decoded = time.perf_counter_ns()
-            outputs = await asyncio.to_thread(model.engine.run, inputs)
-            computed = time.perf_counter_ns()
-            response = pb.ModelInferResponse(
-                model_name=model.name, model_version=str(model.version.version), id=request.id
-            )
-            encode_outputs(response, outputs, model.version.outputs, [o.name for o in request.outputs])
-        except InputError as e:
+        async with self._leased(request.model_name, request.model_version, context) as model:
+            stats, version = model.stats, str(model.version.version)
+            try:
+                inputs = decode_inputs(request, model.version.inputs)
+                decoded = time.perf_counter_ns()
+                timed = await model.scheduler.run(lambda: model.engine.run(inputs))
+                ran = time.perf_counter_ns()
+                response = pb.ModelInferResponse(model_name=model.name, model_version=version, id=request.id)
+                encode_outputs(response, timed.value, model.version.outputs, [o.name for o in request.outputs])
+            except asyncio.CancelledError:  # the client went away or its deadline passed
+                stats.failed("CANCELED", time.perf_counter_ns() - received)
+                raise
+            except Exception as e:
+                code, reason, message = failure_status(e, model.name)
+                stats.failed(reason, time.perf_counter_ns() - received)
+                await context.abort(code, message)
+            finished = time.perf_counter_ns()
             with stats.lock:
-                stats.fail.add(time.perf_counter_ns() - received)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except Exception as e:  # an engine failure: the request fails, the server goes on
-            with stats.lock:
-                stats.fail.add(time.perf_counter_ns() - received)
-            await context.abort(grpc.StatusCode.INTERNAL, f"model '{model.name}' failed: {type(e).__name__}: {e}")
-        finished = time.perf_counter_ns()
-        with stats.lock:
-            stats.inference_count += 1
-            stats.execution_count += 1
-            stats.last_inference_ms = now_ms()
-            stats.success.add(finished - received)
-            stats.compute_input.add(decoded - received)
-            stats.compute_infer.add(computed - decoded)
-            stats.compute_output.add(finished - computed)
-        return response
+                stats.inference_count += 1
+                stats.execution_count += 1
+                stats.last_inference_ms = now_ms()
+                stats.success.add(finished - received)
+                stats.queue.add(timed.queue_ns)
+                stats.compute_input.add(decoded - received)
+                stats.compute_infer.add(timed.run_ns)
+                stats.compute_output.add(finished - ran)
+            self.metrics.request_seconds.labels(model.name, version, "ModelInfer").observe((finished - received) / 1e9)
+            self.metrics.queue_seconds.labels(model.name, version).observe(timed.queue_ns / 1e9)
+            return response
 
     # --- repository control --------------------------------------------------------------------
 
@@ -147,6 +152,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
 
+    @asynccontextmanager
+    async def _leased(self, name: str, version: str, context) -> AsyncIterator[LoadedModel]:
+        """The model, held until the request is done (a reload meanwhile does not take it away)."""
+        model = await self._model(name, version, context)
+        model.acquire()
+        try:
+            yield model
+        finally:
+            model.release()
+
     async def _repository(self, name: str, context) -> None:
         try:
             check_repository_name(name)
@@ -160,6 +175,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"explicit model load/unload is not allowed with --model-control {self.model_control}",
             )
+
+
+def failure_status(error: Exception, model: str) -> tuple[grpc.StatusCode, str, str]:
+    """(gRPC status, Triton failure reason, message) for an exception a request ended with."""
+    if isinstance(error, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "REJECTED", str(error)
+    if isinstance(error, MissingInputError):
+        return grpc.StatusCode.NOT_FOUND, "OTHER", str(error)
+    if isinstance(error, InputError):
+        return grpc.StatusCode.INVALID_ARGUMENT, "OTHER", str(error)
+    if isinstance(error, PermissionError):
+        return grpc.StatusCode.PERMISSION_DENIED, "OTHER", str(error)
+    # an engine failure: the request fails, the server goes on
+    return grpc.StatusCode.INTERNAL, "BACKEND", f"model '{model}' failed: {type(error).__name__}: {error}"
 
 
 def _platform(model: LoadedModel) -> str:

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from ...errors import HistosurvError, RepositoryError
 from ..engines import Engine, load_engine
-from ..repository import ModelRepository, ModelVersion
+from ..repository import MANIFEST, ModelRepository, ModelVersion
+from .batching import DynamicBatcher
+from .scheduler import Scheduler
 
-__all__ = ["ModelStore", "LoadedModel", "Statistics", "ModelNotFound"]
+__all__ = ["ModelStore", "LoadedModel", "ExecutionConfig", "Statistics", "ModelNotFound"]
 
 
 class ModelNotFound(HistosurvError, LookupError):
@@ -46,52 +51,191 @@ class Statistics:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    failures: Counter = field(default_factory=Counter)  # Triton's reasons: REJECTED, CANCELED, BACKEND, OTHER
+    pending: int = 0  # requests received and not yet running
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def failed(self, reason: str, ns: int) -> None:
+        with self.lock:
+            self.fail.add(ns)
+            self.failures[reason] += 1
 
-@dataclass
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How requests reach a model's engine (Triton's instance_group count, queue policy, dynamic_batching)."""
+
+    instances: int = 1  # engine runs at once per model
+    max_queue: int = 64  # requests waiting per model beyond the running ones; more: RESOURCE_EXHAUSTED
+    batching: bool = True  # join encoder batches across concurrent slides
+    max_batch: int = 64  # patches per encoder run
+    max_delay: float = 0.005  # seconds the batcher waits for a batch to fill
+    max_queue_patches: int = 8192  # patches waiting for the encoder; more: RESOURCE_EXHAUSTED
+
+
 class LoadedModel:
-    version: ModelVersion
-    engine: Engine
-    stats: Statistics = field(default_factory=Statistics)
+    """A loaded model version with its engine, statistics, scheduler and (for a patch encoder) its
+    dynamic batcher. Requests hold it through :meth:`ModelStore.lease`; once it is replaced or
+    unloaded it is retired, and its batcher stops when its last request is done."""
+
+    def __init__(self, version: ModelVersion, engine: Engine, config: ExecutionConfig = ExecutionConfig()):
+        self.version, self.engine, self.config = version, engine, config
+        self.stats = Statistics()
+        self.scheduler = Scheduler(version.name, self.stats, config.instances, config.max_queue)
+        self.batcher = None
+        if config.batching and any(t.name == "patches" for t in version.inputs):
+            self.batcher = DynamicBatcher(
+                version.name, self._encode, config.max_batch, config.max_delay, config.max_queue_patches, self._batched
+            )
+        self.on_batch = None  # set by the server: metrics for each batcher run
+        self._leases = 0
+        self._retired = False
+        self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
         return self.version.name
 
+    @property
+    def is_encoder(self) -> bool:
+        return any(t.name == "patches" for t in self.version.inputs)
+
+    def _encode(self, patches):
+        return self.engine.run({"patches": patches})["features"]
+
+    def _batched(self, n_patches: int, n_chunks: int, queue_ns: list, run_ns: int) -> None:
+        s = self.stats
+        with s.lock:
+            s.inference_count += n_patches
+            s.execution_count += 1
+            s.last_inference_ms = now_ms()
+            for q in queue_ns:
+                s.success.add(q + run_ns)
+                s.queue.add(q)
+            s.compute_infer.add(run_ns)
+        if self.on_batch is not None:
+            self.on_batch(self, n_patches)
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._leases += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._leases -= 1
+            done = self._retired and self._leases == 0
+        if done:
+            self._shutdown()
+
+    def retire(self) -> None:
+        with self._lock:
+            self._retired = True
+            done = self._leases == 0
+        if done:
+            self._shutdown()
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._leases
+
+    def _shutdown(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        self.scheduler.close()
+
 
 class ModelStore:
-    def __init__(self, repository, engine: str = "auto", engine_options: dict | None = None):
+    def __init__(
+        self,
+        repository,
+        engine: str = "auto",
+        engine_options: dict | None = None,
+        execution: ExecutionConfig = ExecutionConfig(),
+    ):
         self.repository = ModelRepository(repository)
         self.engine, self.engine_options = engine, dict(engine_options or {})
+        self.execution = execution
         self._models: dict[str, LoadedModel] = {}
-        self._failures: dict[str, str] = {}  # model -> why its last load failed
+        self._failures: dict[str, tuple[str, str]] = {}  # model -> (version, why its last load failed)
         self._lock = threading.Lock()
+        self.on_load = None  # called with each newly loaded model (the server hooks its metrics here)
 
     def load_all(self) -> None:
         for name in self.repository.models():
             self.load(name, raise_errors=False)
 
     def load(self, name: str, raise_errors: bool = True) -> LoadedModel | None:
-        """Loads the highest version of ``name``; on failure the version already loaded stays."""
+        """Loads the highest version of ``name``; on failure the version already loaded stays.
+        Requests running on the version it replaces finish on it."""
+        version = ""
         try:
-            mv = self.repository.version(name)
-            loaded = LoadedModel(mv, load_engine(mv, self.engine, **self.engine_options))
+            manifest = self.repository.manifest(name)
+            version = str(manifest.latest)
+            mv = self.repository.version(name, manifest.latest)
+            loaded = LoadedModel(mv, load_engine(mv, self.engine, **self.engine_options), self.execution)
         except HistosurvError as e:
             with self._lock:
-                self._failures[name] = str(e)
+                self._failures[name] = (version, str(e))
             if raise_errors:
                 raise
             return None
+        if self.on_load is not None:
+            self.on_load(loaded)
         with self._lock:
+            old = self._models.get(name)
             self._models[name] = loaded
             self._failures.pop(name, None)
+        if old is not None:
+            old.retire()
         return loaded
+
+    def failure(self, name: str) -> tuple[str, str]:
+        """(version, reason) of the last failed load of ``name``; ("", "") if none."""
+        with self._lock:
+            return self._failures.get(name, ("", ""))
+
+    def fingerprints(self) -> dict[str, tuple]:
+        """What poll mode compares between scans: per model, the manifest and the highest version's
+        files (name, size, mtime). Copying a new version in, or repairing a broken one, changes it."""
+        out = {}
+        for name in self.repository.models():
+            folder = self.repository.root / name
+            try:
+                manifest = folder / MANIFEST
+                stat = manifest.stat()
+                versions = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
+                files = ()
+                if versions:
+                    top = folder / str(max(versions))
+                    files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in top.iterdir() if p.is_file()))
+                out[name] = (stat.st_size, stat.st_mtime_ns, max(versions, default=0), files)
+            except OSError:  # a model being copied in: seen complete at a later scan
+                continue
+        return out
+
+    @contextmanager
+    def lease(self, name: str, version: str = "") -> Iterator[LoadedModel]:
+        """The loaded model, held for one request: a reload or unload meanwhile does not stop it."""
+        model = self.get(name, version)
+        model.acquire()
+        try:
+            yield model
+        finally:
+            model.release()
 
     def unload(self, name: str) -> None:
         with self._lock:
-            if self._models.pop(name, None) is None:
-                raise ModelNotFound(f"model '{name}' is not loaded")
+            old = self._models.pop(name, None)
+        if old is None:
+            raise ModelNotFound(f"model '{name}' is not loaded")
+        old.retire()
+
+    def close(self) -> None:
+        with self._lock:
+            models, self._models = list(self._models.values()), {}
+        for model in models:
+            model.retire()
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         with self._lock:
@@ -108,15 +252,18 @@ class ModelStore:
             return list(self._models.values())
 
     def index(self) -> list[tuple[str, str, str, str]]:
-        """(name, version, state, reason) for every model of the repository and every loaded one."""
+        """(name, version, state, reason) for every model of the repository and every loaded one; a
+        version that failed to load is listed beside the version still serving."""
         with self._lock:
             models, failures = dict(self._models), dict(self._failures)
         rows = []
         for name in sorted(set(self.repository.models()) | set(models) | set(failures)):
             if name in models:
                 rows.append((name, str(models[name].version.version), "READY", ""))
-            else:
-                rows.append((name, "", "UNAVAILABLE", failures.get(name, "not loaded")))
+            if name in failures:
+                rows.append((name, *failures[name][:1], "UNAVAILABLE", failures[name][1]))
+            elif name not in models:
+                rows.append((name, "", "UNAVAILABLE", "not loaded"))
         return rows
 
     @property

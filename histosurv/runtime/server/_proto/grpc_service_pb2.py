@@ -21,7 +21,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
-POOL = _descriptor_pool.DescriptorPool()  # private: see proto/generate.py
+from ._pool import POOL  # private: see proto/generate.py
 
 
 

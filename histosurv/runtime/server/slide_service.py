@@ -1,0 +1,364 @@
+"""``histosurv.v1.SlideService``: a whole slide scored in one call, and bags streamed in chunks.
+
+ScoreSlide runs the same pipeline as ``histosurv predict --slide`` (tissue mask, patch grid, read-ahead
+patch stream, encoder, fusion model) inside the server, so it returns the same risk. The encoder runs
+through its model's dynamic batcher, which joins batches of concurrent slides. At most
+``max_active`` slides are read at once and ``max_queued`` more may wait; beyond that a request gets
+RESOURCE_EXHAUSTED at once. A client that cancels, or whose deadline passes, stops its slide at the
+next patch batch, and its queued patches are dropped before they are encoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+
+import grpc
+import numpy as np
+
+from ...data.features import Bag
+from ...errors import HistosurvError, InputError
+from ..metrics import ServerMetrics
+from ..pipeline import PatchEncoder, SlideConfig, featurize_slide
+from ..predict import FusionPredictor
+from ._proto import slide_service_pb2 as spb
+from ._proto import slide_service_pb2_grpc as spb_grpc
+from .kserve import failure_status
+from .models import LoadedModel, ModelNotFound, ModelStore, now_ms
+from .scheduler import QueueFull
+from .security import SlideRoots
+
+__all__ = ["SlideService", "SlideServiceConfig"]
+
+DATATYPES = {"FP32": np.dtype("<f4"), "FP16": np.dtype("<f2")}
+
+
+@dataclass
+class SlideServiceConfig:
+    roots: SlideRoots = field(default_factory=lambda: SlideRoots([]))
+    slide: SlideConfig = SlideConfig()
+    max_active: int = 2  # slides read and encoded at once
+    max_queued: int = 16  # slides waiting for a slot
+    top_k: int = 10
+    max_bag: int = 1 << 20  # patches a streamed bag may have
+
+
+class SlideCancelled(Exception):
+    """Raised in a slide's worker thread once its client has gone."""
+
+
+class SlideService(spb_grpc.SlideServiceServicer):
+    def __init__(self, store: ModelStore, config: SlideServiceConfig, metrics: ServerMetrics):
+        self.store, self.config, self.metrics = store, config, metrics
+        self._slots = asyncio.Semaphore(config.max_active)
+        self._waiting = 0
+        self._executor = ThreadPoolExecutor(config.max_active, thread_name_prefix="slide")
+
+    # --- ScoreSlide ----------------------------------------------------------------------------
+
+    async def ScoreSlide(self, request, context):
+        received = time.perf_counter_ns()
+        if not request.model_name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model_name is empty")
+        with ExitStack() as held:
+            model = await self._lease(held, request.model_name, request.model_version, context)
+            fusion = FusionPredictor(model.version, model.engine)
+            cancelled = threading.Event()
+            try:
+                path = self.config.roots.resolve(request.slide_uri)
+                genes = self._genes(fusion, request.genes)
+                encoder_model = self._encoder(held, fusion, request.encoder_name)
+                admitted = await self._admit(model)
+                try:
+                    yield _progress("admitted", 0, 0)
+                    async for event in self._featurize(path, encoder_model, request, cancelled):
+                        if isinstance(event, spb.ScoreSlideEvent):
+                            yield event
+                        else:
+                            slide = event
+                finally:
+                    self._slots.release()
+                yield _progress("fuse", 0, 1)
+                result = await self._fuse(model, fusion, slide.bag, genes, request.top_k, request.id)
+            except asyncio.CancelledError:
+                cancelled.set()
+                model.stats.failed("CANCELED", time.perf_counter_ns() - received)
+                raise
+            except Exception as e:
+                cancelled.set()
+                code, reason, message = failure_status(e, model.name)
+                model.stats.failed(reason, time.perf_counter_ns() - received)
+                await context.abort(code, message)
+            finished = time.perf_counter_ns()
+            seconds = {**slide.seconds, "fuse": result.run_ns / 1e9, "queue": (admitted + result.queue_ns) / 1e9}
+            seconds["total"] = (finished - received) / 1e9
+            self._record(model, "ScoreSlide", received, finished, admitted + result.queue_ns, slide.seconds["total"], result)
+            self.metrics.observe_stages(model.name, seconds)
+            self.metrics.slide_patches.labels(model.name).observe(len(slide.bag))
+            response = result.response
+            response.stage_seconds.update(seconds)
+            response.slide_sha256 = slide.bag.attrs.get("slide_sha256", "")
+            response.encoder = f"{encoder_model.name} v{encoder_model.version.version}"
+            yield spb.ScoreSlideEvent(result=response)
+
+    async def _featurize(self, path, encoder_model: LoadedModel, request, cancelled: threading.Event):
+        """Yields progress events while the slide is featurized in a worker thread, then its features."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        encoder = PatchEncoder(encoder_model.version, encoder_model.engine)
+        encode = self._encode_function(encoder_model, encoder, cancelled)
+        config = self.config.slide
+        if request.slide_mpp:
+            config = replace(config, slide_mpp=float(request.slide_mpp))
+
+        def progress(done: int, total: int) -> None:
+            if cancelled.is_set():
+                raise SlideCancelled()
+            stage = "tiled" if done == 0 else "encode"
+            loop.call_soon_threadsafe(events.put_nowait, (stage, done, total))
+
+        work = loop.run_in_executor(self._executor, featurize_slide, path, encoder, config, progress, encode)
+        try:
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield _progress(*getter.result())
+                else:
+                    getter.cancel()
+                if work in done:
+                    while not events.empty():
+                        yield _progress(*events.get_nowait())
+                    yield work.result()
+                    return
+        except BaseException:
+            cancelled.set()  # the worker stops at its next batch
+            raise
+
+    def _encode_function(self, encoder_model: LoadedModel, encoder: PatchEncoder, cancelled: threading.Event):
+        batcher = encoder_model.batcher
+        stats = encoder_model.stats
+        observe = self.metrics.encoder_batch.labels(encoder_model.name).observe
+
+        def direct(patches: np.ndarray) -> np.ndarray:
+            started = time.perf_counter_ns()
+            features = encoder.encode(patches)
+            ran = time.perf_counter_ns() - started
+            with stats.lock:
+                stats.inference_count += len(patches)
+                stats.execution_count += 1
+                stats.last_inference_ms = now_ms()
+                stats.success.add(ran)
+                stats.compute_infer.add(ran)
+            observe(len(patches))
+            return features
+
+        def batched(patches: np.ndarray) -> np.ndarray:
+            problem = encoder.spec.check(patches)
+            if problem:
+                raise InputError(f"encoder {encoder_model.name!r}: {problem}")
+            future = batcher.submit(np.ascontiguousarray(patches, dtype=np.uint8))
+            while True:
+                try:
+                    return future.result(timeout=0.1)
+                except TimeoutError:
+                    if cancelled.is_set():
+                        future.cancel()  # dropped by the batcher if not yet taken
+                        raise SlideCancelled() from None
+
+        return direct if batcher is None else batched
+
+    # --- StreamFeatures ------------------------------------------------------------------------
+
+    async def StreamFeatures(self, request_iterator, context):
+        received = time.perf_counter_ns()
+        with ExitStack() as held:
+            model = fusion = None
+            rows, coords, genes = [], [], None
+            header = None
+            n_rows = 0
+            async for chunk in request_iterator:
+                if header is None:
+                    header = chunk
+                    if not chunk.model_name:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first chunk must name the model (model_name)")
+                    model = await self._lease(held, chunk.model_name, chunk.model_version, context)
+                    fusion = FusionPredictor(model.version, model.engine)
+                    problem = _check_header(chunk, fusion)
+                    if problem:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                    dtype, dim = DATATYPES[chunk.datatype or "FP32"], int(chunk.feature_dim)
+                elif chunk.model_name and chunk.model_name != header.model_name:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"chunk names model '{chunk.model_name}' but the stream is for '{header.model_name}'",
+                    )
+                if chunk.features:
+                    if len(chunk.features) % (dim * dtype.itemsize):
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"'features' chunk of {len(chunk.features)} bytes is not whole rows of {dim} "
+                            f"{header.datatype or 'FP32'} values ({dim * dtype.itemsize} bytes each)",
+                        )
+                    block = np.frombuffer(chunk.features, dtype).reshape(-1, dim)
+                    n_rows += len(block)
+                    if n_rows > self.config.max_bag:
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT, f"bag has more than {self.config.max_bag} patches (the server's limit)"
+                        )
+                    rows.append(block)
+                if chunk.coords:
+                    if len(chunk.coords) % 16:
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"'coords' chunk of {len(chunk.coords)} bytes is not whole (x, y) INT64 pairs (16 bytes each)",
+                        )
+                    coords.append(np.frombuffer(chunk.coords, "<i8").reshape(-1, 2))
+                if chunk.genes:
+                    genes = np.asarray(chunk.genes, np.float32)
+            if header is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the stream carried no chunks")
+            try:
+                features = np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
+                if coords:
+                    positions = np.concatenate(coords)
+                elif "coords" in fusion.specs:
+                    raise InputError(f"model '{model.name}' uses patch positions: send 'coords' with the features")
+                else:
+                    positions = np.zeros((len(features), 2), np.int64)
+                bag = Bag(features.astype(np.float32), positions, {}, "stream")
+                if "genes" in fusion.specs:
+                    fusion.check_genes(genes)
+                result = await self._fuse(model, fusion, bag, genes, header.top_k, header.id)
+            except asyncio.CancelledError:
+                model.stats.failed("CANCELED", time.perf_counter_ns() - received)
+                raise
+            except Exception as e:
+                code, reason, message = failure_status(e, model.name)
+                model.stats.failed(reason, time.perf_counter_ns() - received)
+                await context.abort(code, message)
+            finished = time.perf_counter_ns()
+            self._record(model, "StreamFeatures", received, finished, result.queue_ns, 0, result)
+            self.metrics.slide_patches.labels(model.name).observe(len(bag))
+            self.metrics.stage_seconds.labels(model.name, "fuse").observe(result.run_ns / 1e9)
+            result.response.stage_seconds.update(
+                {"fuse": result.run_ns / 1e9, "queue": result.queue_ns / 1e9, "total": (finished - received) / 1e9}
+            )
+            return result.response
+
+    # --- shared --------------------------------------------------------------------------------
+
+    async def _lease(self, held: ExitStack, name: str, version: str, context) -> LoadedModel:
+        try:
+            return held.enter_context(self.store.lease(name, version))
+        except ModelNotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+
+    def _encoder(self, held: ExitStack, fusion: FusionPredictor, name: str) -> LoadedModel:
+        """The named encoder, or the one loaded encoder whose features the model takes."""
+        if fusion.feature_dim is None:
+            raise InputError(f"model '{fusion.version.name}' takes no image features; it cannot score a slide")
+        if name:
+            candidates = [name]
+        else:
+            candidates = [
+                m.name for m in self.store.loaded()
+                if m.is_encoder and int(next(t.shape[-1] for t in m.version.outputs if t.name == "features")) == fusion.feature_dim
+            ]
+            if len(candidates) != 1:
+                raise InputError(
+                    f"{'no' if not candidates else 'several'} loaded patch encoders give the {fusion.feature_dim}-d features "
+                    f"model '{fusion.version.name}' takes ({', '.join(sorted(candidates)) or 'none'}); name one in encoder_name"
+                )
+        try:
+            encoder = held.enter_context(self.store.lease(candidates[0]))
+        except ModelNotFound as e:
+            raise InputError(str(e)) from None
+        if not encoder.is_encoder:
+            raise InputError(f"model '{encoder.name}' is not a patch encoder")
+        return encoder
+
+    @staticmethod
+    def _genes(fusion: FusionPredictor, genes) -> np.ndarray | None:
+        if "genes" not in fusion.specs:
+            if len(genes):
+                raise InputError(f"model '{fusion.version.name}' takes no genes, but {len(genes)} were sent")
+            return None
+        return fusion.check_genes(np.asarray(genes, np.float32) if len(genes) else None)
+
+    async def _admit(self, model: LoadedModel) -> int:
+        """Waits for a slide slot; returns the nanoseconds waited. Raises QueueFull when too many wait."""
+        if self._slots.locked() and self._waiting >= self.config.max_queued:
+            raise QueueFull(
+                f"{self.config.max_active} slides are being scored and {self._waiting} wait (limit {self.config.max_queued}); retry later"
+            )
+        start = time.perf_counter_ns()
+        self._waiting += 1
+        with model.stats.lock:
+            model.stats.pending += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+            with model.stats.lock:
+                model.stats.pending -= 1
+        return time.perf_counter_ns() - start
+
+    async def _fuse(self, model: LoadedModel, fusion: FusionPredictor, bag: Bag, genes, top_k: int, request_id: str):
+        inputs = fusion.inputs_for(bag, genes)
+        timed = await model.scheduler.run(lambda: model.engine.run(inputs))
+        outputs = timed.value
+        response = spb.ScoreResult(
+            id=request_id, model_name=model.name, model_version=str(model.version.version),
+            risk=float(np.asarray(outputs["risk"]).reshape(-1)[0]), n_patches=len(bag),
+        )
+        attention = outputs.get("attention")
+        if attention is not None:
+            attention = np.asarray(attention, np.float32).reshape(-1)
+            k = min(top_k or self.config.top_k, len(attention))
+            for i in np.argsort(-attention, kind="stable")[:k]:
+                x, y = (int(v) for v in bag.coords[i])
+                response.top_patches.add(x=x, y=y, attention=float(attention[i]), index=int(i))
+        return _Fused(response, timed.queue_ns, timed.run_ns)
+
+    def _record(self, model: LoadedModel, rpc: str, received: int, finished: int, queue_ns: int, input_s: float, fused) -> None:
+        s = model.stats
+        with s.lock:
+            s.inference_count += 1
+            s.execution_count += 1
+            s.last_inference_ms = now_ms()
+            s.success.add(finished - received)
+            s.queue.add(queue_ns)
+            s.compute_input.add(int(input_s * 1e9))
+            s.compute_infer.add(fused.run_ns)
+        version = str(model.version.version)
+        self.metrics.request_seconds.labels(model.name, version, rpc).observe((finished - received) / 1e9)
+        self.metrics.queue_seconds.labels(model.name, version).observe(queue_ns / 1e9)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class _Fused:
+    response: spb.ScoreResult
+    queue_ns: int
+    run_ns: int
+
+
+def _progress(stage: str, done: int, total: int) -> spb.ScoreSlideEvent:
+    return spb.ScoreSlideEvent(progress=spb.Progress(stage=stage, done=done, total=total))
+
+
+def _check_header(chunk, fusion: FusionPredictor) -> str | None:
+    if fusion.feature_dim is None:
+        return f"model '{fusion.version.name}' takes no image features"
+    if (chunk.datatype or "FP32") not in DATATYPES:
+        return f"datatype '{chunk.datatype}' is not supported for features (FP32 or FP16)"
+    if chunk.feature_dim != fusion.feature_dim:
+        return f"feature_dim is {chunk.feature_dim} but model '{fusion.version.name}' takes {fusion.feature_dim}-d features"
+    return None

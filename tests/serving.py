@@ -1,0 +1,67 @@
+"""A real gRPC server on loopback for in-process tests, and a reader of the Prometheus text it serves."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import urllib.request
+
+from histosurv.runtime.server.app import create_server, set_serving
+from histosurv.runtime.server.models import ModelStore
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+class RunningServer:
+    """A grpc.aio server (with its metrics endpoint) on its own event loop in a background thread,
+    stopped inside that loop."""
+
+    def __init__(self, store: ModelStore, model_control: str = "none", metrics_http: bool = False, **options):
+        self.store = store
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def start():
+            server, port = create_server(store, "127.0.0.1:0", model_control, **options)
+            await server.start()
+            await set_serving(server, store.ready)
+            return server, port
+
+        self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(30)
+        self.url = f"127.0.0.1:{self.port}"
+        self.metrics = self.server.metrics
+        self.metrics_url = None
+        if metrics_http:
+            self.metrics_url = f"http://127.0.0.1:{self.metrics.start_http('127.0.0.1', 0)}/metrics"
+
+    def scrape(self) -> dict[tuple[str, frozenset], float]:
+        """{(sample name, labels): value} from the real /metrics endpoint."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            return parse_samples(response.read().decode())
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace=1), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.server.slides.close()
+        self.metrics.stop_http()
+
+
+def parse_samples(text: str) -> dict[tuple[str, frozenset], float]:
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE.match(line)
+        assert match, f"not a Prometheus sample line: {line!r}"
+        name, labels, value = match.groups()
+        samples[(name, frozenset(_LABEL.findall(labels or "")))] = float(value)
+    return samples
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    """The sample with exactly these labels (0 where absent: a counter not yet created)."""
+    return samples.get((name, frozenset((k, str(v)) for k, v in labels.items())), 0.0)
