@@ -344,3 +344,40 @@ def test_slide_roots_must_exist_and_be_configured(tmp_path):
     with pytest.raises(InputError, match="--slide-root") as caught:
         SlideRoots([tmp_path / "no-such-dir"])
     assert "no-such-dir" in str(caught.value)
+
+
+# --- the histosurv server behind TLS and tokens, driven by tritonclient -------------------------------
+
+
+def test_histosurv_server_with_mutual_tls_and_tokens_serves_tritonclient(tiny_repo, pki):
+    tritonclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is a dev dependency")
+    from tritonclient.utils import InferenceServerException
+
+    from histosurv.runtime.server.models import ModelStore
+
+    from .serving import RunningServer
+
+    store = ModelStore(tiny_repo)
+    store.load_all()
+    tls = TLSConfig(pki["server_cert"], pki["server_key"], client_ca=pki["ca"])
+    running = RunningServer(store, tls=tls, tokens=frozenset({TOKEN}))
+    client_tls = dict(
+        ssl=True, root_certificates=str(pki["ca"]), private_key=str(pki["client_key"]), certificate_chain=str(pki["client_cert"])
+    )
+    try:
+        with tritonclient.InferenceServerClient(f"localhost:{running.port}", **client_tls) as client:
+            assert client.is_server_live(headers={"authorization": f"Bearer {TOKEN}"})
+            with pytest.raises(InferenceServerException, match="missing bearer token") as caught:
+                client.is_server_live()
+            assert caught.value.status() == "StatusCode.UNAUTHENTICATED"
+            with pytest.raises(InferenceServerException, match="not accepted"):
+                client.get_model_metadata("ammasurv", headers={"authorization": "Bearer wrong"})
+            meta = client.get_model_metadata("ammasurv", headers={"authorization": f"Bearer {TOKEN}"}, as_json=True)
+            assert meta["name"] == "ammasurv"
+        # no client certificate: the handshake itself fails, whatever the token
+        no_cert = dict(ssl=True, root_certificates=str(pki["ca"]))
+        with tritonclient.InferenceServerClient(f"localhost:{running.port}", **no_cert) as client:
+            with pytest.raises(InferenceServerException):
+                client.is_server_live(headers={"authorization": f"Bearer {TOKEN}"}, client_timeout=5)
+    finally:
+        running.stop()

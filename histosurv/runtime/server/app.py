@@ -25,6 +25,7 @@ from ._proto import slide_service_pb2 as spb
 from ._proto import slide_service_pb2_grpc as spb_grpc
 from .kserve import InferenceServicer
 from .models import ExecutionConfig, ModelNotFound, ModelStore
+from .draining import DrainInterceptor
 from .security import BearerAuthInterceptor, TLSConfig, server_credentials
 from .slide_service import SlideService, SlideServiceConfig
 
@@ -66,8 +67,10 @@ def create_server(
     """A server with the KServe v2 service, the slide service, health and reflection, bound to
     ``address`` (port 0: any free port); returns it, not yet started, with the bound port. Call it
     inside the loop that runs it. ``server.health`` is the health servicer (SERVING once ``store`` has
-    a model loaded: see :func:`set_serving`), ``server.metrics`` the metrics."""
-    interceptors = [BearerAuthInterceptor(tokens)] if tokens else []
+    a model loaded: see :func:`set_serving`), ``server.metrics`` the metrics, ``server.drain`` what
+    refuses new calls at shutdown."""
+    drain = DrainInterceptor()
+    interceptors = [drain, *([BearerAuthInterceptor(tokens)] if tokens else [])]
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -76,6 +79,7 @@ def create_server(
         ],
     )
     server.metrics = metrics or ServerMetrics(store.loaded)
+    server.drain = drain
     store.on_load = lambda model: setattr(model, "on_batch", _batch_observer(server.metrics))
     for model in store.loaded():
         store.on_load(model)
@@ -141,7 +145,10 @@ async def serve(options: ServeOptions, ready: Callable[[int, int | None], None] 
     if poller is not None:
         poller.cancel()
     await set_serving(server, False)
-    await server.stop(grace=options.grace_seconds)
+    finished = await server.drain.drain(options.grace_seconds)
+    if not finished:
+        _say(f"grace period over: cancelling {server.drain.running} running requests")
+    await server.stop(grace=1.0)
     server.slides.close()
     store.close()
     metrics.stop_http()

@@ -128,7 +128,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             message = "missing bearer token: send metadata 'authorization: Bearer <token>'"
         else:
             message = "bearer token not accepted"  # never echo it: it may be a real secret sent astray
-        return _refusing_handler(handler, message)
+        return refusing_handler(handler, message)
 
     def _accepts(self, token: str) -> bool:
         # Every token is compared, each in constant time, so timing tells nothing about which matched.
@@ -150,12 +150,14 @@ def _bearer_token(metadata) -> str | None:
     return None
 
 
-def _refusing_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that aborts UNAUTHENTICATED; the kind must match or
+def refusing_handler(
+    handler: grpc.RpcMethodHandler, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that aborts with ``code``; the kind must match or
     gRPC would misread the call's streams."""
 
     async def refuse(_request_or_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     kind = {
         (False, False): grpc.unary_unary_rpc_method_handler,

@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from ...data.features import Bag
-from ...errors import HistosurvError, InputError
+from ...errors import InputError
 from ..metrics import ServerMetrics
 from ..pipeline import PatchEncoder, SlideConfig, featurize_slide
 from ..predict import FusionPredictor
