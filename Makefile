@@ -28,6 +28,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/engines.py
 	$(BIN)/python bench/slides.py --svs "$$($(BIN)/python -c "from histosurv.data.demo_slide import demo_slide; print(demo_slide())")"
+	$(BIN)/python bench/server.py
 
 proto: $(VENV)/.installed  # regenerate histosurv/runtime/server/_proto from proto/ (the output is committed)
 	$(BIN)/python proto/generate.py

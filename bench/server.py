@@ -47,8 +47,8 @@ processes were competing and every figure of that row is slower for it. ``engine
 counters in /metrics). Nothing asserts a timing; the run fails (exit status 1) only if a request
 errored or a parity or metrics check failed. Timings are only meaningful on an otherwise idle machine.
 
-    python bench/server.py                      # about 8 minutes on 2 cores
-    python bench/server.py --quick              # smoke run, under 3 minutes
+    python bench/server.py                      # about 4 minutes on an idle 2-core machine (more on a busy one)
+    python bench/server.py --quick              # smoke run, 1-2 minutes
     python bench/server.py --repo /tmp/hs-repo --json /tmp/server.json   # builds /tmp/hs-repo once, then reuses it
 """
 
@@ -87,6 +87,7 @@ N_GENES = 200
 SERVER_START_TIMEOUT = 300.0
 CALL_TIMEOUT = 900.0  # seconds a client allows one call: 32 queued 4k bags take a minute or more on 2 cores
 HEALTH_KINDS = ("ServerLive", "ServerReady", "grpc.health")
+SLIDE_BATCH = 8  # --batch-size: patches per read-ahead chunk, so a slide of a few dozen patches is several chunks
 SLIDE_FLAGS = {"batched": ["--max-batch", "64", "--max-delay-ms", "20"], "unbatched": ["--no-batching"]}
 
 
@@ -391,7 +392,10 @@ def run_threads(n_threads: int, target, on_release=None) -> float:
     threads = [threading.Thread(target=target, args=(i, barrier), daemon=True) for i in range(n_threads)]
     for t in threads:
         t.start()
-    barrier.wait()
+    try:
+        barrier.wait(timeout=120)  # a client that cannot connect breaks the barrier instead of hanging the run
+    except threading.BrokenBarrierError:
+        raise SystemExit("the client threads did not all connect within 120 s (see their tracebacks above)") from None
     start = time.perf_counter()
     for t in threads:
         t.join()
@@ -575,6 +579,8 @@ def part_slides(servers: dict[str, ServerProcess], names: list[str], genes: np.n
             "error_breakdown": dict(side.tally.errors), "error_samples": side.tally.samples, "wall_s": wall,
             "slides_per_s": len(lat) / wall if wall else 0.0, **summarise(lat),
             "encoder_patches": patches, "encoder_runs": runs, "avg_encoder_batch": patches / runs if runs else None,
+            # chunks (read-ahead batches of --batch-size patches) joined per encoder run: 1 without the batcher
+            "chunks_per_run": len(lat) * -(-n_patches // SLIDE_BATCH) / runs if runs else None,
             "patches_per_s": patches / wall if wall else None, "cpu_percent": side.cpu.percent,
             "mean_stage_seconds": stages, "risks": [warm[label].risk] + [r.risk for r in side.results],
         }
@@ -705,7 +711,7 @@ def main(argv=None) -> int:
         names = [f"slide_{i:02d}.svs" for i in range(args.slides)]
         for name in names:
             shutil.copy(svs, root / name)
-        common = ["--slide-root", str(root), "--batch-size", "8", "--max-active-slides", str(args.slide_concurrency)]
+        common = ["--slide-root", str(root), "--batch-size", str(SLIDE_BATCH), "--max-active-slides", str(args.slide_concurrency)]
         servers: dict[str, ServerProcess] = {}
         facts["server_exit"] = {}
         try:
@@ -740,15 +746,15 @@ def collect_problems(results: dict) -> dict:
     problems = {}
     for row in results["infer"]["rows"]:
         for key, value in row.get("error_breakdown", {}).items():
-            problems[f"ModelInfer {row['label']} {key}"] = value
+            problems[f"part 1 {row['label']}: {key}"] = value
     for label in ("batched", "unbatched"):
         for key, value in results["slides"][label]["error_breakdown"].items():
-            problems[f"ScoreSlide {label} {key}"] = value
+            problems[f"part 2 {label}: {key}"] = value
     if not results["slides"]["risks_agree"]:
         problems["ScoreSlide risks differ (rel 1e-5)"] = 1
     load = results["load"]
     for key, value in load["error_breakdown"].items():
-        problems[f"load {key}"] = value
+        problems[f"part 3: {key}"] = value
     if not load["metrics_check"]:
         problems["load metrics check"] = 1
     for label, code in results["facts"]["server_exit"].items():
@@ -865,23 +871,23 @@ def print_infer(part: dict) -> None:
 
 
 def print_slides(part: dict, args) -> None:
-    print(f"\n2. ScoreSlide, {part['batched']['slides']} copies of {part['slide']} ({part['slide_patches']} tissue patches) per "
+    print(f"\n2. ScoreSlide, {part['batched']['slides']} cop{'y' if part['batched']['slides'] == 1 else 'ies'} of {part['slide']} ({part['slide_patches']} tissue patches) per "
           f"server, in {_plural(part['rounds'], 'round')} of up to {args.slide_concurrency} at once alternating between the servers; both "
-          f"--batch-size 8 --max-active-slides {args.slide_concurrency}")
-    header = ["server", "slides/s", "vs unbatched", "mean ms", "p95 ms", "avg enc batch", "enc runs", "patches/s",
+          f"--batch-size {SLIDE_BATCH} --max-active-slides {args.slide_concurrency}")
+    header = ["server", "slides/s", "vs unbatched", "mean ms", "p95 ms", "avg enc batch", "chunks/run", "enc runs", "patches/s",
               "encode s", "server CPU", "client CPU", "other CPU", "errors"]
     rows = []
     for label in ("batched", "unbatched"):
         r = part[label]
         rows.append([
             f"{label} ({' '.join(r['flags'])})", _f(r["slides_per_s"], ".3f"), _f(r.get("vs_unbatched"), ".2f", "x"),
-            _f(r.get("mean_ms"), ".0f"), _f(r.get("p95_ms"), ".0f"), _f(r["avg_encoder_batch"], ".1f"),
+            _f(r.get("mean_ms"), ".0f"), _f(r.get("p95_ms"), ".0f"), _f(r["avg_encoder_batch"], ".1f"), _f(r["chunks_per_run"], ".2f"),
             f"{r['encoder_runs']:.0f}", _f(r["patches_per_s"], ".1f"), _f(r["mean_stage_seconds"].get("encode"), ".2f"),
             *cpu_cells(r["cpu_percent"]), str(r["errors"]),
         ])
     table(header, rows)
     n = len(part["batched"]["risks"]) + len(part["unbatched"]["risks"])
-    print(f"encode s: the server's mean encode stage per slide. Risks: {n} (warm-ups included), largest relative "
+    print(f"chunks/run: read-ahead chunks joined per encoder run; encode s: the server's mean encode stage per slide. Risks: {n} (warm-ups included), largest relative "
           f"difference {_f(part['risk_max_rel_diff'], '.1e')}: {'agree' if part['risks_agree'] else 'DIFFER'} at rel 1e-5")
 
 

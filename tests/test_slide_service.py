@@ -107,13 +107,14 @@ def test_score_slide_gives_the_risk_of_predict_slide(server, slide_repo, slides,
     assert all(0 <= p.x < 2220 and 0 <= p.y < 2967 for p in top) and len({(p.x, p.y) for p in top}) == 5
     assert set(result.stage_seconds) >= {"open", "mask", "read", "encode", "fuse", "queue", "total"}
 
-    # one request on the fusion model; every patch through the encoder (one slide alone waits for each
-    # chunk's features before reading the next, so each chunk is a run)
+    # one request on the fusion model; every patch through the encoder, two chunks of the slide in
+    # flight at once, so runs join them
     after = server.scrape()
     delta = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
     assert delta("nv_inference_request_success", model="ammasurv", version=1) == 1
     assert delta("nv_inference_count", model="resnet18_encoder", version=1) == result.n_patches
-    assert delta("nv_inference_exec_count", model="resnet18_encoder", version=1) == -(-result.n_patches // BATCH)
+    chunks = -(-result.n_patches // BATCH)
+    assert chunks / 2 <= delta("nv_inference_exec_count", model="resnet18_encoder", version=1) < chunks
     assert delta("histosurv_encoder_batch_size_sum", model="resnet18_encoder") == result.n_patches
     assert delta("histosurv_request_duration_seconds_count", model="ammasurv", version=1, rpc="ScoreSlide") == 1
     for stage in ("open", "mask", "read", "encode", "fuse"):
@@ -144,7 +145,7 @@ def test_concurrent_slides_share_encoder_batches_and_keep_their_risks(server, ge
         before, "nv_inference_exec_count", model="resnet18_encoder", version=1
     )
     assert patches == 2 * results[0].n_patches
-    assert runs < 2 * -(-results[0].n_patches // BATCH)  # some runs joined chunks of both slides
+    assert patches / runs > 2 * BATCH  # more than one slide's two chunks in flight: runs joined both slides
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -108,13 +109,17 @@ def featurize_slide(
     encoder: PatchEncoder,
     config: SlideConfig = SlideConfig(),
     progress: Callable[[int, int], None] | None = None,
-    encode: Callable[[np.ndarray], np.ndarray] | None = None,
+    submit: Callable[[np.ndarray], "Pending"] | None = None,
+    in_flight: int = 2,
 ) -> SlideFeatures:
     """Features and level-0 coordinates of every tissue patch of the slide at ``path``.
 
     ``progress(done, total)`` is called once the patch grid is planned (done = 0) and after every
     encoded batch; an exception it raises stops the work (the server cancels a slide this way).
-    ``encode`` replaces ``encoder.encode`` (the server passes its dynamic batcher).
+    ``submit`` replaces the encoder call: it queues a batch and returns something with
+    ``result()`` (and ``cancel()``) giving its features later; the server passes its dynamic
+    batcher. Up to ``in_flight`` batches of this slide then wait for the encoder at once, so that
+    a batcher serving several slides always has more than one batch of each to join.
 
     Raises :class:`EmptySlideError` when no patch holds enough tissue: a bag with no patches has no
     risk, and a model given one would answer NaN."""
@@ -138,17 +143,36 @@ def featurize_slide(
                     f"{config.grid.min_tissue:.0%} tissue (tissue mask covers {mask.tissue_fraction:.1%} of the slide, "
                     f"saturation threshold {mask.threshold:.1f}); an empty bag has no risk"
                 )
-            encode = encode or encoder.encode
             if progress is not None:
                 progress(0, len(grid))
             features = np.empty((len(grid), encoder.feature_dim), np.float32)
-            with PatchStream(reader, grid, config.batch_size, config.num_workers, config.prefetch) as stream:
-                for batch in stream:
-                    t0 = time.perf_counter()
-                    features[batch.index : batch.index + len(batch.coords)] = encode(batch.patches)
-                    seconds["encode"] += time.perf_counter() - t0
-                    if progress is not None:
-                        progress(batch.index + len(batch.coords), len(grid))
+            pending: deque = deque()  # (first row, rows, pending features), oldest first
+
+            def collect() -> None:
+                index, n, result = pending.popleft()
+                t0 = time.perf_counter()
+                features[index : index + n] = result.result()
+                seconds["encode"] += time.perf_counter() - t0
+                if progress is not None:
+                    progress(index + n, len(grid))
+
+            try:
+                with PatchStream(reader, grid, config.batch_size, config.num_workers, config.prefetch) as stream:
+                    for batch in stream:
+                        t0 = time.perf_counter()
+                        if submit is None:
+                            result = _Done(encoder.encode, batch.patches)
+                        else:
+                            result = submit(batch.patches)
+                        seconds["encode"] += time.perf_counter() - t0
+                        pending.append((batch.index, len(batch.coords), result))
+                        while len(pending) >= (in_flight if submit is not None else 1):
+                            collect()
+                    while pending:
+                        collect()
+            finally:
+                for _, _, result in pending:  # stopped early: nobody wants these features any more
+                    getattr(result, "cancel", lambda: None)()
             seconds["read"], seconds["wait"] = stream.read_seconds, stream.wait_seconds
             slide_info = reader.describe()
         slide_sha256 = digest.result()
@@ -165,6 +189,20 @@ def featurize_slide(
     }
     bag = Bag(features, grid.coords.copy(), attrs, str(path))
     return SlideFeatures(bag, grid, mask, slide_info, seconds)
+
+
+class Pending(Protocol):
+    def result(self) -> np.ndarray: ...
+
+
+class _Done:
+    """Features computed now, in the shape of a pending result (the serial path)."""
+
+    def __init__(self, encode: Callable[[np.ndarray], np.ndarray], patches: np.ndarray):
+        self._features = encode(patches)
+
+    def result(self) -> np.ndarray:
+        return self._features
 
 
 def find_encoder(root: str | os.PathLike, feature_dim: int | None = None, preferred: str | None = None) -> str:

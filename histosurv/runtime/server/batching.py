@@ -2,9 +2,17 @@
 
 Each slide being scored streams its patches in chunks (its read-ahead batches). The batcher joins
 chunks from different slides into one encoder run of up to ``max_batch`` patches, waiting at most
-``max_delay`` after the first chunk arrived for others to join (Triton's ``max_batch_size`` and
-``max_queue_delay_microseconds``). One thread runs the encoder, so a CPU runs one batch on all its
-cores at a time instead of several slides' batches fighting over them, and a GPU gets full batches.
+``max_delay`` for others to join (Triton's ``max_batch_size`` and ``max_queue_delay_microseconds``).
+One thread runs the encoder, so a CPU runs one batch on all its cores at a time instead of several
+slides' batches fighting over them, and a GPU gets full batches.
+
+Unlike Triton, the delay counts from the later of the first chunk's arrival and the end of the
+previous run. Slides wait for their features before sending more, so with the delay counted from
+arrival alone, two groups of slides fall into step and take turns: the chunks that queued during a
+run are past their delay when it ends, leave at once, and the slides just served arrive a moment
+too late to join. With this rule and two chunks of each slide in flight (``featurize_slide``'s
+``in_flight``), bench/server.py's 4 concurrent slides went from 2.0 to 5.0 chunks per encoder run.
+A chunk pays at most ``max_delay`` more for it.
 
 Chunks are never split: a chunk that does not fit waits for the next batch, and a chunk larger than
 ``max_batch`` runs alone. The queue is bounded in patches; a slide whose chunk would overflow it
@@ -58,6 +66,7 @@ class DynamicBatcher:
         self._queued_patches = 0
         self._cond = threading.Condition()
         self._closed = False
+        self._free_since = 0  # perf_counter_ns at the end of the last run
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -115,7 +124,8 @@ class DynamicBatcher:
                 if not batch:
                     self._cond.wait()
                     continue
-                left = self.max_delay - (time.perf_counter_ns() - batch[0].enqueued) / 1e9
+                opened = max(batch[0].enqueued, self._free_since)
+                left = self.max_delay - (time.perf_counter_ns() - opened) / 1e9
                 if left <= 0:
                     return batch
                 self._cond.wait(left)
@@ -134,8 +144,10 @@ class DynamicBatcher:
             except BaseException as e:  # every waiting slide learns why; the batcher goes on
                 for chunk in batch:
                     chunk.future.set_exception(e)
+                self._free_since = time.perf_counter_ns()
                 continue
-            run_ns = time.perf_counter_ns() - started
+            self._free_since = time.perf_counter_ns()
+            run_ns = self._free_since - started
             start = 0
             for chunk in batch:
                 chunk.future.set_result(features[start : start + len(chunk.patches)])

@@ -110,7 +110,7 @@ class SlideService(spb_grpc.SlideServiceServicer):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         encoder = PatchEncoder(encoder_model.version, encoder_model.engine)
-        encode = self._encode_function(encoder_model, encoder, cancelled)
+        submit = self._submit_function(encoder_model, encoder, cancelled)
         config = self.config.slide
         if request.slide_mpp:
             config = replace(config, slide_mpp=float(request.slide_mpp))
@@ -121,7 +121,7 @@ class SlideService(spb_grpc.SlideServiceServicer):
             stage = "tiled" if done == 0 else "encode"
             loop.call_soon_threadsafe(events.put_nowait, (stage, done, total))
 
-        work = loop.run_in_executor(self._executor, featurize_slide, path, encoder, config, progress, encode)
+        work = loop.run_in_executor(self._executor, featurize_slide, path, encoder, config, progress, submit)
         try:
             while True:
                 getter = asyncio.ensure_future(events.get())
@@ -139,12 +139,14 @@ class SlideService(spb_grpc.SlideServiceServicer):
             cancelled.set()  # the worker stops at its next batch
             raise
 
-    def _encode_function(self, encoder_model: LoadedModel, encoder: PatchEncoder, cancelled: threading.Event):
+    def _submit_function(self, encoder_model: LoadedModel, encoder: PatchEncoder, cancelled: threading.Event):
+        """How the slide's batches reach the encoder: through its dynamic batcher, or (batching off)
+        straight to the engine, each slide on its own."""
         batcher = encoder_model.batcher
         stats = encoder_model.stats
         observe = self.metrics.encoder_batch.labels(encoder_model.name).observe
 
-        def direct(patches: np.ndarray) -> np.ndarray:
+        def direct(patches: np.ndarray):
             started = time.perf_counter_ns()
             features = encoder.encode(patches)
             ran = time.perf_counter_ns() - started
@@ -155,20 +157,13 @@ class SlideService(spb_grpc.SlideServiceServicer):
                 stats.success.add(ran)
                 stats.compute_infer.add(ran)
             observe(len(patches))
-            return features
+            return _Ready(features)
 
-        def batched(patches: np.ndarray) -> np.ndarray:
+        def batched(patches: np.ndarray):
             problem = encoder.spec.check(patches)
             if problem:
                 raise InputError(f"encoder {encoder_model.name!r}: {problem}")
-            future = batcher.submit(np.ascontiguousarray(patches, dtype=np.uint8))
-            while True:
-                try:
-                    return future.result(timeout=0.1)
-                except TimeoutError:
-                    if cancelled.is_set():
-                        future.cancel()  # dropped by the batcher if not yet taken
-                        raise SlideCancelled() from None
+            return _Queued(batcher.submit(np.ascontiguousarray(patches, dtype=np.uint8)), cancelled)
 
         return direct if batcher is None else batched
 
@@ -341,6 +336,33 @@ class SlideService(spb_grpc.SlideServiceServicer):
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _Ready:
+    def __init__(self, features: np.ndarray):
+        self._features = features
+
+    def result(self) -> np.ndarray:
+        return self._features
+
+
+class _Queued:
+    """A batch waiting in the batcher; waiting for it gives up once the slide is cancelled."""
+
+    def __init__(self, future, cancelled: threading.Event):
+        self.future, self.cancelled = future, cancelled
+
+    def result(self) -> np.ndarray:
+        while True:
+            try:
+                return self.future.result(timeout=0.1)
+            except TimeoutError:
+                if self.cancelled.is_set():
+                    self.future.cancel()  # dropped by the batcher if not yet taken
+                    raise SlideCancelled() from None
+
+    def cancel(self) -> None:
+        self.future.cancel()
 
 
 @dataclass
