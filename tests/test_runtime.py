@@ -21,8 +21,9 @@ from histosurv.runtime.predict import FusionPredictor
 RUNTIME = Path(histosurv.__file__).parent / "runtime"
 
 
-# Backends that run on torch import it inside functions, only when such an engine is chosen.
-TORCH_BACKENDS = {"torch_engine.py", "tensorrt.py"}
+# Backends that run on torch import it inside functions, only when such an engine is chosen; the
+# metrics read GPU memory through torch only on a machine with a GPU and no NVML.
+TORCH_BACKENDS = {"torch_engine.py", "tensorrt.py", "metrics.py"}
 
 
 def test_runtime_never_imports_the_export_side():
