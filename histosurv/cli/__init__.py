@@ -10,7 +10,7 @@ from ..errors import HistosurvError
 
 __all__ = ["main"]
 
-COMMANDS = ("demo", "synth", "train", "export", "verify", "tile", "predict", "serve")
+COMMANDS = ("demo", "synth", "train", "export", "verify", "tile", "predict", "serve", "score")
 
 
 def build_parser() -> argparse.ArgumentParser:

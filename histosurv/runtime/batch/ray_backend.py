@@ -1,0 +1,130 @@
+"""Batch scoring on Ray Data: slides stream through an encoder actor pool, then a fusion actor.
+
+Each encoder actor holds a patch-encoder engine (one actor per GPU where the cluster has GPUs) and
+runs the slide pipeline (tissue mask, patch grid, read-ahead decode threads, encoder) on its slides;
+it writes the features into the run's cache folder, and the fusion actor scores them from there. Ray
+Data streams the slides with backpressure, so a cluster never holds more than a few slides in
+flight, and the driver commits each record as it arrives, exactly as the local backend does: a
+killed run resumes the same way, and both backends give the same records. The run folder must be
+on storage every node sees (the usual place for a slide archive and its results).
+
+Reading and tiling run inside the encoder actors (on their decode threads) rather than in separate
+CPU tasks: patches then never cross the object store, which for 256 px RGB patches would be ~200 KB
+each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+
+from ...errors import InputError
+from .manifest import SlideRow
+from .scoring import ScoringConfig, SlideScorer, failure
+
+__all__ = ["score_on_ray", "connect"]
+
+
+def connect(address: str, num_cpus: int | None = None):
+    """``auto``: the cluster this machine belongs to if there is one, else a local Ray started here;
+    ``local``: always a local one; anything else: that cluster's address."""
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--ray needs Ray: pip install 'histosurv[ray]'") from None
+    if ray.is_initialized():
+        return ray
+    options = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if address == "local":
+        ray.init(num_cpus=num_cpus, **options)
+    elif address == "auto":
+        try:
+            ray.init(address="auto", **options)
+        except (ConnectionError, RuntimeError):  # no cluster running: start one on this machine
+            ray.init(num_cpus=num_cpus, **options)
+    else:
+        ray.init(address=address, **options)
+    return ray
+
+
+def score_on_ray(todo: list[SlideRow], config: ScoringConfig, run, address: str, workers: int | None, heatmaps_dir):
+    ray = connect(address)
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    workers = workers or max(1, gpus)
+    cpus = float(resources.get("CPU", 1))
+    # The fusion actor is light (one small engine call per slide); the encoder actors share the rest.
+    per_worker = max(0.5, (cpus - 0.5) / workers)
+    settings = json.dumps(_config_dict(config))
+    env = {"HISTOSURV_THREADS": str(max(1, int(per_worker)))}
+    items = [{**row.to_dict(), "record": ""} for row in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        _Featurize, fn_constructor_args=(settings, str(run.features)), batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=per_worker, num_gpus=1 if gpus else 0,
+        runtime_env={"env_vars": env},
+    )
+    ds = ds.map_batches(
+        _Fuse, fn_constructor_args=(settings, str(run.features), str(heatmaps_dir) if heatmaps_dir else None), batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5 if cpus - per_worker * workers >= 0.5 else 0,
+        runtime_env={"env_vars": {"HISTOSURV_THREADS": "1"}},
+    )
+    for row in ds.iter_rows():
+        yield json.loads(row["record"])
+
+
+def _config_dict(config: ScoringConfig) -> dict:
+    return asdict(config)
+
+
+def _config_from(settings: str) -> ScoringConfig:
+    from ..pipeline import SlideConfig
+    from ..slides.tiler import GridConfig
+    from ..slides.tissue import TissueConfig
+
+    values = json.loads(settings)
+    slide = values.pop("slide")
+    slide = SlideConfig(**{**slide, "tissue": TissueConfig(**slide["tissue"]), "grid": GridConfig(**slide["grid"])})
+    return ScoringConfig(**values, slide=slide)
+
+
+def _row(batch, i: int = 0) -> SlideRow:
+    return SlideRow(str(batch["slide_id"][i]), str(batch["case_id"][i]), str(batch["path"][i]))
+
+
+class _Featurize:
+    def __init__(self, settings: str, features_dir: str):
+        self.scorer = SlideScorer(_config_from(settings), features_dir)
+
+    def __call__(self, batch):
+        row = _row(batch)
+        record = self.scorer.base_record(row)
+        try:
+            _, seconds = self.scorer.featurize(row)
+            record.update(status="featurized", seconds={k: round(v, 4) for k, v in seconds.items()}, worker=os.getpid())
+        except Exception as e:  # recorded, as the local backend does
+            record.update(failure(e))
+        return {**{k: [v[0]] for k, v in batch.items() if k != "record"}, "record": [json.dumps(record)]}
+
+
+class _Fuse:
+    def __init__(self, settings: str, features_dir: str, heatmaps_dir: str | None):
+        self.scorer = SlideScorer(_config_from(settings), features_dir, heatmaps_dir)
+
+    def __call__(self, batch):
+        from ...data.features import read_bag
+
+        row = _row(batch)
+        record = json.loads(batch["record"][0])
+        if record["status"] == "featurized":
+            try:
+                bag = read_bag(self.scorer.features_dir / f"{row.slide_id}.h5", self.scorer.encoder.feature_dim)
+                seconds = record["seconds"]
+                record.update(self.scorer.fuse(row, bag))
+                record["seconds"] = {**seconds, **record["seconds"]}
+            except Exception as e:
+                record.update(failure(e))
+        seconds = record.setdefault("seconds", {})
+        seconds["total"] = round(sum(v for k, v in seconds.items() if k not in ("total", "wait")), 4)
+        return {**{k: [v[0]] for k, v in batch.items() if k != "record"}, "record": [json.dumps(record)]}

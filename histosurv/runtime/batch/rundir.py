@@ -1,0 +1,148 @@
+"""A batch run's folder: its identity, one committed result per slide, the feature cache, the tables.
+
+    run.json              what the run scores with: manifest, model and encoder versions (their files'
+                          sha256), gene table, slide settings. A rerun with any of these changed is
+                          refused, so results of two configurations are never mixed.
+    results/<slide>.json  one per finished slide (scored or failed), written to a temporary file,
+                          flushed to disk and renamed: a kill leaves either the whole record or none.
+    features/<slide>.h5   CLAM-style features, reused by later runs with the same slide and encoder.
+    heatmaps/<slide>.png  attention over the thumbnail, with --heatmaps.
+    journal.log           one line per event (started, scored, failed, skipped), appended; for audits.
+    slides.parquet, patients.parquet   built from the records at the end of every run, in manifest
+                          order, with nothing run-dependent in them (timings stay in the records), so
+                          a resumed run's tables equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ...data.atomic import atomic_path
+from ...errors import InputError
+from .manifest import SlideRow
+
+__all__ = ["RunDirectory", "IdentityMismatch"]
+
+SLIDE_COLUMNS = ["slide_id", "case_id", "path", "status", "error", "risk", "n_patches", "slide_sha256", "model",
+                 "model_version", "encoder"]
+
+
+class IdentityMismatch(InputError):
+    """The run folder holds results made with another manifest, model, encoder or settings."""
+
+
+class RunDirectory:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.results = self.root / "results"
+        self.features = self.root / "features"
+        self.heatmaps = self.root / "heatmaps"
+
+    # --- identity ------------------------------------------------------------------------------
+
+    def open(self, identity: dict, restart: bool = False) -> None:
+        """Starts a new run, or resumes the one already here if ``identity`` is the same."""
+        path = self.root / "run.json"
+        identity = json.loads(json.dumps(identity, default=_plain))  # as it reads back from run.json
+        if path.exists() and not restart:
+            recorded = json.loads(path.read_text())
+            changed = [k for k in sorted(set(identity) | set(recorded)) if identity.get(k) != recorded.get(k)]
+            if changed:
+                details = "; ".join(f"{k}: was {_short(recorded.get(k))}, now {_short(identity.get(k))}" for k in changed)
+                raise IdentityMismatch(
+                    f"{self.root} holds a run made with other inputs ({details}). Score into another --out folder, "
+                    "or pass --restart to discard its results"
+                )
+        if restart:
+            for folder in (self.results,):
+                for f in folder.glob("*.json") if folder.exists() else ():
+                    f.unlink()
+        self.results.mkdir(parents=True, exist_ok=True)
+        self.features.mkdir(exist_ok=True)
+        self._remove_partial_files()
+        if restart or not path.exists():
+            _write_json(path, identity)
+
+    def _remove_partial_files(self) -> None:
+        """A killed run can leave the temporary file of a write it had not finished (the rename never
+        came); such files are ours by name (see ``atomic_path``) and hold nothing committed."""
+        for folder in (self.root, self.results, self.features, self.heatmaps):
+            for tmp in folder.glob(".*.tmp") if folder.exists() else ():
+                tmp.unlink(missing_ok=True)
+
+    # --- per-slide records ---------------------------------------------------------------------
+
+    def done(self) -> dict[str, dict]:
+        """slide_id -> record, for every committed slide."""
+        out = {}
+        for f in self.results.glob("*.json"):
+            try:
+                record = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):  # cannot happen with rename commits; redo it if it does
+                continue
+            out[record["slide_id"]] = record
+        return out
+
+    def commit(self, record: dict) -> None:
+        _write_json(self.results / f"{record['slide_id']}.json", record)
+        self.log(record["status"], record["slide_id"], record.get("error", ""))
+
+    def log(self, event: str, slide_id: str = "", detail: str = "") -> None:
+        line = json.dumps({"time": round(time.time(), 3), "event": event, "slide_id": slide_id, "detail": detail})
+        with open(self.root / "journal.log", "a") as f:
+            f.write(line + "\n")
+
+    def feature_path(self, slide_id: str) -> Path:
+        return self.features / f"{slide_id}.h5"
+
+    # --- tables --------------------------------------------------------------------------------
+
+    def write_tables(self, rows: list[SlideRow]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """slides.parquet and patients.parquet from the committed records, in manifest order."""
+        done = self.done()
+        records = [done[r.slide_id] for r in rows if r.slide_id in done]
+        slides = pd.DataFrame([{c: rec.get(c) for c in SLIDE_COLUMNS} for rec in records], columns=SLIDE_COLUMNS)
+        slides["risk"] = slides["risk"].astype("float64")
+        slides["n_patches"] = slides["n_patches"].astype("Int64")
+        patients = []
+        for case_id, group in slides.groupby("case_id", sort=False):
+            ok = group[group["status"] == "scored"]
+            patients.append({
+                "case_id": case_id,
+                # AMMASurv section II.E: a patient's risk is the mean of its slides' risks
+                "risk": float(ok["risk"].mean()) if len(ok) else np.nan,
+                "n_slides": int(len(ok)),
+                "n_failed": int(len(group) - len(ok)),
+            })
+        patients = pd.DataFrame(patients, columns=["case_id", "risk", "n_slides", "n_failed"])
+        for name, table in (("slides.parquet", slides), ("patients.parquet", patients)):
+            with atomic_path(self.root / name, suffix=".parquet") as tmp:
+                table.to_parquet(tmp, index=False)
+        return slides, patients
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_path(path, suffix=".json") as tmp:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True, default=_plain)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not reach the disk before the data
+
+
+def _plain(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"cannot store {type(v).__name__} in a run record")
+
+
+def _short(v) -> str:
+    text = json.dumps(v, sort_keys=True, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,99 @@
+"""A batch run: which slides are left, who scores them (this process or Ray), and the final tables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+
+from ... import __version__
+from ..repository import ModelRepository, sha256_file
+from .manifest import SlideRow, manifest_digest, read_manifest
+from .progress import Progress
+from .rundir import RunDirectory
+from .scoring import ScoringConfig, SlideScorer
+
+__all__ = ["BatchResult", "run_identity", "score_archive"]
+
+
+@dataclass
+class BatchResult:
+    slides: pd.DataFrame
+    patients: pd.DataFrame
+    scored_now: int
+    skipped: int
+    failed: int  # slides whose record is a failure, this run or before
+    per_hour: float
+
+
+def run_identity(rows: list[SlideRow], config: ScoringConfig) -> dict:
+    """What the results depend on; a run folder is only ever resumed with the same."""
+    repo = ModelRepository(config.repository)
+    model = repo.version(config.model, config.version, verify=False)
+    encoder = repo.version(config.encoder, None, verify=False)
+    return {
+        "manifest_sha256": manifest_digest(rows),
+        "model": f"{config.model} v{config.version}",
+        "model_files": model.info.files,
+        "encoder": f"{config.encoder} v{encoder.version}",
+        "encoder_files": encoder.info.files,
+        "engine": config.engine,
+        "encoder_engine": config.encoder_engine,
+        "genes_sha256": sha256_file(config.genes) if config.genes else None,
+        "slide_settings": _plain(asdict(config.slide)),
+        "histosurv_version": __version__,
+    }
+
+
+def score_archive(
+    manifest: str | os.PathLike,
+    out: str | os.PathLike,
+    config: ScoringConfig,
+    ray: str | None = None,
+    workers: int | None = None,
+    restart: bool = False,
+    retry_failed: bool = False,
+    heatmaps: bool = False,
+    progress_stream=None,
+) -> BatchResult:
+    """Scores every slide of ``manifest`` not yet committed in ``out``; ``ray`` (``"auto"`` or a
+    cluster address) runs the slides on Ray Data instead of in this process."""
+    rows = read_manifest(manifest)
+    config = config.pinned()
+    run = RunDirectory(out)
+    run.open(run_identity(rows, config), restart=restart)
+    done = run.done()
+    todo = [r for r in rows if r.slide_id not in done or (retry_failed and done[r.slide_id]["status"] == "failed")]
+    progress = Progress(len(rows), len(rows) - len(todo), progress_stream)
+    heatmaps_dir = run.heatmaps if heatmaps else None
+    run.log("run", detail=f"{len(todo)} slides to score, {len(rows) - len(todo)} done before, backend {ray or 'local'}")
+    if todo and ray:
+        from .ray_backend import score_on_ray
+
+        records = score_on_ray(todo, config, run, ray, workers, heatmaps_dir)
+    elif todo:
+        records = _score_here(todo, config, run, heatmaps_dir)
+    else:
+        records = iter(())
+    for record in records:
+        run.commit(record)  # committed one by one as they come: a kill loses only slides in flight
+        progress.update(record)
+    slides, patients = run.write_tables(rows)
+    return BatchResult(slides, patients, progress.done, len(rows) - len(todo), int((slides["status"] == "failed").sum()),
+                       progress.per_hour)
+
+
+def _score_here(todo, config, run, heatmaps_dir):
+    scorer = SlideScorer(config, run.features, heatmaps_dir)
+    for row in todo:
+        run.log("started", row.slide_id)
+        yield scorer.score(row)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

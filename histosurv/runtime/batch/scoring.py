@@ -1,0 +1,132 @@
+"""One slide of a batch run, from file to committed record: features (cached), risk, heatmap.
+
+Every failure a slide can have (missing file, not a slide, no tissue, no gene row, an engine error)
+becomes a ``failed`` record with the reason, and the run goes on: in an archive of thousands of
+slides some are always broken, and one of them must not cost the others.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...data.features import Bag, read_bag, write_bag
+from ...data.tables import GeneTable
+from ...errors import HistosurvError, InputError
+from ..pipeline import PatchEncoder, SlideConfig, featurize_slide, find_encoder
+from ..predict import FusionPredictor
+from ..repository import ModelRepository, sha256_file
+from .manifest import SlideRow
+
+__all__ = ["ScoringConfig", "SlideScorer"]
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    repository: str
+    model: str = "ammasurv"
+    version: int | None = None  # None: the highest, fixed when the run starts
+    encoder: str | None = None  # None: the encoder whose features the model takes
+    engine: str = "auto"
+    encoder_engine: str = "auto"
+    genes: str | None = None  # gene table CSV
+    slide: SlideConfig = SlideConfig()
+    heatmaps: bool = False
+
+    def pinned(self) -> "ScoringConfig":
+        """The same settings with the model, its version and the encoder fixed, as recorded in run.json."""
+        repo = ModelRepository(self.repository)
+        version = self.version if self.version is not None else repo.manifest(self.model).latest
+        mv = repo.version(self.model, version, verify=False)
+        width = next((t.shape[-1] for t in mv.inputs if t.name == "features"), None)
+        if width is None:
+            raise InputError(f"model {self.model!r} takes no image features; it cannot score slides")
+        encoder = self.encoder or find_encoder(self.repository, width, (mv.info.patch_encoder or {}).get("encoder"))
+        return ScoringConfig(**{**asdict(self), "slide": self.slide, "version": version, "encoder": encoder})
+
+
+class SlideScorer:
+    """Holds the engines (built once, in a process or a Ray actor) and scores slides one by one."""
+
+    def __init__(self, config: ScoringConfig, features_dir: str | os.PathLike, heatmaps_dir: str | os.PathLike | None = None):
+        self.config = config = config if config.version is not None and config.encoder else config.pinned()
+        self.predictor = FusionPredictor.from_repository(config.repository, config.model, config.version, config.engine)
+        self.encoder = PatchEncoder.from_repository(config.repository, config.encoder, engine=config.encoder_engine)
+        self.genes = GeneTable.read(config.genes) if config.genes else None
+        if "genes" in self.predictor.specs and self.genes is None:
+            raise InputError(f"model {config.model!r} needs a gene table (--genes)")
+        if self.genes is not None and "genes" in self.predictor.specs:
+            self.genes.vectors([], self.predictor.gene_names)  # a gene missing from the table fails now, not per slide
+        self.features_dir = Path(features_dir)
+        self.heatmaps_dir = Path(heatmaps_dir) if heatmaps_dir else None
+
+    def featurize(self, row: SlideRow) -> tuple[Bag, dict]:
+        """The slide's features: from the run's cache when they were made from this very file, else
+        computed and cached."""
+        cached = self.features_dir / f"{row.slide_id}.h5"
+        seconds: dict = {}
+        if cached.exists() and Path(row.path).is_file():
+            t0 = time.perf_counter()
+            bag = read_bag(cached, self.encoder.feature_dim)
+            if bag.attrs.get("slide_sha256") == sha256_file(row.path) and bag.attrs.get("encoder") == self.encoder.version.name:
+                return bag, {"cache": time.perf_counter() - t0}
+        result = featurize_slide(row.path, self.encoder, self.config.slide)
+        write_bag(cached, result.bag)
+        seconds.update(result.seconds)
+        return result.bag, seconds
+
+    def fuse(self, row: SlideRow, bag: Bag) -> dict:
+        genes = self.predictor.genes_for(self.genes, row.case_id) if self.genes is not None else None
+        t0 = time.perf_counter()
+        risk = self.predictor.slide(bag, genes)
+        fuse_s = time.perf_counter() - t0
+        record = {
+            "status": "scored",
+            "error": "",
+            "risk": float(risk.risk),
+            "n_patches": int(risk.n_patches),
+            "slide_sha256": str(bag.attrs.get("slide_sha256", "")),
+            "seconds": {"fuse": round(fuse_s, 4)},
+        }
+        if self.heatmaps_dir is not None and risk.attention is not None:
+            record["heatmap"] = str(self._heatmap(row, bag, np.asarray(risk.attention)))
+        return record
+
+    def score(self, row: SlideRow) -> dict:
+        """The slide's record, ``scored`` or ``failed``; never raises for a bad slide."""
+        started = time.perf_counter()
+        record = self.base_record(row)
+        try:
+            bag, seconds = self.featurize(row)
+            record.update(self.fuse(row, bag))
+            record["seconds"].update({k: round(v, 4) for k, v in seconds.items()})
+        except Exception as e:  # a bad slide is data; the run goes on (see the module docstring)
+            record.update(failure(e))
+        record.setdefault("seconds", {})["total"] = round(time.perf_counter() - started, 4)
+        return record
+
+    def base_record(self, row: SlideRow) -> dict:
+        return {
+            **row.to_dict(),
+            "model": self.config.model,
+            "model_version": int(self.config.version),
+            "encoder": f"{self.encoder.version.name} v{self.encoder.version.version}",
+        }
+
+    def _heatmap(self, row: SlideRow, bag: Bag, attention: np.ndarray) -> Path:
+        from ..slides import open_slide
+        from .heatmap import write_heatmap
+
+        with open_slide(row.path, self.config.slide.reader) as reader:
+            return write_heatmap(
+                self.heatmaps_dir / f"{row.slide_id}.png", reader, bag.coords, attention, int(bag.attrs["patch_size_level0"])
+            )
+
+
+def failure(error: Exception) -> dict:
+    reason = str(error) if isinstance(error, HistosurvError) else f"{type(error).__name__}: {error}"
+    return {"status": "failed", "error": reason, "error_type": type(error).__name__, "risk": None, "n_patches": None}
