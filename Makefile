@@ -29,6 +29,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/engines.py
 	$(BIN)/python bench/slides.py --svs "$$($(BIN)/python -c "from histosurv.data.demo_slide import demo_slide; print(demo_slide())")"
 	$(BIN)/python bench/server.py
+	$(BIN)/python bench/batch.py
 
 proto: $(VENV)/.installed  # regenerate histosurv/runtime/server/_proto from proto/ (the output is committed)
 	$(BIN)/python proto/generate.py

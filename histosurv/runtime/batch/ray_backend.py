@@ -16,7 +16,9 @@ each.
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from dataclasses import asdict
 
 from ...errors import InputError
@@ -57,7 +59,7 @@ def score_on_ray(todo: list[SlideRow], config: ScoringConfig, run, address: str,
     # The fusion actor is light (one small engine call per slide); the encoder actors share the rest.
     per_worker = max(0.5, (cpus - 0.5) / workers)
     settings = json.dumps(_config_dict(config))
-    env = {"HISTOSURV_THREADS": str(max(1, int(per_worker)))}
+    env = {"HISTOSURV_THREADS": str(max(1, math.ceil(per_worker)))}
     items = [{**row.to_dict(), "record": ""} for row in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
@@ -70,8 +72,10 @@ def score_on_ray(todo: list[SlideRow], config: ScoringConfig, run, address: str,
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5 if cpus - per_worker * workers >= 0.5 else 0,
         runtime_env={"env_vars": {"HISTOSURV_THREADS": "1"}},
     )
-    for row in ds.iter_rows():
-        yield json.loads(row["record"])
+    # One slide per batch and no prefetching: a record reaches the driver (and is committed) as soon as
+    # its slide is scored, not when the next one is.
+    for batch in ds.iter_batches(batch_size=1, prefetch_batches=0, batch_format="numpy"):
+        yield json.loads(str(batch["record"][0]))
 
 
 def _config_dict(config: ScoringConfig) -> dict:
@@ -99,12 +103,15 @@ class _Featurize:
 
     def __call__(self, batch):
         row = _row(batch)
+        started = time.perf_counter()
         record = self.scorer.base_record(row)
         try:
             _, seconds = self.scorer.featurize(row)
             record.update(status="featurized", seconds={k: round(v, 4) for k, v in seconds.items()}, worker=os.getpid())
         except Exception as e:  # recorded, as the local backend does
             record.update(failure(e))
+        # wall time in this actor; the fusion actor adds its own, so 'total' means what it means locally
+        record.setdefault("seconds", {})["total"] = round(time.perf_counter() - started, 4)
         return {**{k: [v[0]] for k, v in batch.items() if k != "record"}, "record": [json.dumps(record)]}
 
 
@@ -116,15 +123,16 @@ class _Fuse:
         from ...data.features import read_bag
 
         row = _row(batch)
+        started = time.perf_counter()
         record = json.loads(batch["record"][0])
         if record["status"] == "featurized":
             try:
                 bag = read_bag(self.scorer.features_dir / f"{row.slide_id}.h5", self.scorer.encoder.feature_dim)
                 seconds = record["seconds"]
                 record.update(self.scorer.fuse(row, bag))
-                record["seconds"] = {**seconds, **record["seconds"]}
+                record["seconds"] = {**seconds, **record["seconds"], "total": seconds.get("total", 0.0)}
             except Exception as e:
                 record.update(failure(e))
         seconds = record.setdefault("seconds", {})
-        seconds["total"] = round(sum(v for k, v in seconds.items() if k not in ("total", "wait")), 4)
+        seconds["total"] = round(seconds.get("total", 0.0) + time.perf_counter() - started, 4)
         return {**{k: [v[0]] for k, v in batch.items() if k != "record"}, "record": [json.dumps(record)]}

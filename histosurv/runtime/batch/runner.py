@@ -67,7 +67,8 @@ def score_archive(
     todo = [r for r in rows if r.slide_id not in done or (retry_failed and done[r.slide_id]["status"] == "failed")]
     progress = Progress(len(rows), len(rows) - len(todo), progress_stream)
     heatmaps_dir = run.heatmaps if heatmaps else None
-    run.log("run", detail=f"{len(todo)} slides to score, {len(rows) - len(todo)} done before, backend {ray or 'local'}")
+    backend = f"ray ({ray})" if ray else "local"
+    run.log("run", detail=f"{len(todo)} slides to score, {len(rows) - len(todo)} done before, backend {backend}")
     if todo and ray:
         from .ray_backend import score_on_ray
 
