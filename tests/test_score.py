@@ -146,5 +146,7 @@ def test_ray_gives_the_risks_of_the_local_backend(slide_repo, archive, tmp_path)
     pd.testing.assert_frame_equal(a.drop(columns=["risk", "error"]), b.drop(columns=["risk", "error"]))
     np.testing.assert_allclose(b["risk"], a["risk"], rtol=1e-6)  # NaN for the failed ones on both sides
     assert (a["error"] != "").sum() == (b["error"] != "").sum() == 3
-    workers = {json.loads((tmp_path / "ray" / "results" / f"{s}.json").read_text()).get("worker") for s in ("S0", "S1")}
-    assert None not in workers and os.getpid() not in workers  # scored in Ray actors, not in this process
+    records = [json.loads((tmp_path / "ray" / "results" / f"{s}.json").read_text()) for s in ("S0", "S1")]
+    workers, tilers = {r.get("worker") for r in records}, {r.get("tiler") for r in records}
+    assert None not in workers and os.getpid() not in workers  # encoded in Ray actors, not in this process
+    assert None not in tilers and not tilers & workers  # tiled in CPU tasks, not in the encoder actors

@@ -28,7 +28,7 @@ from .slides.stream import PatchStream
 from .slides.tiler import GridConfig, PatchGrid, plan_patch_grid
 from .slides.tissue import TissueConfig, TissueMask, tissue_mask
 
-__all__ = ["PatchEncoder", "SlideConfig", "SlideFeatures", "featurize_slide", "find_encoder"]
+__all__ = ["PatchEncoder", "SlideConfig", "SlideFeatures", "SlidePlan", "featurize_slide", "find_encoder", "plan_slide"]
 
 STAGES = ("open", "mask", "grid", "read", "encode", "wait", "total")
 
@@ -111,6 +111,7 @@ def featurize_slide(
     progress: Callable[[int, int], None] | None = None,
     submit: Callable[[np.ndarray], "Pending"] | None = None,
     in_flight: int = 2,
+    plan: "SlidePlan | None" = None,
 ) -> SlideFeatures:
     """Features and level-0 coordinates of every tissue patch of the slide at ``path``.
 
@@ -119,7 +120,8 @@ def featurize_slide(
     ``submit`` replaces the encoder call: it queues a batch and returns something with
     ``result()`` (and ``cancel()``) giving its features later; the server passes its dynamic
     batcher. Up to ``in_flight`` batches of this slide then wait for the encoder at once, so that
-    a batcher serving several slides always has more than one batch of each to join.
+    a batcher serving several slides always has more than one batch of each to join. ``plan``, from
+    :func:`plan_slide`, skips the tissue mask and patch grid (made elsewhere, on a CPU worker).
 
     Raises :class:`EmptySlideError` when no patch holds enough tissue: a bag with no patches has no
     risk, and a model given one would answer NaN."""
@@ -128,21 +130,13 @@ def featurize_slide(
     t_start = time.perf_counter()
     with ThreadPoolExecutor(1) as hasher:
         with open_slide(path, config.reader, config.device) as reader:
-            digest = hasher.submit(sha256_file, path)  # reads the file while the patches are decoded
-            if config.slide_mpp is not None:
-                reader.mpp = float(config.slide_mpp)
-            seconds["open"] = time.perf_counter() - t_start
-            mask = tissue_mask(reader, config.tissue, config.device)
-            seconds["mask"] = mask.seconds
-            t0 = time.perf_counter()
-            grid = plan_patch_grid(reader, mask, replace(config.grid, patch_size=encoder.patch_size))
-            seconds["grid"] = time.perf_counter() - t0
-            if len(grid) == 0:
-                raise EmptySlideError(
-                    f"{path}: no tissue patches: none of the {grid.candidates} grid windows has "
-                    f"{config.grid.min_tissue:.0%} tissue (tissue mask covers {mask.tissue_fraction:.1%} of the slide, "
-                    f"saturation threshold {mask.threshold:.1f}); an empty bag has no risk"
-                )
+            if plan is None:
+                digest = hasher.submit(sha256_file, path)  # reads the file while the patches are decoded
+                mask, grid = _plan(reader, path, encoder.patch_size, config, seconds, t_start)
+            else:  # tiled elsewhere (a Ray CPU task): only the patches are read here
+                digest = hasher.submit(lambda: plan.slide_sha256)
+                mask, grid = plan.mask, plan.grid
+                seconds.update(plan.seconds)
             if progress is not None:
                 progress(0, len(grid))
             features = np.empty((len(grid), encoder.feature_dim), np.float32)
@@ -189,6 +183,46 @@ def featurize_slide(
     }
     bag = Bag(features, grid.coords.copy(), attrs, str(path))
     return SlideFeatures(bag, grid, mask, slide_info, seconds)
+
+
+@dataclass
+class SlidePlan:
+    """Where a slide's tissue patches are, worked out before any patch is read: what a CPU worker
+    hands to an encoder worker (a few KB, where the patches would be ~200 KB each)."""
+
+    path: str
+    grid: PatchGrid
+    mask: TissueMask
+    slide_sha256: str
+    seconds: dict
+
+
+def plan_slide(path: str | os.PathLike, patch_size: int, config: SlideConfig = SlideConfig()) -> SlidePlan:
+    """Opens the slide, finds its tissue and lays the patch grid; raises EmptySlideError without tissue."""
+    path = Path(path)
+    seconds: dict = {}
+    t_start = time.perf_counter()
+    with open_slide(path, config.reader, config.device) as reader:
+        mask, grid = _plan(reader, path, patch_size, config, seconds, t_start)
+    return SlidePlan(str(path), grid, mask, sha256_file(path), seconds)
+
+
+def _plan(reader, path: Path, patch_size: int, config: SlideConfig, seconds: dict, t_start: float):
+    if config.slide_mpp is not None:
+        reader.mpp = float(config.slide_mpp)
+    seconds["open"] = time.perf_counter() - t_start
+    mask = tissue_mask(reader, config.tissue, config.device)
+    seconds["mask"] = mask.seconds
+    t0 = time.perf_counter()
+    grid = plan_patch_grid(reader, mask, replace(config.grid, patch_size=patch_size))
+    seconds["grid"] = time.perf_counter() - t0
+    if len(grid) == 0:
+        raise EmptySlideError(
+            f"{path}: no tissue patches: none of the {grid.candidates} grid windows has "
+            f"{config.grid.min_tissue:.0%} tissue (tissue mask covers {mask.tissue_fraction:.1%} of the slide, "
+            f"saturation threshold {mask.threshold:.1f}); an empty bag has no risk"
+        )
+    return mask, grid
 
 
 class Pending(Protocol):

@@ -1,16 +1,16 @@
-"""Batch scoring on Ray Data: slides stream through an encoder actor pool, then a fusion actor.
+"""Batch scoring on Ray Data: tiling on CPU tasks, then an encoder actor pool, then a fusion actor.
 
-Each encoder actor holds a patch-encoder engine (one actor per GPU where the cluster has GPUs) and
-runs the slide pipeline (tissue mask, patch grid, read-ahead decode threads, encoder) on its slides;
-it writes the features into the run's cache folder, and the fusion actor scores them from there. Ray
-Data streams the slides with backpressure, so a cluster never holds more than a few slides in
+1. Ray tasks on CPU workers open each slide, find its tissue and lay the patch grid (``plan_slide``);
+   the plan (grid, mask, sha256: a few KB) travels on, not the patches (~200 KB each at 256 px).
+2. Encoder actors hold a patch-encoder engine (one actor per GPU where the cluster has GPUs), read the
+   planned patches on their decode threads while encoding, and write the features into the run's
+   cache folder.
+3. A fusion actor scores the features from there.
+
+Ray Data streams the slides with backpressure, so a cluster never holds more than a few slides in
 flight, and the driver commits each record as it arrives, exactly as the local backend does: a
-killed run resumes the same way, and both backends give the same records. The run folder must be
-on storage every node sees (the usual place for a slide archive and its results).
-
-Reading and tiling run inside the encoder actors (on their decode threads) rather than in separate
-CPU tasks: patches then never cross the object store, which for 256 px RGB patches would be ~200 KB
-each.
+killed run resumes the same way, and both backends give the same records. The run folder must be on
+storage every node sees (the usual place for a slide archive and its results).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict
 
@@ -56,12 +57,17 @@ def score_on_ray(todo: list[SlideRow], config: ScoringConfig, run, address: str,
     gpus = int(resources.get("GPU", 0))
     workers = workers or max(1, gpus)
     cpus = float(resources.get("CPU", 1))
-    # The fusion actor is light (one small engine call per slide); the encoder actors share the rest.
-    per_worker = max(0.5, (cpus - 0.5) / workers)
+    # Tiling tasks get half a CPU at a time and the fusion actor (one small engine call per slide) none
+    # reserved; the encoder actors share the rest, so every stage can always be scheduled.
+    per_worker = max(0.25, (cpus - 0.5) / workers)
     settings = json.dumps(_config_dict(config))
     env = {"HISTOSURV_THREADS": str(max(1, math.ceil(per_worker)))}
-    items = [{**row.to_dict(), "record": ""} for row in todo]
+    items = [{**row.to_dict(), "record": "", "plan": b""} for row in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        _plan, fn_kwargs={"settings": settings}, batch_size=1, compute=ray.data.TaskPoolStrategy(), num_cpus=0.5,
+        runtime_env={"env_vars": env},
+    )
     ds = ds.map_batches(
         _Featurize, fn_constructor_args=(settings, str(run.features)), batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=per_worker, num_gpus=1 if gpus else 0,
@@ -69,7 +75,7 @@ def score_on_ray(todo: list[SlideRow], config: ScoringConfig, run, address: str,
     )
     ds = ds.map_batches(
         _Fuse, fn_constructor_args=(settings, str(run.features), str(heatmaps_dir) if heatmaps_dir else None), batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5 if cpus - per_worker * workers >= 0.5 else 0,
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
         runtime_env={"env_vars": {"HISTOSURV_THREADS": "1"}},
     )
     # One slide per batch and no prefetching: a record reaches the driver (and is committed) as soon as
@@ -97,6 +103,29 @@ def _row(batch, i: int = 0) -> SlideRow:
     return SlideRow(str(batch["slide_id"][i]), str(batch["case_id"][i]), str(batch["path"][i]))
 
 
+def _out(batch, record: dict, plan: bytes = b"") -> dict:
+    return {**{k: [v[0]] for k, v in batch.items() if k not in ("record", "plan")}, "record": [json.dumps(record)], "plan": [plan]}
+
+
+def _plan(batch, settings: str):
+    """Tiling, in a CPU task: it needs the encoder's patch size, not its engine."""
+    from ..pipeline import plan_slide
+    from ..repository import ModelRepository
+
+    row = _row(batch)
+    started = time.perf_counter()
+    try:
+        config = _config_from(settings)
+        encoder = ModelRepository(config.repository).version(config.encoder, verify=False)
+        patch_size = int(next(t for t in encoder.inputs if t.name == "patches").shape[1])
+        plan = plan_slide(row.path, patch_size, config.slide)
+        # pickled between histosurv's own workers only; nothing a client sent
+        planned = {"status": "planned", "tile_seconds": time.perf_counter() - started, "tiler": os.getpid()}
+        return _out(batch, planned, pickle.dumps(plan))
+    except Exception as e:
+        return _out(batch, {**failure(e), "tile_seconds": time.perf_counter() - started})
+
+
 class _Featurize:
     def __init__(self, settings: str, features_dir: str):
         self.scorer = SlideScorer(_config_from(settings), features_dir)
@@ -104,15 +133,23 @@ class _Featurize:
     def __call__(self, batch):
         row = _row(batch)
         started = time.perf_counter()
+        planned = json.loads(str(batch["record"][0]))
         record = self.scorer.base_record(row)
+        if planned["status"] == "failed":
+            record.update(planned)
+            record["seconds"] = {"total": round(planned["tile_seconds"], 4)}
+            record.pop("tile_seconds")
+            return _out(batch, record)
         try:
-            _, seconds = self.scorer.featurize(row)
-            record.update(status="featurized", seconds={k: round(v, 4) for k, v in seconds.items()}, worker=os.getpid())
+            _, seconds = self.scorer.featurize(row, pickle.loads(batch["plan"][0]))
+            record.update(status="featurized", seconds={k: round(v, 4) for k, v in seconds.items()}, worker=os.getpid(),
+                          tiler=planned["tiler"])
         except Exception as e:  # recorded, as the local backend does
             record.update(failure(e))
-        # wall time in this actor; the fusion actor adds its own, so 'total' means what it means locally
-        record.setdefault("seconds", {})["total"] = round(time.perf_counter() - started, 4)
-        return {**{k: [v[0]] for k, v in batch.items() if k != "record"}, "record": [json.dumps(record)]}
+        # wall time of tiling and of this actor; the fusion actor adds its own, so 'total' means what it
+        # means locally
+        record.setdefault("seconds", {})["total"] = round(planned["tile_seconds"] + time.perf_counter() - started, 4)
+        return _out(batch, record)
 
 
 class _Fuse:
@@ -124,7 +161,7 @@ class _Fuse:
 
         row = _row(batch)
         started = time.perf_counter()
-        record = json.loads(batch["record"][0])
+        record = json.loads(str(batch["record"][0]))
         if record["status"] == "featurized":
             try:
                 bag = read_bag(self.scorer.features_dir / f"{row.slide_id}.h5", self.scorer.encoder.feature_dim)
@@ -135,4 +172,4 @@ class _Fuse:
                 record.update(failure(e))
         seconds = record.setdefault("seconds", {})
         seconds["total"] = round(seconds.get("total", 0.0) + time.perf_counter() - started, 4)
-        return {**{k: [v[0]] for k, v in batch.items() if k != "record"}, "record": [json.dumps(record)]}
+        return _out(batch, record)

@@ -64,9 +64,9 @@ class SlideScorer:
         self.features_dir = Path(features_dir)
         self.heatmaps_dir = Path(heatmaps_dir) if heatmaps_dir else None
 
-    def featurize(self, row: SlideRow) -> tuple[Bag, dict]:
+    def featurize(self, row: SlideRow, plan=None) -> tuple[Bag, dict]:
         """The slide's features: from the run's cache when they were made from this very file, else
-        computed and cached."""
+        computed (from ``plan`` where the tiling was done elsewhere) and cached."""
         cached = self.features_dir / f"{row.slide_id}.h5"
         seconds: dict = {}
         if cached.exists() and Path(row.path).is_file():
@@ -74,7 +74,7 @@ class SlideScorer:
             bag = read_bag(cached, self.encoder.feature_dim)
             if bag.attrs.get("slide_sha256") == sha256_file(row.path) and bag.attrs.get("encoder") == self.encoder.version.name:
                 return bag, {"cache": time.perf_counter() - t0}
-        result = featurize_slide(row.path, self.encoder, self.config.slide)
+        result = featurize_slide(row.path, self.encoder, self.config.slide, plan=plan)
         write_bag(cached, result.bag)
         seconds.update(result.seconds)
         return result.bag, seconds
