@@ -155,7 +155,7 @@ def featurize_slide(
                     for batch in stream:
                         t0 = time.perf_counter()
                         if submit is None:
-                            result = _Done(encoder.encode, batch.patches)
+                            result = Ready(encoder.encode(batch.patches))
                         else:
                             result = submit(batch.patches)
                         seconds["encode"] += time.perf_counter() - t0
@@ -229,11 +229,11 @@ class Pending(Protocol):
     def result(self) -> np.ndarray: ...
 
 
-class _Done:
-    """Features computed now, in the shape of a pending result (the serial path)."""
+class Ready:
+    """Features already computed, in the shape of a pending result (the serial path)."""
 
-    def __init__(self, encode: Callable[[np.ndarray], np.ndarray], patches: np.ndarray):
-        self._features = encode(patches)
+    def __init__(self, features: np.ndarray):
+        self._features = features
 
     def result(self) -> np.ndarray:
         return self._features

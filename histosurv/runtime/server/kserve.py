@@ -20,7 +20,7 @@ from ..metrics import ServerMetrics
 from ..triton_config import PLATFORMS
 from ._proto import grpc_service_pb2 as pb
 from ._proto import grpc_service_pb2_grpc as pb_grpc
-from .models import LoadedModel, ModelNotFound, ModelStore, check_repository_name, now_ms
+from .models import LoadedModel, ModelNotFound, ModelStore, check_repository_name
 from .scheduler import QueueFull
 from .tensors import decode_inputs, encode_outputs
 
@@ -102,15 +102,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 stats.failed(reason, time.perf_counter_ns() - received)
                 await context.abort(code, message)
             finished = time.perf_counter_ns()
-            with stats.lock:
-                stats.inference_count += 1
-                stats.execution_count += 1
-                stats.last_inference_ms = now_ms()
-                stats.success.add(finished - received)
-                stats.queue.add(timed.queue_ns)
-                stats.compute_input.add(decoded - received)
-                stats.compute_infer.add(timed.run_ns)
-                stats.compute_output.add(finished - ran)
+            stats.executed(finished - received, timed.run_ns, timed.queue_ns, decoded - received, finished - ran)
             self.metrics.request_seconds.labels(model.name, version, "ModelInfer").observe((finished - received) / 1e9)
             self.metrics.queue_seconds.labels(model.name, version).observe(timed.queue_ns / 1e9)
             return response

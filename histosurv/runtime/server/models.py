@@ -55,6 +55,20 @@ class Statistics:
     pending: int = 0  # requests received and not yet running
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def executed(
+        self, total_ns: int, infer_ns: int, queue_ns: int = 0, input_ns: int = 0, output_ns: int = 0, inferences: int = 1
+    ) -> None:
+        """One successful request that ran in one execution of ``inferences`` items."""
+        with self.lock:
+            self.inference_count += inferences
+            self.execution_count += 1
+            self.last_inference_ms = now_ms()
+            self.success.add(total_ns)
+            self.queue.add(queue_ns)
+            self.compute_input.add(input_ns)
+            self.compute_infer.add(infer_ns)
+            self.compute_output.add(output_ns)
+
     def failed(self, reason: str, ns: int) -> None:
         with self.lock:
             self.fail.add(ns)

@@ -23,12 +23,12 @@ import numpy as np
 from ...data.features import Bag
 from ...errors import InputError
 from ..metrics import ServerMetrics
-from ..pipeline import PatchEncoder, SlideConfig, featurize_slide
+from ..pipeline import PatchEncoder, Ready, SlideConfig, featurize_slide
 from ..predict import FusionPredictor
 from ._proto import slide_service_pb2 as spb
 from ._proto import slide_service_pb2_grpc as spb_grpc
 from .kserve import failure_status
-from .models import LoadedModel, ModelNotFound, ModelStore, now_ms
+from .models import LoadedModel, ModelNotFound, ModelStore
 from .scheduler import QueueFull
 from .security import SlideRoots
 
@@ -122,6 +122,7 @@ class SlideService(spb_grpc.SlideServiceServicer):
             loop.call_soon_threadsafe(events.put_nowait, (stage, done, total))
 
         work = loop.run_in_executor(self._executor, featurize_slide, path, encoder, config, progress, submit)
+        getter = None
         try:
             while True:
                 getter = asyncio.ensure_future(events.get())
@@ -138,6 +139,9 @@ class SlideService(spb_grpc.SlideServiceServicer):
         except BaseException:
             cancelled.set()  # the worker stops at its next batch
             raise
+        finally:
+            if getter is not None and not getter.done():
+                getter.cancel()  # a cancelled slide must not leave its progress reader pending
 
     def _submit_function(self, encoder_model: LoadedModel, encoder: PatchEncoder, cancelled: threading.Event):
         """How the slide's batches reach the encoder: through its dynamic batcher, or (batching off)
@@ -150,14 +154,9 @@ class SlideService(spb_grpc.SlideServiceServicer):
             started = time.perf_counter_ns()
             features = encoder.encode(patches)
             ran = time.perf_counter_ns() - started
-            with stats.lock:
-                stats.inference_count += len(patches)
-                stats.execution_count += 1
-                stats.last_inference_ms = now_ms()
-                stats.success.add(ran)
-                stats.compute_infer.add(ran)
+            stats.executed(ran, ran, inferences=len(patches))
             observe(len(patches))
-            return _Ready(features)
+            return Ready(features)
 
         def batched(patches: np.ndarray):
             problem = encoder.spec.check(patches)
@@ -321,29 +320,13 @@ class SlideService(spb_grpc.SlideServiceServicer):
         return _Fused(response, timed.queue_ns, timed.run_ns)
 
     def _record(self, model: LoadedModel, rpc: str, received: int, finished: int, queue_ns: int, input_s: float, fused) -> None:
-        s = model.stats
-        with s.lock:
-            s.inference_count += 1
-            s.execution_count += 1
-            s.last_inference_ms = now_ms()
-            s.success.add(finished - received)
-            s.queue.add(queue_ns)
-            s.compute_input.add(int(input_s * 1e9))
-            s.compute_infer.add(fused.run_ns)
+        model.stats.executed(finished - received, fused.run_ns, queue_ns, int(input_s * 1e9))
         version = str(model.version.version)
         self.metrics.request_seconds.labels(model.name, version, rpc).observe((finished - received) / 1e9)
         self.metrics.queue_seconds.labels(model.name, version).observe(queue_ns / 1e9)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-class _Ready:
-    def __init__(self, features: np.ndarray):
-        self._features = features
-
-    def result(self) -> np.ndarray:
-        return self._features
 
 
 class _Queued:
