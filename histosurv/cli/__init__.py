@@ -10,7 +10,8 @@ from ..errors import HistosurvError
 
 __all__ = ["main"]
 
-COMMANDS = ("demo", "synth", "train", "export", "verify", "tile", "predict", "serve", "score")
+COMMANDS = ("demo", "synth", "train", "import", "export", "verify", "tile", "predict", "serve", "score")
+MODULES = {"import": "import_checkpoint"}  # a command named like a Python keyword
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"histosurv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        module = __import__(f"histosurv.cli.{name}", fromlist=["add_parser"])
+        module = __import__(f"histosurv.cli.{MODULES.get(name, name)}", fromlist=["add_parser"])
         module.add_parser(sub)
     return parser
 

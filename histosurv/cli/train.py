@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._options import add_dataclass_options, dataclass_values
+from ._options import add_dataclass_options, add_union_options, dataclass_values, given_values
 
 # Fields the data decides, not the user.
 DERIVED = ("n_genes", "feature_dim", "pos_scale")
@@ -13,25 +13,37 @@ DERIVED = ("n_genes", "feature_dim", "pos_scale")
 
 def add_parser(sub) -> None:
     from ..export.models import MODELS
-    from ..export.models.ammasurv import AMMASurvConfig
     from ..export.training import TrainConfig
 
     p = sub.add_parser(
         "train",
         help="train a survival model (seeded; early stopping on a validation split, scored on a test split)",
-        description="Writes a run directory (config, weights, history, splits, metrics) for 'histosurv export'.",
+        description="Writes a run directory (config, weights, history, splits, metrics) for 'histosurv export'. "
+        "Model options apply to the architectures named in their help; each keeps its own defaults.",
     )
     p.add_argument("--clinical", required=True, help="CSV: case_id, slide_id, survival_months, censorship (1 = censored)")
     p.add_argument("--genes", required=True, help="CSV: case_id and one column per gene")
-    p.add_argument("--features-dir", required=True, help="folder of CLAM h5 files, <slide_id>.h5")
+    p.add_argument(
+        "--features-dir",
+        help="folder of CLAM h5 files, <slide_id>.h5 (not for genes-only architectures, whose clinical table "
+        "may then have one row per case and no slide_id)",
+    )
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--gene-list", help="text file, one gene per line: the genes to use, in order (default: all)")
     p.add_argument("--architecture", default="ammasurv", choices=sorted(MODELS))
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true")
-    add_dataclass_options(p, AMMASurvConfig, exclude=DERIVED, title="model (AMMASurv)")
+    configs = {name: spec.config_cls for name, spec in MODELS.items()}
+    add_union_options(p, configs, exclude=DERIVED, title="model (see each option for the architectures it applies to)")
     add_dataclass_options(p, TrainConfig, title="training")
     p.set_defaults(handler=run)
+
+
+def model_values(args: argparse.Namespace, architecture: str) -> dict:
+    from ..export.models import MODELS
+
+    names = {f for spec in MODELS.values() for f in spec.config_cls.__dataclass_fields__}
+    return given_values(args, MODELS[architecture].config_cls, names, exclude=DERIVED)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.cohort import load_cohort
     from ..errors import InputError
-    from ..export.models import config_from_dict
-    from ..export.models.ammasurv import AMMASurvConfig
+    from ..export.models import MODELS, config_from_dict
     from ..export.run import save_run
     from ..export.training import TrainConfig, train
 
@@ -50,24 +61,22 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.out} already exists; choose another --out or pass --overwrite")
     genes = _gene_list(args.gene_list) if args.gene_list else None
     cohort = load_cohort(args.clinical, args.genes, args.features_dir, genes=genes)
+    fields = MODELS[args.architecture].config_cls.__dataclass_fields__
+    derived = {"n_genes": len(cohort.gene_names)}
+    if cohort.bags is not None:
+        derived.update(feature_dim=cohort.feature_dim, pos_scale=_patch_size_level0(cohort))
     try:
-        model_cfg = config_from_dict(
-            args.architecture,
-            dict(
-                dataclass_values(args, AMMASurvConfig, exclude=DERIVED),
-                n_genes=len(cohort.gene_names),
-                feature_dim=cohort.feature_dim,
-                pos_scale=_patch_size_level0(cohort),
-            ),
-        )
+        values = dict(model_values(args, args.architecture), **{k: v for k, v in derived.items() if k in fields})
+        model_cfg = config_from_dict(args.architecture, values)
         train_cfg = TrainConfig(**dataclass_values(args, TrainConfig))
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{args.architecture}: {e}") from e
+    what = f"{cohort.feature_dim}-d patch features" if cohort.bags is not None else "no patch features"
+    print(f"training {args.architecture} on {len(cohort.patients)} patients, {len(cohort.gene_names)} genes, {what}")
+    try:
+        result = train(cohort, args.architecture, model_cfg, train_cfg, log=print)
     except ValueError as e:
         raise InputError(str(e)) from e
-    print(
-        f"training {args.architecture} on {len(cohort.patients)} patients, {len(cohort.gene_names)} genes, "
-        f"{cohort.feature_dim}-d patch features"
-    )
-    result = train(cohort, args.architecture, model_cfg, train_cfg, log=print)
     save_run(args.out, result, cohort, overwrite=args.overwrite)
     print(
         f"best epoch {result.best_epoch}: validation c-index {result.val_c_index:.4f}, "

@@ -48,11 +48,11 @@ class Cohort:
     patients: list[Patient]
     genes: np.ndarray  # (P, G) float32, rows in patients order
     gene_names: list[str]
-    bags: BagStore
+    bags: BagStore | None  # None: a genes-only cohort
 
     @property
-    def feature_dim(self) -> int:
-        return int(self.bags.feature_dim)
+    def feature_dim(self) -> int | None:
+        return None if self.bags is None else int(self.bags.feature_dim)
 
     def times_events(self, idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         t = np.array([self.patients[i].time for i in idx], dtype=np.float64)
@@ -63,7 +63,7 @@ class Cohort:
 def load_cohort(
     clinical: str | os.PathLike,
     gene_table: str | os.PathLike,
-    features_dir: str | os.PathLike,
+    features_dir: str | os.PathLike | None,
     genes: Sequence[str] | None = None,
     check_bags: bool = True,
 ) -> Cohort:
@@ -71,13 +71,17 @@ def load_cohort(
 
     ``genes`` selects and orders gene columns (default: every numeric column of the table). With
     ``check_bags`` every bag is opened once, so a bad file fails now, named, not hours later.
+    Without ``features_dir`` the cohort is genes-only (for models that read no patches) and the
+    clinical table may have one row per case and no ``slide_id``.
     """
-    patients = patients_from_clinical(read_clinical(clinical))
+    patients = patients_from_clinical(read_clinical(clinical, require_slides=features_dir is not None))
     table = GeneTable.read(gene_table)
     names = list(genes) if genes is not None else table.numeric_genes()
     if not names:
         raise InputError(f"{gene_table}: the gene table has no numeric gene columns")
     vectors = table.vectors([p.case_id for p in patients], names)
+    if features_dir is None:
+        return Cohort(patients, vectors, names, None)
     store = BagStore(features_dir)
     if check_bags:
         for p in patients:
@@ -91,8 +95,10 @@ def case_files(patients: Sequence[Patient], features_dir: str | os.PathLike) -> 
     return [(p.case_id, [bag_path(features_dir, s) for s in p.slide_ids]) for p in patients]
 
 
-def encoder_metadata(store: BagStore, slide_ids: Sequence[str]) -> dict:
+def encoder_metadata(store: BagStore | None, slide_ids: Sequence[str]) -> dict:
     """Patch-encoder facts the bags agree on (encoder, patch size, µm/px), for the manifest."""
+    if store is None:
+        return {}
     keys = ("encoder", "patch_size", "patch_level", "patch_size_level0", "mpp")
     agreed: dict = {}
     for i, s in enumerate(slide_ids):

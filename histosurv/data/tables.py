@@ -53,16 +53,19 @@ def _require_columns(df: pd.DataFrame, columns: Sequence[str], path, what: str) 
         )
 
 
-def read_clinical(path: str | os.PathLike, require_outcome: bool = True) -> pd.DataFrame:
-    """Reads and validates a clinical CSV; ``require_outcome=False`` for prediction-only tables."""
+def read_clinical(path: str | os.PathLike, require_outcome: bool = True, require_slides: bool = True) -> pd.DataFrame:
+    """Reads and validates a clinical CSV; ``require_outcome=False`` for prediction-only tables,
+    ``require_slides=False`` for genes-only cohorts (one row per case, no ``slide_id``)."""
     df = _read_csv(path, "clinical table")
-    _require_columns(df, CLINICAL_COLUMNS if require_outcome else ID_COLUMNS, path, "clinical table")
-    for col in ID_COLUMNS:
+    ids = ID_COLUMNS if require_slides or "slide_id" in df.columns else ("case_id",)
+    _require_columns(df, (ids + OUTCOME_COLUMNS) if require_outcome else ids, path, "clinical table")
+    for col in ids:
         if df[col].isna().any():
             raise InputError(f"{path}: column '{col}' is empty on line {int(df[col].isna().idxmax()) + 2}")
-    dup = df["slide_id"][df["slide_id"].duplicated()]
+    key = "slide_id" if "slide_id" in ids else "case_id"
+    dup = df[key][df[key].duplicated()]
     if len(dup):
-        raise InputError(f"{path}: slide_id {dup.iloc[0]!r} appears more than once")
+        raise InputError(f"{path}: {key} {dup.iloc[0]!r} appears more than once")
     if require_outcome or all(c in df.columns for c in OUTCOME_COLUMNS):
         _check_outcomes(df, path)
     return df
@@ -104,7 +107,7 @@ def patients_from_clinical(df: pd.DataFrame) -> list[Patient]:
         patients.append(
             Patient(
                 case_id=str(case_id),
-                slide_ids=tuple(rows["slide_id"].astype(str)),
+                slide_ids=tuple(rows["slide_id"].astype(str)) if "slide_id" in rows else (),
                 time=float(first["survival_months"]) if has_outcome else float("nan"),
                 event=bool(first["censorship"] == 0) if has_outcome else False,
             )

@@ -221,4 +221,14 @@ def _version_info(model, run_config: dict, run_dir, engines: dict, files: dict) 
         training=training,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         histosurv_version=__version__,
+        modalities=modalities_of(model),
     )
+
+
+def modalities_of(model) -> dict[str, str]:
+    """What the model needs of each input, for the manifest and the runtime's checks."""
+    optional = set(getattr(model, "optional_inputs", ()))
+    found = {name: "optional" if name in optional else "required" for name in model.input_names}
+    for name in ("features", "genes"):
+        found.setdefault(name, "not used")
+    return found

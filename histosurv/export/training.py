@@ -23,7 +23,16 @@ from .concordance import concordance_index
 from .losses import assign_time_bins, cox_ph_loss, fit_time_bins, nll_discrete_loss
 from .models import build_model, risk_from_logits
 
-__all__ = ["TrainConfig", "Splits", "TrainResult", "split_patients", "train", "predict_patients", "seed_everything"]
+__all__ = [
+    "TrainConfig",
+    "Splits",
+    "TrainResult",
+    "split_patients",
+    "train",
+    "predict_patients",
+    "seed_everything",
+    "reads_patches",
+]
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,8 @@ def train(
     seed_everything(cfg.seed)
     splits = split_patients(cohort, cfg)
     model = build_model(architecture, model_config)
+    if reads_patches(model) and cohort.bags is None:
+        raise ValueError(f"{architecture} reads patch features, and this cohort has none (a features folder is needed)")
     _fit_gene_scaler(model, cohort.genes[list(splits.train)])
     head = model.cfg.survival_head
     bins = None
@@ -164,7 +175,10 @@ def _train_epoch(model, cohort: Cohort, train_idx, cfg: TrainConfig, optimizer, 
         batch = order[start : start + cfg.batch_size]
         if batch.size < 2:
             continue
-        logits = _patient_logits(model, *_sample_batch(cohort, batch, cfg.patches_per_slide, rng))
+        if reads_patches(model):
+            logits = _patient_logits(model, *_sample_batch(cohort, batch, cfg.patches_per_slide, rng))
+        else:
+            logits = model(genes=torch.from_numpy(cohort.genes[batch]))
         loss = _loss(model.cfg.survival_head, logits, cohort, batch, bins, cfg.alpha)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -204,11 +218,18 @@ def _loss(head: str, logits, cohort: Cohort, batch, bins, alpha: float):
     return nll_discrete_loss(logits, y, torch.from_numpy((~e).astype(np.float32)), alpha=alpha)
 
 
+def reads_patches(model) -> bool:
+    return "features" in model.input_names
+
+
 @torch.inference_mode()
 def predict_patients(model, cohort: Cohort, idx: Sequence[int]) -> np.ndarray:
-    """Patient risks with every patch of every slide, in eval mode: mean of the slide risks."""
+    """Patient risks with every patch of every slide, in eval mode: mean of the slide risks
+    (genes-only models: one risk per patient from its gene vector)."""
     model.eval()
     head = model.cfg.survival_head
+    if not reads_patches(model):
+        return risk_from_logits(model(genes=torch.from_numpy(cohort.genes[list(idx)])), head).numpy().astype(float)
     risks = []
     for i in idx:
         p = cohort.patients[i]

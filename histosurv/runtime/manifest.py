@@ -67,10 +67,17 @@ class VersionInfo:
     training: dict = field(default_factory=dict)
     created: str = ""
     histosurv_version: str = ""
+    # input name -> "required", "optional" (absent genes are fed as an all-NaN vector, which the
+    # graph treats as missing) or "not used"; empty in manifests written before the model zoo
+    modalities: dict = field(default_factory=dict)
 
     @property
     def gene_names(self) -> list[str]:
         return list(self.genes.get("names", []))
+
+    @property
+    def optional_inputs(self) -> list[str]:
+        return [name for name, how in self.modalities.items() if how == "optional"]
 
 
 @dataclass

@@ -97,7 +97,14 @@ class FusionPredictor:
             inputs[name] = np.ascontiguousarray(array, dtype=self.specs[name].dtype)
         return inputs
 
+    @property
+    def genes_optional(self) -> bool:
+        """The model was trained to run without genes (its manifest says so); absent genes go in as NaN."""
+        return "genes" in self.version.info.optional_inputs
+
     def check_genes(self, genes: np.ndarray | None) -> np.ndarray:
+        if genes is None and self.genes_optional:
+            return np.full(len(self.gene_names), np.nan, np.float32)
         if genes is None:
             raise InputError(
                 f"model {self.version.name!r} needs 'genes' ({len(self.gene_names)} values in the manifest's order)"
@@ -119,9 +126,12 @@ def score_cases(
     vectors = {}
     for case_id, _ in cases:
         if "genes" in predictor.specs:
-            if genes is None:
+            if genes is None and predictor.genes_optional:
+                vectors[case_id] = None
+            elif genes is None:
                 raise InputError(f"model {predictor.version.name!r} needs a gene table (genes for case {case_id!r})")
-            vectors[case_id] = predictor.genes_for(genes, case_id)
+            else:
+                vectors[case_id] = predictor.genes_for(genes, case_id)
     results = []
     for case_id, paths in cases:
         t0 = time.perf_counter()

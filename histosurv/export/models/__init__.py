@@ -13,6 +13,13 @@ from typing import Any
 from torch import nn
 
 from .ammasurv import AMMASurv, AMMASurvConfig
+from .abmil import ABMIL, ABMILConfig
+from .mcat import MCAT, MCATConfig
+from .snn import SNN, SNNConfig
+from .early_fusion import EarlyFusionConfig, EarlyFusionMIL
+from .ghanet import GHANet, GHANetConfig
+from .mome import MoMEConfig, MoMETransformer
+from .porpoise import PorpoiseConfig, PorpoiseMMF
 from .survival_head import risk_from_logits
 
 __all__ = ["MODELS", "ModelSpec", "build_model", "config_from_dict", "risk_from_logits"]
@@ -27,8 +34,17 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
+    "mcat": ModelSpec("mcat", MCATConfig, MCAT, "multimodal co-attention transformer (ICCV 2021)"),
+    "abmil": ModelSpec("abmil", ABMILConfig, ABMIL, "gated attention MIL, image only (MCAT's AMIL baseline)"),
+    "snn": ModelSpec("snn", SNNConfig, SNN, "self-normalising network, genes only (MCAT's SNN baseline)"),
+    "porpoise": ModelSpec("porpoise", PorpoiseConfig, PorpoiseMMF, "AMIL + SNN, gated Kronecker fusion (Cancer Cell 2022)"),
+    "early_fusion": ModelSpec("early_fusion", EarlyFusionConfig, EarlyFusionMIL, "gated-attention MIL over [patch; genes] instances"),
+    "mome": ModelSpec("mome", MoMEConfig, MoMETransformer, "mixture of multimodal experts (MICCAI 2024)"),
     "ammasurv": ModelSpec(
         "ammasurv", AMMASurvConfig, AMMASurv, "asymmetric multi-modal attention transformer (BIBM 2021)"
+    ),
+    "ghanet": ModelSpec(
+        "ghanet", GHANetConfig, GHANet, "genome-informed hyper-attention network, WSI-only inference (TMI 2025)"
     ),
 }
 

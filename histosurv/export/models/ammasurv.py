@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import ATTENTION_IMPLS, check_attention_impl
 from .positional import CoordinateEmbedding
 from .survival_head import n_outputs, risk_from_logits
 
 __all__ = ["AMMASurvConfig", "AMMASurv", "ATTENTION_IMPLS"]
 
-ATTENTION_IMPLS = ("sdpa", "naive")
 MODALITIES = ("both", "image", "genes")
 
 
@@ -128,8 +128,7 @@ class AsymmetricAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, dropout: float, impl: str = "sdpa"):
         super().__init__()
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        check_attention_impl(impl)
         self.heads, self.dropout, self.impl = heads, dropout, impl
         self.q = nn.Linear(dim, dim)  # W^Q, shared by both modalities
         self.kv = nn.Linear(dim, 2 * dim)  # W^K and W^V, applied to image tokens only

@@ -21,9 +21,44 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...errors import InputError
 from .survival_head import risk_from_logits
 
-__all__ = ["GeneScaler", "SurvivalModel", "genes_present"]
+__all__ = [
+    "ATTENTION_IMPLS",
+    "GeneScaler",
+    "SurvivalModel",
+    "genes_present",
+    "check_attention_impl",
+    "check_genes",
+    "check_features",
+]
+
+# "sdpa": F.scaled_dot_product_attention (fused in exported graphs); "naive": the reference
+# repositories' explicit softmax(QK^T)V. Models without dot-product attention accept both.
+ATTENTION_IMPLS = ("sdpa", "naive")
+
+
+def check_attention_impl(impl: str) -> None:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+
+
+def check_genes(genes: torch.Tensor | None, n_genes: int, model: str, hint: str = "") -> None:
+    """Refuses a missing or mis-sized (B, G) genes tensor with a message naming both sizes."""
+    if genes is None:
+        raise InputError(f"{model} reads gene expression: pass genes of shape (B, {n_genes})")
+    if genes.dim() != 2 or genes.shape[-1] != n_genes:
+        raise InputError(
+            f"{model} was built for {n_genes} genes{hint}, got a genes tensor of shape {tuple(genes.shape)}; "
+            f"expected (B, {n_genes}) in the manifest's gene order"
+        )
+
+
+def check_features(features: torch.Tensor | None, feature_dim: int, model: str) -> None:
+    if features is None or features.dim() != 3 or features.shape[-1] != feature_dim:
+        got = None if features is None else tuple(features.shape)
+        raise InputError(f"{model} reads patch features of shape (B, N, {feature_dim}), got {got}")
 
 
 class GeneScaler(nn.Module):

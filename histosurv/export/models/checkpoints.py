@@ -20,7 +20,14 @@ from torch import nn
 
 from ...errors import InputError
 
-__all__ = ["ReferenceFormat", "ImportReport", "read_checkpoint", "map_reference_keys", "load_reference_checkpoint"]
+__all__ = [
+    "ReferenceFormat",
+    "ImportReport",
+    "read_checkpoint",
+    "map_reference_keys",
+    "load_reference_checkpoint",
+    "strip_module_prefix",
+]
 
 # Reference checkpoints never hold the per-fold StandardScaler; the scaler stays the identity
 # (genes already standardised) unless set afterwards.
@@ -59,7 +66,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InputError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(obj).__name__}")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return strip_module_prefix(obj)
+
+
+def strip_module_prefix(state: dict) -> dict:
+    """Keys as the bare module has them (DataParallel saves 'module.<key>')."""
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def map_reference_keys(state: dict[str, torch.Tensor], fmt: ReferenceFormat) -> tuple[dict, list[str]]:

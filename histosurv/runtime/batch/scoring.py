@@ -57,7 +57,7 @@ class SlideScorer:
         self.predictor = FusionPredictor.from_repository(config.repository, config.model, config.version, config.engine)
         self.encoder = PatchEncoder.from_repository(config.repository, config.encoder, engine=config.encoder_engine)
         self.genes = GeneTable.read(config.genes) if config.genes else None
-        if "genes" in self.predictor.specs and self.genes is None:
+        if "genes" in self.predictor.specs and self.genes is None and not self.predictor.genes_optional:
             raise InputError(f"model {config.model!r} needs a gene table (--genes)")
         if self.genes is not None and "genes" in self.predictor.specs:
             self.genes.vectors([], self.predictor.gene_names)  # a gene missing from the table fails now, not per slide
