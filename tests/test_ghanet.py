@@ -214,3 +214,18 @@ def test_onnx_export_computes_k_from_n(tmp_path):
             with torch.no_grad():
                 baked = frozen.risk(x[None]).item()
             assert abs(baked - eager) / max(abs(eager), 0.01) > 1e-3, n
+
+
+def test_reconstruction_loss_trains_the_heads_and_checks_group_sizes():
+    torch.manual_seed(0)
+    cfg = dict(feature_dim=32, dim=32, heads=4, gate_hidden=16, compress_dim=16, recon_sizes=(2, 3, 1, 2, 4, 1))
+    model = build_model("ghanet", cfg).train()
+    features, genes = torch.rand(3, 20, 32), torch.randn(3, 13)
+    loss = model.auxiliary_loss(features, genes)
+    assert loss.ndim == 0 and float(loss) > 0
+    loss.backward()
+    head = model.recon_net.sig_reconstruct_net[4][-1].weight
+    assert head.grad is not None and head.grad.abs().sum() > 0  # the heads learn from it
+    assert build_model("ghanet", dict(cfg, recon_sizes=())).auxiliary_loss(features, genes) is None
+    with pytest.raises(ValueError, match="recon_sizes .* sum to 13 genes, the cohort has 12"):
+        model.auxiliary_loss(features, genes[:, :12])

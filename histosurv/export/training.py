@@ -125,7 +125,10 @@ def train(
     model = build_model(architecture, model_config)
     if reads_patches(model) and cohort.bags is None:
         raise ValueError(f"{architecture} reads patch features, and this cohort has none (a features folder is needed)")
-    _fit_gene_scaler(model, cohort.genes[list(splits.train)])
+    mean, scale = _gene_scaler(cohort.genes[list(splits.train)])
+    model.set_gene_scaler(torch.from_numpy(mean).float(), torch.from_numpy(scale).float())
+    # standardised genes for models that learn from genes they do not take at inference (G-HANet)
+    gene_targets = ((cohort.genes - mean) / scale).astype(np.float32)
     head = model.cfg.survival_head
     bins = None
     if head == "discrete":
@@ -136,7 +139,7 @@ def train(
     best_state, best, waited = None, -np.inf, 0
     for epoch in range(cfg.max_epochs):
         t0 = time.perf_counter()
-        train_loss = _train_epoch(model, cohort, splits.train, cfg, optimizer, rng, bins)
+        train_loss = _train_epoch(model, cohort, splits.train, cfg, optimizer, rng, bins, gene_targets)
         val_risk = predict_patients(model, cohort, splits.val)
         val_c = concordance_index(*cohort.times_events(splits.val), val_risk).c_index
         result.history.append(
@@ -160,14 +163,14 @@ def train(
     return result
 
 
-def _fit_gene_scaler(model, train_genes: np.ndarray) -> None:
+def _gene_scaler(train_genes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = train_genes.mean(axis=0)
     scale = train_genes.std(axis=0)
     scale[scale < 1e-8] = 1.0  # a constant gene carries no information; keep it finite
-    model.set_gene_scaler(torch.from_numpy(mean).float(), torch.from_numpy(scale).float())
+    return mean, scale
 
 
-def _train_epoch(model, cohort: Cohort, train_idx, cfg: TrainConfig, optimizer, rng, bins) -> float:
+def _train_epoch(model, cohort: Cohort, train_idx, cfg: TrainConfig, optimizer, rng, bins, gene_targets) -> float:
     model.train()
     order = rng.permutation(np.asarray(train_idx))
     losses = []
@@ -175,11 +178,17 @@ def _train_epoch(model, cohort: Cohort, train_idx, cfg: TrainConfig, optimizer, 
         batch = order[start : start + cfg.batch_size]
         if batch.size < 2:
             continue
+        auxiliary = None
         if reads_patches(model):
-            logits = _patient_logits(model, *_sample_batch(cohort, batch, cfg.patches_per_slide, rng))
+            features, coords, genes, owners, n = _sample_batch(cohort, batch, cfg.patches_per_slide, rng)
+            logits = _patient_logits(model, features, coords, genes, owners, n)
+            if hasattr(model, "auxiliary_loss"):
+                auxiliary = model.auxiliary_loss(features, torch.from_numpy(gene_targets[batch])[owners])
         else:
             logits = model(genes=torch.from_numpy(cohort.genes[batch]))
         loss = _loss(model.cfg.survival_head, logits, cohort, batch, bins, cfg.alpha)
+        if auxiliary is not None:
+            loss = loss + auxiliary
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -280,3 +280,22 @@ class GHANet(SurvivalModel):
     def predict_genes(self, features: torch.Tensor) -> list[torch.Tensor]:
         """CAB's gene reconstructions, one (B, g_i) per group, for the training loss."""
         return self.recon_net.reconstruct(self.recon_net(features)[0])
+
+    def auxiliary_loss(self, features: torch.Tensor, genes: torch.Tensor) -> torch.Tensor | None:
+        """The reference's reconstruction loss, added to the survival loss during training:
+        0.3 * sum over groups of (SCE cosine loss, alpha 3) + MSE between CAB's reconstruction and the
+        standardised genes of that group (``utils/coattn_train_utils.py``). ``genes`` (B, G) are split
+        by ``recon_sizes`` in order. The reference picks each group's genes per fold by a t-test;
+        here the gene list given to training decides them. None without reconstruction heads."""
+        if not self.cfg.recon_sizes:
+            return None
+        if genes.shape[1] != sum(self.cfg.recon_sizes):
+            raise ValueError(
+                f"recon_sizes {self.cfg.recon_sizes} sum to {sum(self.cfg.recon_sizes)} genes, the cohort has "
+                f"{genes.shape[1]}; the reconstruction targets are the genes split into those groups in order"
+            )
+        loss = genes.new_zeros(())
+        for pred, target in zip(self.predict_genes(features), torch.split(genes, list(self.cfg.recon_sizes), dim=1)):
+            cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-12)
+            loss = loss + (1 - cos).pow(3).mean() + F.mse_loss(pred, target)
+        return 0.3 * loss
