@@ -27,6 +27,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/engines.py
+	$(BIN)/python bench/models.py
 	$(BIN)/python bench/slides.py --svs "$$($(BIN)/python -c "from histosurv.data.demo_slide import demo_slide; print(demo_slide())")"
 	$(BIN)/python bench/server.py
 	$(BIN)/python bench/batch.py

@@ -20,6 +20,7 @@ import psutil
 import torch
 from torch import nn
 
+from _cli import reset_peak_rss
 from histosurv.export.models import build_model
 from histosurv.export.models.ammasurv import AMMASurvConfig
 from histosurv.export.onnx_export import example_inputs
@@ -144,14 +145,3 @@ def measure(run, repeat: int, budget_s: float, cuda: bool) -> dict:
     if cuda:  # torch's allocator only: ONNX Runtime's and TensorRT's own device memory is not in it
         result["gpu_extra_bytes"] = torch.cuda.max_memory_allocated() - gpu_baseline
     return result
-
-
-def reset_peak_rss() -> bool:
-    """Forgets the peak so far (Linux >= 4.0), so transients while loading (torch's import, ORT's graph
-    optimiser) are not counted as the forward pass's memory. False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True

@@ -51,6 +51,8 @@ from pathlib import Path
 
 import psutil
 
+from _cli import choice_list, int_list
+
 SCRIPT = Path(__file__).resolve()
 EAGER = ("naive", "sdpa")
 ARTIFACT_ENGINES = ("onnxruntime", "onnxruntime_fp16", "torch", "torch_cuda", "tensorrt")
@@ -82,9 +84,9 @@ def _installed(distribution: str) -> bool:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=_int_list, default=[1024, 4096, 16384, 65536], help="bag sizes N, comma-separated")
+    p.add_argument("--sizes", type=int_list, default=[1024, 4096, 16384, 65536], help="bag sizes N, comma-separated")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the engines run (default: cpu)")
-    p.add_argument("--engines", type=_engine_list, help=f"comma-separated subset of {','.join(ENGINES)} "
+    p.add_argument("--engines", type=choice_list(ENGINES, "engines"), help=f"comma-separated subset of {','.join(ENGINES)} "
                    "(default: cpu: naive,sdpa,onnxruntime,torch; cuda: naive,sdpa,torch_cuda and what is installed)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement, after one warm-up")
     p.add_argument("--budget", type=float, default=120, help="seconds of timed runs per measurement, at least one run")
@@ -101,18 +103,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if wrong in args.engines:
         p.error(f"engine {wrong} is not the compiled-torch package for --device {args.device}")
     return args
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _engine_list(text: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = sorted(set(names) - set(ENGINES))
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown engines {unknown}; choose from {', '.join(ENGINES)}")
-    return names
 
 
 def main(argv=None) -> int:
