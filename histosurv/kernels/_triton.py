@@ -1,0 +1,110 @@
+"""Whether the Triton kernels can run here, and the launch facts they share.
+
+Triton is an optional dependency (the ``dev`` extra, Linux only): nothing here imports it at module
+level, so ``import histosurv.kernels`` works without it and the public functions fall back to torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Any, NamedTuple
+
+import torch
+
+from ..errors import InputError
+
+__all__ = [
+    "Launch", "interpreting", "launch_all", "next_pow2", "target_programs", "triton_available", "triton_unavailable_reason",
+    "use_triton",
+]
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@functools.lru_cache(maxsize=1)
+def _probe() -> str | None:
+    """None when ``import triton`` works, else why not (one line)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install failing at import time
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package imports (it still needs a CUDA device or ``TRITON_INTERPRET=1``)."""
+    return _probe() is None
+
+
+def triton_unavailable_reason() -> str:
+    reason = _probe()
+    return "" if reason is None else f"triton cannot be imported ({reason}); install it with pip install 'triton>=3.9'"
+
+
+def interpreting() -> bool:
+    """Triton's interpreter runs kernels on the CPU (slowly): read once, when triton.jit decorates."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs fill the device: a few per SM keep enough loads in flight to saturate HBM.
+    On the CPU (interpreter) a handful, enough to exercise the split and merge paths."""
+    if device.type != "cuda":
+        return 16
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def use_triton(backend: str, device: torch.device, unsupported: str, what: str) -> bool:
+    """Resolve ``backend`` ("auto", "triton" or "torch") to True (run the Triton kernel) or False (torch).
+
+    ``unsupported`` says why the kernel cannot take these inputs ("" when it can). "auto" takes Triton
+    for CUDA tensors it supports and torch otherwise; "triton" insists and raises when it cannot run
+    (on CPU tensors it needs ``TRITON_INTERPRET=1``, which is how the tests run it).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{what}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{what}: backend='triton' but {triton_unavailable_reason()}")
+        if unsupported:
+            raise InputError(f"{what}: backend='triton' cannot run these inputs: {unsupported}")
+        if device.type != "cuda" and not interpreting():
+            raise RuntimeError(f"{what}: backend='triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1")
+        return True
+    if device.type != "cuda" or unsupported:
+        return False
+    if not triton_available():
+        warn_fallback_once(what)
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def warn_fallback_once(what: str) -> None:
+    """nanoGPT's habit: a CUDA tensor on the slow path says so once, instead of silently."""
+    warnings.warn(f"{what}: CUDA tensors but {triton_unavailable_reason()}; using the torch fallback", stacklevel=3)
+
+
+class Launch(NamedTuple):
+    """One kernel launch, ``kernel[grid](*args, **meta)``. The wrappers plan their launches apart from
+    running them, so that ``bench/kernels.py --compile-only`` can compile for a GPU exactly what a call
+    would launch, on a machine without one."""
+
+    kernel: Any
+    grid: tuple
+    args: tuple
+    meta: dict
+
+
+def launch_all(launches: list[Launch]) -> None:
+    for launch in launches:
+        launch.kernel[launch.grid](*launch.args, **launch.meta)
