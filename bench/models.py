@@ -29,7 +29,7 @@ adds AMMASurv, which bench/engines.py covers in depth, as a last reference row) 
     reused, and the chunks' risks are averaged. The engine runs the whole bag in one pass (histosurv's
     deterministic inference), so its risk differs from the baseline's; the rows time each one's way
     of producing a patient's risk. Eager MoME runs only the expert the router picks, as the reference
-    does; the exported graph runs every expert and selects (see histosurv/export/models/mome.py).
+    does; so does the exported single-bag graph, through ONNX If nodes (see histosurv/export/models/mome.py).
   - ammasurv (optional): attention over all N + 1 + m tokens, the (N + 1 + m) x (N + 1) score matrix
     materialised per head; skipped where it would not fit in 60% of the available memory.
 

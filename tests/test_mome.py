@@ -123,15 +123,37 @@ def _ort(path, inputs: dict):
     return session.run(None, {k: v.numpy() for k, v in inputs.items()})
 
 
+def _ops_in_every_graph(graph, ops=None):
+    """op counts of ``graph`` and of every subgraph inside it (If branches), recursively."""
+    import collections
+
+    import onnx
+
+    ops = collections.Counter() if ops is None else ops
+    for node in graph.node:
+        ops[f"{node.domain or 'ai.onnx'}::{node.op_type}"] += 1
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _ops_in_every_graph(sub, ops)
+    return ops
+
+
 def test_exported_graph_routes_like_eager_at_every_n(tmp_path):
-    """The bags below take different routes (N = 300 and 1000 of seed 2 among them) and reach all four
-    experts; the graph, exported at N = 37, must select as eager does: risk and attention agree."""
+    """The serving graph routes each MoME layer with ONNX If (only the chosen expert runs). The bags
+    below take different routes (N = 300 and 1000 of seed 2 among them) and reach all four experts;
+    the graph, exported at N = 37, must select as eager does: risk and attention agree."""
+    import onnx
+
+    from histosurv.export.models.mome import LAYERS
     from histosurv.export.onnx_export import SingleBag, export_onnx
 
     model = _tiny_model()
-    export_onnx(model, tmp_path / "mome.onnx")
+    facts = export_onnx(model, tmp_path / "mome.onnx")
+    assert facts["ops"]["ai.onnx::If"] == 3 * len(LAYERS)  # e == 0, 1, 2 per layer; DropX2Fusion otherwise
+    everywhere = _ops_in_every_graph(onnx.load(str(tmp_path / "mome.onnx")).graph)
+    assert not [op for op in everywhere if "Attention" in op], everywhere  # none hidden in an If branch either
     routes = {}
-    for n, seed in [(1, 0), (17, 1), (300, 2), (1000, 2), (300, 3), (1000, 5)]:
+    for n, seed in [(1, 0), (17, 1), (300, 2), (1000, 2), (300, 3), (1000, 5), (16384, 2)]:
         features, genes = _tiny_bag(model, n, seed)
         with torch.no_grad():
             routes[n, seed] = model.route(features, genes)[1][0].tolist()
@@ -141,6 +163,20 @@ def test_exported_graph_routes_like_eager_at_every_n(tmp_path):
         assert abs(got_attention - attention.numpy()).max() <= 1e-4 * abs(attention.numpy()).max(), (n, seed)
     assert routes[300, 2] != routes[1000, 2]
     assert {e for r in routes.values() for e in r} == {0, 1, 2, 3}
+
+
+def test_exported_batch_still_selects_per_patient():
+    """Exported with a batch of two differently routed bags there is no scalar route: the graph runs
+    every expert and selects each patient's (where), as eager does."""
+    model = _tiny_model()
+    a, b, _, _ = _differently_routed(model)
+    batch = [torch.cat([x, y]) for x, y in zip(a, b)]
+    with torch.no_grad():
+        program = torch.export.export(model, (batch[0], None, batch[1]), strict=False)
+        want = model(batch[0], None, batch[1])
+    targets = {str(n.target) for n in program.graph.nodes}
+    assert not any("cond" in t for t in targets) and "aten.where.self" in targets
+    assert (program.module()(batch[0], None, batch[1]) - want).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("n", [1, 100, 256, 300, 700])

@@ -150,12 +150,22 @@ def _dynamo_export(model: nn.Module, opset: int, max_bag: int):
 def _save_checked(model: nn.Module, proto, path, attention_op: str) -> collections.Counter:
     import onnx
 
-    ops = collections.Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in proto.graph.node)
+    ops = collections.Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in _all_nodes(proto.graph))
     _check_attention_fused(model, ops, attention_op)
     with atomic_path(path, suffix=".onnx") as tmp:
         onnx.save_model(proto, str(tmp))
         onnx.checker.check_model(str(tmp))
     return ops
+
+
+def _all_nodes(graph):
+    """Every node, those inside If/Loop subgraphs (MoME's routing) included: an attention hidden in a
+    branch must be counted like any other."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_nodes(sub)
 
 
 def _facts(path, opset: int, ops: collections.Counter, max_bag: int) -> dict:

@@ -102,7 +102,10 @@ def export_model(
         if "onnxruntime_fp16" in artifacts:
             log("writing the FP16 graph (for GPU providers) ...")
             engines["onnxruntime_fp16"] = export_onnx_fp16(model, tmp / "model.onnx", tmp / FP16_GRAPH)
-        if "torch" in artifacts:
+        not_built = {a: why for a, why in getattr(model, "unsupported_artifacts", {}).items() if a in artifacts}
+        for artifact, why in not_built.items():
+            log(f"not building {artifact}: {why}")
+        if "torch" in artifacts and "torch" not in not_built:
             key, file, device = _torch_artifact()
             log(f"compiling {file} with AOTInductor for {device} (about a minute) ...")
             from .torch_export import export_pt2
@@ -110,6 +113,7 @@ def export_model(
             engines[key] = export_pt2(model, tmp / file, device=device)
         files = write_reference(tmp, model.state_dict())
     info = _version_info(model, run_config, run_dir, engines, files)
+    info.not_built = not_built
     return publish_version(repository, manifest, version, info)
 
 
@@ -134,6 +138,9 @@ def add_engine(
 
         if any(t.name == "patches" for t in mv.inputs):
             raise RepositoryError(f"{mv.path}: patch encoders are served by ONNX Runtime; no torch package for them")
+        why = mv.info.not_built.get("torch")
+        if why:
+            raise RepositoryError(f"{mv.path}: no torch package for {mv.info.architecture}: {why}")
         key, file, device = _torch_artifact(options.pop("device", None))
         log(f"compiling {file} with AOTInductor for {device} (about a minute) ...")
         build = lambda path: export_pt2(reference_model(mv), path, device=device, **options)  # noqa: E731

@@ -70,6 +70,7 @@ class VersionInfo:
     # input name -> "required", "optional" (absent genes are fed as an all-NaN vector, which the
     # graph treats as missing) or "not used"; empty in manifests written before the model zoo
     modalities: dict = field(default_factory=dict)
+    not_built: dict = field(default_factory=dict)  # artifact -> why this architecture cannot have it
 
     @property
     def gene_names(self) -> list[str]:

@@ -23,8 +23,9 @@ Deviations from the reference, each for the runtime:
   the bag. Expect small differences from its reported numbers on bags above 4096 patches.
 * The reference's ``BottleneckTransFusion.bottleneck`` and ``cls_multimodal`` are plain tensors made
   with ``torch.rand(...).cuda()``; here they are parameters, so they travel with the weights.
-* Every expert is computed and each patient's is selected inside the graph (see :class:`MoME`), so a
-  batch may mix patients routed differently, and an exported graph routes at every N.
+* The routing is inside the exported graph, so it routes at every N (see :class:`MoME`): the serving
+  graph (one bag) branches on the route with ONNX ``If`` and runs only the chosen expert; a batch runs
+  every expert and selects each patient's, so it may mix patients routed differently.
 * Nystrom attention's padding follows N at run time, and its pseudo-inverse scale is per bag (see
   :mod:`.nystrom`); at batch size 1 this is the reference's computation.
 * At N = 1 the reference fails (``squeeze()`` drops the patch axis); here N = 1 is a bag of one patch.
@@ -197,16 +198,21 @@ class RoutingNetwork(nn.Module):
 class MoME(nn.Module):
     """One MoME layer: refines x1 with x2 through the expert the router picks for each patient.
 
-    NOTE: in an exported graph every expert runs on the whole batch and each patient's output is
-    selected by the router's argmax (a chain of ``where``), inside the graph. That is exact (a
-    selection, no arithmetic on the outputs), lets one batch hold patients routed to different
-    experts, has no control flow (TensorRT builds it as is) and routes correctly at every N in ONNX
-    Runtime. An ONNX ``If`` would skip the unchosen experts but needs one scalar condition, i.e.
-    batch size 1, and subgraphs over symbolic shapes. The price is compute: per layer up to three
-    Nystrom attentions (TransFusion, BottleneckTransFusion's two) instead of at most two, each with
-    its fixed-cost (m x m) pseudo-inverse; AddFusion and DropX2Fusion are cheap.
-    Eager PyTorch skips the experts that no patient of the batch chose (a Python branch on the
-    routing, which an exported graph cannot hold); the selection, and so every number, is the same.
+    NOTE: routing in an exported graph. The serving graph is one bag (``SingleBag`` adds a batch axis
+    of 1), so the route is one scalar per layer, and the layer exports as ``torch.cond`` on it, which
+    becomes ONNX ``If`` (TensorRT: conditional layers): the runtime runs the chosen expert only, as
+    eager does. Every expert on the bag and a ``where`` selection instead cost per layer up to three
+    Nystrom attentions where at most two are needed (each with its fixed-cost m x m pseudo-inverse)
+    and made the ONNX Runtime graph about 3x slower than eager. The conds form a chain, not a tree:
+    out = x1 (DropX2Fusion), then ``out = cond(e == i, expert_i, keep)`` for i = 0, 1, 2, three
+    top-level ``If`` per layer whose untaken branch is one Identity; nested conds (a balanced tree)
+    export to the same computation but took twice as long to trace. Each branch returns a fresh
+    tensor in x1's shape, dtype and standard strides, as ``torch.cond`` requires.
+    A batch of several bags has no scalar route: every expert runs on the batch and each patient's
+    output is selected by the router's argmax (a chain of ``where``), exact (a selection, no
+    arithmetic on the outputs), so a batch may mix patients routed differently. Eager PyTorch skips
+    the experts that no patient of the batch chose (a Python branch on the routing, which a graph
+    cannot hold); the selection, and so every number, is the same on every path.
     """
 
     def __init__(self, cfg: MoMEConfig):
@@ -220,13 +226,32 @@ class MoME(nn.Module):
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> refined x1 (B, T1, D) and the chosen expert per patient (B,) (index into EXPERTS)."""
         choice = self.routing_network(x1, x2).argmax(dim=1)  # (B,), the first maximum, as the reference
-        run_all = torch.compiler.is_exporting()
+        exporting = torch.compiler.is_exporting()
+        if exporting and x1.shape[0] == 1:
+            return self._one_expert(choice[0], x1, x2), choice
         out = torch.zeros_like(x1)
         for i, name in enumerate(EXPERTS):
             chosen = choice == i  # (B,)
-            if run_all or bool(chosen.any()):
+            if exporting or bool(chosen.any()):
                 out = torch.where(chosen[:, None, None], getattr(self, name)(x1, x2), out)
         return out, choice
+
+    def _one_expert(self, e: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` (a 0-d index) on one bag: DropX2Fusion's x1, replaced by expert i's output in the
+        ``torch.cond`` (ONNX ``If``) on e == i for i = 0, 1, 2; only the chosen expert runs."""
+
+        def expert(module):
+            # a copy in standard strides: the branches of a cond must return equal strides, and an expert's
+            # x1 slice of a longer sequence has a batch stride of its own (an Identity node in ONNX)
+            return lambda a, b, kept: module(a, b).clone(memory_format=torch.contiguous_format)
+
+        def keep(a, b, kept):
+            return kept.clone()  # a branch may not return one of its inputs
+
+        out = self.DropX2Fusion(x1, x2)
+        for i, name in enumerate(EXPERTS[:3]):
+            out = torch.cond(e == i, expert(getattr(self, name)), keep, (x1, x2, out))
+        return out
 
 
 class MoMETransformer(SurvivalModel):
@@ -251,6 +276,12 @@ class MoMETransformer(SurvivalModel):
             "and pass MoMETransformer.extras_from_reference(reference_model) as extra"
         ),
     )
+
+    # torch.export (AOTInductor) cannot yet prove the Nystrom padding guards (N mod landmarks) for a
+    # dynamic N; the ONNX exporter can, so MoME is served from model.onnx
+    unsupported_artifacts = {
+        "torch": "torch.export cannot prove Nystrom attention's padding guards for a dynamic bag size; serve model.onnx"
+    }
 
     def __init__(self, cfg: MoMEConfig, attention_impl: str = "sdpa"):
         super().__init__()
