@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 
-__all__ = ["int_list", "choice_list", "reset_peak_rss"]
+__all__ = ["int_list", "choice_list", "reset_peak_rss", "run_measurement"]
 
 
 def int_list(text: str) -> list[int]:
@@ -33,3 +36,28 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def run_measurement(cmd: list[str], threads: int, timeout: float) -> dict:
+    """Runs one measurement in a fresh process; its last stdout line is its JSON result. A crash, a
+    timeout or an out-of-memory kill becomes a row saying so."""
+    # Pin OpenMP/MKL pools before the child imports torch, so no pool is ever sized to every core.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:  # subprocess.run has already killed the child
+        return {"status": "timeout", "detail": f"timed out after {timeout:g} s"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return {"status": "failed", "detail": _failure(proc)}
+    try:
+        return {"status": "ok", **json.loads(lines[-1])}
+    except json.JSONDecodeError:
+        return {"status": "failed", "detail": f"unreadable result: {lines[-1][:200]}"}
+
+
+def _failure(proc: subprocess.CompletedProcess) -> str:
+    if proc.returncode == -9:
+        return "killed by SIGKILL (out of memory?)"
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"exit status {proc.returncode}: {last[:300]}"

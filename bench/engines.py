@@ -44,14 +44,13 @@ import importlib.util
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import psutil
 
-from _cli import choice_list, int_list
+from _cli import choice_list, int_list, run_measurement
 
 SCRIPT = Path(__file__).resolve()
 EAGER = ("naive", "sdpa")
@@ -157,26 +156,7 @@ def run_child(child_args: list[str], args: argparse.Namespace) -> dict:
         "--device", args.device, "--engines", ",".join(args.engines), "--sizes", ",".join(map(str, args.sizes)),
         "--budget", str(args.budget),
     ]
-    # Pin OpenMP/MKL pools before the child imports torch, so no pool is ever sized to every core.
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    except subprocess.TimeoutExpired:  # subprocess.run has already killed the child
-        return {"status": "timeout", "detail": f"timed out after {args.timeout:g} s"}
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        return {"status": "failed", "detail": _failure(proc)}
-    try:
-        return {"status": "ok", **json.loads(lines[-1])}
-    except json.JSONDecodeError:
-        return {"status": "failed", "detail": f"unreadable result: {lines[-1][:200]}"}
-
-
-def _failure(proc: subprocess.CompletedProcess) -> str:
-    if proc.returncode == -9:
-        return "killed by SIGKILL (out of memory?)"
-    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return f"exit status {proc.returncode}: {last[:300]}"
+    return run_measurement(cmd, args.threads, args.timeout)
 
 
 def measure_one(engine: str, n: int, repo: str, facts: dict, args: argparse.Namespace) -> dict:

@@ -64,7 +64,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,7 +71,7 @@ from pathlib import Path
 
 import psutil
 
-from _cli import choice_list, int_list, reset_peak_rss
+from _cli import choice_list, int_list, reset_peak_rss, run_measurement
 
 SCRIPT = Path(__file__).resolve()
 BLCA_OMIC_SIZES = [94, 334, 521, 468, 1495, 479]  # MCAT's and MoME's BLCA signature groups
@@ -168,26 +167,7 @@ def run_child(child_args: list[str], args: argparse.Namespace) -> dict:
     """Runs this script in a fresh process; its last stdout line is its JSON result."""
     cmd = [sys.executable, str(SCRIPT), "--child", *child_args, "--repeat", str(args.repeat),
            "--threads", str(args.threads), "--budget", str(args.budget), "--seed", str(args.seed)]
-    # Pin OpenMP/MKL pools before the child imports torch, so no pool is ever sized to every core.
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    except subprocess.TimeoutExpired:  # subprocess.run has already killed the child
-        return {"status": "timeout", "detail": f"timed out after {args.timeout:g} s"}
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        return {"status": "failed", "detail": _failure(proc)}
-    try:
-        return {"status": "ok", **json.loads(lines[-1])}
-    except json.JSONDecodeError:
-        return {"status": "failed", "detail": f"unreadable result: {lines[-1][:200]}"}
-
-
-def _failure(proc: subprocess.CompletedProcess) -> str:
-    if proc.returncode == -9:
-        return "killed by SIGKILL (out of memory?)"
-    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return f"exit status {proc.returncode}: {last[:300]}"
+    return run_measurement(cmd, args.threads, args.timeout)
 
 
 def measure_one(name: str, kind: str, n: int, repo: str, prep: dict, args: argparse.Namespace) -> dict:
@@ -516,9 +496,6 @@ def others_cpu_percent(machine_before, own_before, wall_s: float) -> float | Non
     if wall_s < MIN_CONTENTION_WINDOW_S:  # /proc/stat counts in 10 ms ticks: too coarse to tell
         return None
     return min(100.0, max(0.0, 100 * others / (wall_s * (psutil.cpu_count() or 1))))
-
-
-
 
 
 if __name__ == "__main__":
