@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 
-__all__ = ["int_list", "choice_list", "reset_peak_rss", "run_measurement"]
+__all__ = ["int_list", "choice_list", "reset_peak_rss", "run_measurement", "print_aligned"]
 
 
 def int_list(text: str) -> list[int]:
@@ -61,3 +61,12 @@ def _failure(proc: subprocess.CompletedProcess) -> str:
         return "killed by SIGKILL (out of memory?)"
     last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return f"exit status {proc.returncode}: {last[:300]}"
+
+
+def print_aligned(header: list[str], body: list[list[str]], left: tuple[int, ...]) -> None:
+    """A plain-text table: columns ``left`` (names, notes) left-aligned, numbers right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    print()
+    for r in [header, ["-" * w for w in widths], *body]:
+        cells = (c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        print("  ".join(cells).rstrip())

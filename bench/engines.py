@@ -50,7 +50,7 @@ from pathlib import Path
 
 import psutil
 
-from _cli import choice_list, int_list, run_measurement
+from _cli import choice_list, int_list, print_aligned, run_measurement
 
 SCRIPT = Path(__file__).resolve()
 EAGER = ("naive", "sdpa")
@@ -337,13 +337,7 @@ def print_header(facts: dict, args: argparse.Namespace) -> None:
 def print_table(rows: list[dict]) -> None:
     header = ["N", "engine", "device", "median ms", "peak MB", "extra MB", "GPU MB", "attn GFLOP/s", "% peak",
               "speed-up", "memory", "vs sdpa", "baseline"]
-    body = [table_cells(row) for row in rows]
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    print()
-    for r in [header, ["-" * w for w in widths], *body]:
-        # Numbers right-aligned, names and notes left-aligned.
-        cells = (c.ljust(w) if i in (1, 2, 12) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        print("  ".join(cells).rstrip())
+    print_aligned(header, [table_cells(row) for row in rows], left=(1, 2, 12))
 
 
 def table_cells(row: dict) -> list[str]:

@@ -71,7 +71,7 @@ from pathlib import Path
 
 import psutil
 
-from _cli import choice_list, int_list, reset_peak_rss, run_measurement
+from _cli import choice_list, int_list, print_aligned, reset_peak_rss, run_measurement
 
 SCRIPT = Path(__file__).resolve()
 BLCA_OMIC_SIZES = [94, 334, 521, 468, 1495, 479]  # MCAT's and MoME's BLCA signature groups
@@ -264,12 +264,7 @@ def _short(cfg: dict) -> str:
 
 def print_table(rows: list[dict]) -> None:
     header = ["model", "N", "engine", "median ms", "peak MB", "extra MB", "speed-up", "memory", "risk", "others", "note"]
-    body = [table_cells(row) for row in rows]
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    print()
-    for r in [header, ["-" * w for w in widths], *body]:
-        cells = (c.ljust(w) if i in (0, 2, 10) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        print("  ".join(cells).rstrip())
+    print_aligned(header, [table_cells(row) for row in rows], left=(0, 2, 10))
 
 
 def table_cells(row: dict) -> list[str]:
