@@ -112,6 +112,18 @@ def test_ops_trace_with_torch_export(ops_loaded):
     assert any("histosurv.few_query_attention" in t for t in targets), targets
 
 
+def test_models_trace_with_the_cuda_ops_in_place_of_sdpa_and_pooling(ops_loaded):
+    """What ``histosurv export --add-engine torch --kernels cuda`` compiles (on a GPU): G-HANet's serving
+    graph with a dynamic bag size calls the CUDA C++ ops at its three kernel sites."""
+    from histosurv.export.models import build_model
+    from histosurv.export.torch_export import trace_serving
+
+    config = dict(feature_dim=32, dim=64, heads=4, ffn_mult=2, gate_hidden=16, compress_dim=16)
+    program, calls = trace_serving(build_model("ghanet", config).eval(), torch.device("cpu"), kernels="cuda")
+    assert calls == {"histosurv.few_query_attention": 2, "histosurv.gated_attention_pool": 1}
+    assert len(program.range_constraints) == 1  # the bag size N stayed symbolic through the ops' fakes
+
+
 def test_op_has_no_cpu_kernel(ops_loaded):
     x = torch.randn(1, 1, 2, 8)
     with pytest.raises(NotImplementedError, match="CPU"):

@@ -32,6 +32,13 @@ def add_parser(sub) -> None:
     p.add_argument("--max-bag", type=int, default=65536, help="tensorrt: largest bag the plan accepts (default: 65536)")
     p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="tensorrt: default fp16")
     p.add_argument("--replace", action="store_true", help="--add-engine: rebuild an engine the version already has")
+    p.add_argument(
+        "--kernels",
+        choices=["triton", "cuda"],
+        help="--add-engine torch on a GPU: compile histosurv's fused kernels into the package for the few-query "
+        "attentions and gated attention pooling over the bag (triton: built into the package; cuda: the CUDA C++ "
+        "ops, needs libhistosurv_kernels.so where it runs). Default: SDPA and torch pooling",
+    )
     p.set_defaults(handler=run)
 
 
@@ -48,6 +55,8 @@ def _artifacts(text: str) -> tuple[str, ...]:
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
 
+    if args.kernels and not args.add_engine:
+        raise InputError("--kernels goes with --add-engine torch, run on the GPU that will serve the package")
     if args.encoder:
         return _export_encoder(args)
     if args.add_engine:
@@ -75,7 +84,11 @@ def _add_engine(args: argparse.Namespace) -> int:
 
     if not args.name:
         raise InputError("--add-engine needs --name, the model to build it for")
+    if args.kernels and args.add_engine != "torch":
+        raise InputError(f"--kernels goes with --add-engine torch (TensorRT takes its kernels as plugins), not {args.add_engine}")
     options = {"max_bag": args.max_bag, "precision": args.precision} if args.add_engine == "tensorrt" else {}
+    if args.kernels:
+        options["kernels"] = args.kernels
     mv, key = add_engine(args.repo, args.name, args.add_engine, args.version, args.replace, log=print, **options)
     entry = mv.info.engines[key]
     print(f"built {mv.path / entry['file']} ({key}); check it with: histosurv verify --repo {args.repo} "

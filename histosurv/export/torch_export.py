@@ -9,6 +9,12 @@ records all three and the runtime refuses a package built elsewhere.
 Attention stays fused: Inductor keeps every ``scaled_dot_product_attention`` as a call into a fused
 kernel (flash attention on the CPU; flash or memory-efficient on CUDA) instead of an N x N matrix.
 The export counts those calls in the generated wrapper and refuses a package where one is missing.
+
+With ``kernels`` ("triton" or "cuda", CUDA packages only) the trace runs inside
+:func:`histosurv.kernels.routing.use_kernels`: the few-query attentions and the gated attention
+pooling over the bag become calls of histosurv's kernel ops. Triton kernels are compiled into the
+package; the CUDA C++ ops are called by name, so ``libhistosurv_kernels.so`` must be loaded where the
+package runs (the torch engine does that when the manifest entry says ``kernels: cuda``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import torch
 from torch import nn
 
 from ..data.atomic import atomic_path
+from ..errors import InputError
+from ..kernels.routing import KERNEL_BACKENDS, kernel_calls, use_kernels
 from .onnx_export import EXAMPLE_N, FusedAttentionMissing, SingleBag, _quiet_exporter, example_inputs
 
 __all__ = ["export_pt2", "cuda_capability", "PT2_FILE"]
@@ -37,18 +45,31 @@ def cuda_capability(device: str | torch.device = "cuda") -> str:
     return f"{major}.{minor}"
 
 
-def export_pt2(model: nn.Module, path: str | os.PathLike, device: str = "cpu", max_bag: int = 1 << 20) -> dict:
+def export_pt2(
+    model: nn.Module, path: str | os.PathLike, device: str = "cpu", max_bag: int = 1 << 20, kernels: str | None = None
+) -> dict:
     """Compiles ``model``'s serving signature for ``device`` into ``path`` (atomically); returns the
-    manifest entry. Takes tens of seconds: Inductor generates and compiles C++ (and Triton on CUDA)."""
+    manifest entry. Takes tens of seconds: Inductor generates and compiles C++ (and Triton on CUDA).
+    ``kernels``: None (SDPA and torch pooling), "triton" or "cuda" (histosurv's kernels; CUDA only)."""
     device = torch.device(device)
+    if kernels is not None and kernels not in KERNEL_BACKENDS:
+        raise InputError(f"kernels must be one of {KERNEL_BACKENDS} or None, got {kernels!r}")
+    if kernels and device.type != "cuda":
+        raise InputError(
+            f"kernels={kernels!r}: histosurv's kernels run on CUDA GPUs; a {device.type} package uses SDPA and torch "
+            "pooling (build it without kernels, or on a machine with a GPU)"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("an AOTInductor package for CUDA must be compiled on a machine with a CUDA GPU")
-    wrapper = SingleBag(model.eval()).eval().to(device)
-    kwargs = {k: v.to(device) for k, v in example_inputs(model, n=EXAMPLE_N).items()}
-    bag = torch.export.Dim("N", min=1, max=max_bag)
-    dynamic = {name: ({0: bag} if name in ("features", "coords") else None) for name in kwargs}
     with _quiet_exporter(), torch.no_grad():
-        program = torch.export.export(wrapper, (), kwargs=kwargs, dynamic_shapes=dynamic, strict=False)
+        program, calls = trace_serving(model, device, max_bag, kernels)
+        sdpa = _sdpa_calls(program.graph)
+        routed = sum(n for op, n in calls.items() if op.endswith("few_query_attention"))
+        if sdpa + routed < model.attention_ops:
+            raise FusedAttentionMissing(
+                f"the exported graph has {sdpa} SDPA calls and {routed} kernel attentions, fewer than the model's "
+                f"{model.attention_ops} attentions; one was decomposed into an N x N matrix"
+            )
         with atomic_path(path, suffix=".pt2") as tmp:
             # AOTInductor insists on a name ending in .pt2; atomic_path's ends in .tmp
             staged = tmp.with_name(tmp.name[: -len(".tmp")])
@@ -57,11 +78,11 @@ def export_pt2(model: nn.Module, path: str | os.PathLike, device: str = "cpu", m
                 os.replace(staged, tmp)
             finally:
                 staged.unlink(missing_ok=True)
-            kernels = _attention_kernels(tmp)
-            if sum(kernels.values()) < model.attention_ops:
+            fused = _attention_kernels(tmp)
+            if sum(fused.values()) < sdpa:
                 raise FusedAttentionMissing(
-                    f"the compiled package calls fused attention kernels {dict(kernels)} fewer times than the "
-                    f"model's {model.attention_ops} attentions; one was decomposed into an N x N matrix"
+                    f"the compiled package calls fused attention kernels {dict(fused)} fewer times than the "
+                    f"exported graph's {sdpa} SDPA calls; one was decomposed into an N x N matrix"
                 )
     return {
         "backend": "torch",
@@ -71,9 +92,35 @@ def export_pt2(model: nn.Module, path: str | os.PathLike, device: str = "cpu", m
         "compute_capability": cuda_capability(device) if device.type == "cuda" else None,
         "torch": torch.__version__,
         "precision": "fp32",
-        "attention_kernels": dict(kernels),
+        "attention_kernels": dict(fused),
+        "kernels": kernels,
+        "kernel_calls": dict(calls),
         "max_bag": max_bag,
     }
+
+
+def trace_serving(model: nn.Module, device: torch.device, max_bag: int = 1 << 20, kernels: str | None = None):
+    """``torch.export`` of the serving signature (one bag, dynamic N) on ``device``, with the kernel ops
+    of ``kernels`` in place of SDPA and torch pooling where they apply. Returns the program and its
+    kernel calls by op; refuses ``kernels`` for a model that has nothing they take."""
+    device = torch.device(device)
+    wrapper = SingleBag(model.eval()).eval().to(device)
+    kwargs = {k: v.to(device) for k, v in example_inputs(model, n=EXAMPLE_N).items()}
+    bag = torch.export.Dim("N", min=1, max=max_bag)
+    dynamic = {name: ({0: bag} if name in ("features", "coords") else None) for name in kwargs}
+    with use_kernels(kernels), torch.no_grad():  # inference: the kernel ops have no backward
+        program = torch.export.export(wrapper, (), kwargs=kwargs, dynamic_shapes=dynamic, strict=False)
+    calls = kernel_calls(program.graph)
+    if kernels and not calls:
+        raise InputError(
+            f"kernels={kernels!r}: {type(model).__name__} has no attention of a few queries over the bag and no gated "
+            "attention pooling, which is what the kernels compute; build its engine without kernels"
+        )
+    return program, calls
+
+
+def _sdpa_calls(graph: torch.fx.Graph) -> int:
+    return sum(1 for n in graph.nodes if n.op == "call_function" and "scaled_dot_product" in str(n.target))
 
 
 def _attention_kernels(package: Path) -> collections.Counter:

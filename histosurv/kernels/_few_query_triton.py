@@ -15,16 +15,13 @@ Importing this module imports triton: callers go through :mod:`histosurv.kernels
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from ._triton import Launch, launch_all, next_pow2, target_programs
+from ._triton import Launch, launch_all, next_pow2, split_bag
 
 LOG2E = 1.4426950408889634  # scores are kept in base 2: exp2 is the native instruction
-MAX_SPLITS = 256
 
 
 @triton.jit
@@ -127,15 +124,18 @@ def block_sizes(m: int, d: int) -> tuple[int, int, int]:
 
 
 def vector_width(tensors, d: int) -> int:
-    """The widest vector (elements, up to 16 bytes) that every K/V row start is aligned to: a power of two
-    dividing d, every stride but the unit one, and each base address in elements. 1 when d is strided."""
-    size = tensors[0].element_size()
-    width = 16 // size
-    for t in tensors:
-        if t.stride(-1) != 1 or t.data_ptr() % size:
-            return 1
-        for value in (d, *t.stride()[:-1], t.data_ptr() // size):
-            width = math.gcd(width, value)
+    """The widest vector (elements, up to 16 bytes) that divides d and every K/V stride but the unit one;
+    1 when d is strided. Strides may be symbolic while exporting (the batch stride is N x H x d): a
+    width counts only where the division is known to hold for every N. The base addresses need no
+    check: Triton assumes a pointer is aligned only when it is, and then the loads widen."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if any(t.stride(-1) != 1 for t in tensors):
+        return 1
+    values = [d, *(s for t in tensors for s in t.stride()[:-1])]
+    width = 16 // tensors[0].element_size()
+    while width > 1 and not all(statically_known_true(v % width == 0) for v in values):
+        width //= 2
     return width
 
 
@@ -143,14 +143,6 @@ def stages(block_n: int, block_d: int, element_size: int) -> int:
     """Pipeline depth: as many K/V tile buffers in flight as fit in ~96 KB of shared memory, up to 3."""
     per_stage = 2 * block_n * block_d * element_size  # one tile of K and one of V
     return max(1, min(3, 96 * 1024 // per_stage))
-
-
-def num_splits(n: int, batch_heads: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(splits, tokens per split): enough programs to fill the device, at least one whole tile each."""
-    want = max(1, math.ceil(target_programs(device) / batch_heads))
-    splits = max(1, min(want, math.ceil(n / block_n), MAX_SPLITS))
-    per_split = math.ceil(math.ceil(n / splits) / block_n) * block_n
-    return math.ceil(n / per_split), per_split
 
 
 def few_query_attention_triton(q, k, v, key_mask, scale: float) -> torch.Tensor:
@@ -165,9 +157,11 @@ def plan(q, k, v, key_mask, scale: float) -> tuple[torch.Tensor, list[Launch]]:
     B, H, M, D = q.shape
     N = k.shape[2]
     block_m, block_n, block_d = block_sizes(M, D)
-    splits, per_split = num_splits(N, B * H, block_n, q.device)
-    o_part = torch.empty(B * H, splits, M, D, device=q.device, dtype=torch.float32)
-    m_part = torch.empty(B * H, splits, M, device=q.device, dtype=torch.float32)
+    splits, per_split, max_splits = split_bag(N, B * H, block_n, q.device)
+    # partials sized for the most splits any N takes: a size that is a function of N would make
+    # torch.export guard on it (== 1, != 0) and specialise the bag size
+    o_part = torch.empty(B * H, max_splits, M, D, device=q.device, dtype=torch.float32)
+    m_part = torch.empty(B * H, max_splits, M, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
     out = torch.empty(B, H, M, D, device=q.device, dtype=q.dtype)
     mask = key_mask.view(torch.uint8) if key_mask is not None else q  # a bool is one byte; q: unused pointer
@@ -182,6 +176,6 @@ def plan(q, k, v, key_mask, scale: float) -> tuple[torch.Tensor, list[Launch]]:
         VEC=vector_width((k, v), D), num_warps=4 if block_d <= 128 else 8, num_stages=stages(block_n, block_d, q.element_size()),
     ))
     merge = Launch(_merge_kernel, (B * H * M,), (o_part, m_part, l_part, out, M, D, splits), dict(
-        BLOCK_S=max(16, next_pow2(splits)), BLOCK_D=block_d, num_warps=4,
+        BLOCK_S=max(16, next_pow2(max_splits)), BLOCK_D=block_d, num_warps=4,
     ))
     return out, [split, merge]

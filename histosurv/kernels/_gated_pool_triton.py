@@ -12,16 +12,13 @@ Importing this module imports triton: callers go through :mod:`histosurv.kernels
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from ._triton import Launch, launch_all, next_pow2, target_programs
+from ._triton import Launch, cdiv, launch_all, next_pow2, split_bag
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a jit function reads globals only when they are constexpr
-MAX_SPLITS = 256
 
 
 @triton.jit
@@ -123,14 +120,6 @@ def block_sizes(l: int, element_size: int) -> tuple[int, int, int]:
     return 16, max(16, next_pow2(l)), (32 if element_size <= 2 else 16)
 
 
-def num_splits(n: int, batch: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(splits, tokens per split), every split non-empty (the merge relies on it)."""
-    want = max(1, math.ceil(target_programs(device) / batch))
-    splits = max(1, min(want, math.ceil(n / block_n), MAX_SPLITS))
-    per_split = math.ceil(math.ceil(n / splits) / block_n) * block_n
-    return math.ceil(n / per_split), per_split
-
-
 def gated_attention_pool_triton(h, w_a, b_a, w_b, b_b, w_c, b_c) -> tuple[torch.Tensor, torch.Tensor]:
     """h (B, N, L); W_a, W_b (DH, L) contiguous in h's dtype; b_a, b_b, w_c (DH,); b_c (1,).
     Returns pooled (B, L) and weights (B, N), both in h's dtype."""
@@ -144,10 +133,12 @@ def plan(h, w_a, b_a, w_b, b_b, w_c, b_c) -> tuple[torch.Tensor, torch.Tensor, l
     B, N, L = h.shape
     DH = w_a.shape[0]
     block_n, block_l, block_dh = block_sizes(L, h.element_size())
-    splits, per_split = num_splits(N, B, block_n, h.device)
+    splits, per_split, max_splits = split_bag(N, B, block_n, h.device)
     f32 = dict(device=h.device, dtype=torch.float32)
     scores = torch.empty(B, N, **f32)
-    acc_part, m_part, l_part = torch.empty(B, splits, L, **f32), torch.empty(B, splits, **f32), torch.empty(B, splits, **f32)
+    # partials sized for the most splits any N takes (a size in N would make torch.export specialise N)
+    acc_part = torch.empty(B, max_splits, L, **f32)
+    m_part, l_part = torch.empty(B, max_splits, **f32), torch.empty(B, max_splits, **f32)
     weights = torch.empty(B, N, device=h.device, dtype=h.dtype)
     pooled = torch.empty(B, L, device=h.device, dtype=h.dtype)
     precision = "ieee" if h.dtype == torch.float32 else None  # FP32: no TF32 rounding of the scores
@@ -155,7 +146,7 @@ def plan(h, w_a, b_a, w_b, b_b, w_c, b_c) -> tuple[torch.Tensor, torch.Tensor, l
         h, w_a, b_a, w_b, b_b, w_c, b_c, scores, acc_part, m_part, l_part, *h.stride(), N, L, DH, per_split,
     ), dict(BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_DH=block_dh, DOT_PRECISION=precision, num_warps=8, num_stages=1))
     block_w = 1024
-    merge = Launch(_pool_merge_kernel, (B, math.ceil(N / block_w)), (
+    merge = Launch(_pool_merge_kernel, (B, cdiv(N, block_w)), (
         scores, acc_part, m_part, l_part, weights, pooled, N, L, splits,
-    ), dict(BLOCK_S=max(16, next_pow2(splits)), BLOCK_W=block_w, BLOCK_L=block_l, num_warps=4))
+    ), dict(BLOCK_S=max(16, next_pow2(max_splits)), BLOCK_W=block_w, BLOCK_L=block_l, num_warps=4))
     return pooled, weights, [split, merge]

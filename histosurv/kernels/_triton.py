@@ -16,8 +16,8 @@ import torch
 from ..errors import InputError
 
 __all__ = [
-    "Launch", "interpreting", "launch_all", "next_pow2", "target_programs", "triton_available", "triton_unavailable_reason",
-    "use_triton",
+    "Launch", "cdiv", "interpreting", "launch_all", "next_pow2", "split_bag", "target_programs", "triton_available",
+    "triton_unavailable_reason", "use_triton",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -51,6 +51,26 @@ def interpreting() -> bool:
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
+
+
+def cdiv(a, b):
+    """ceil(a / b) with integer division only, so that it also holds for the symbolic bag size N of
+    ``torch.export`` (math.ceil of a SymInt ratio would specialise N)."""
+    return (a + b - 1) // b
+
+
+MAX_SPLITS = 256
+
+
+def split_bag(n, rows: int, block_n: int, device: torch.device) -> tuple[object, object, int]:
+    """How the kernels split a bag of ``n`` tokens (an int, or the SymInt N while exporting) over the
+    device: (splits, tokens per split, most splits any n can take). ``rows`` (batch x heads) programs
+    already run side by side, so each takes ``want`` splits, each at least one whole tile and none
+    empty. ``want`` depends on the device and the static sizes only; so does the third value, which
+    sizes the merge kernels' tiles, so one compiled kernel serves every N."""
+    want = min(MAX_SPLITS, max(1, cdiv(target_programs(device), rows)))
+    per_split = cdiv(cdiv(n, want), block_n) * block_n
+    return cdiv(n, per_split), per_split, want
 
 
 def target_programs(device: torch.device) -> int:

@@ -82,14 +82,14 @@ def _linears(attention: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
     """(attention_a[0], attention_b[0], attention_c): the layout of ``GatedAttention`` / ``Attn_Net_Gated``."""
     try:
         a, b, c = attention.attention_a, attention.attention_b, attention.attention_c
-        a_act, b_act = type(a[1]), type(b[1])
+        activations_ok = isinstance(a[1], nn.Tanh) and isinstance(b[1], nn.Sigmoid)
         a, b = a[0], b[0]
     except (AttributeError, IndexError, TypeError) as exc:
         raise InputError(
             f"gated_attention_pool: expected a GatedAttention (attention_a/attention_b = Sequential(Linear, "
             f"Tanh/Sigmoid, ...), attention_c = Linear), got {type(attention).__name__}"
         ) from exc
-    if not all(isinstance(m, nn.Linear) for m in (a, b, c)) or (a_act, b_act) != (nn.Tanh, nn.Sigmoid):
+    if not all(isinstance(m, nn.Linear) for m in (a, b, c)) or not activations_ok:
         raise InputError(f"gated_attention_pool: {type(attention).__name__} is not laid out as Linear+Tanh, Linear+Sigmoid, Linear")
     return a, b, c
 

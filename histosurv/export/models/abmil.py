@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from ...errors import InputError
+from ...kernels import routing
 from .base import SurvivalModel, check_attention_impl, check_features
-from .blocks import GatedAttention, attention_pool, patch_embedding
+from .blocks import GatedAttention, patch_embedding
 from .checkpoints import ReferenceFormat, strip_module_prefix
 from .mcat import MCAT_COMMIT
 from .survival_head import n_outputs
@@ -74,7 +75,7 @@ class ABMIL(SurvivalModel):
     def forward(self, features=None, coords=None, genes=None, return_attention: bool = False):
         check_features(features, self.cfg.feature_dim, "ABMIL")
         h = self.fc(features)  # (B, N, L)
-        pooled, weights = attention_pool(self.attention(h), h)  # (B, L), (B, N)
+        pooled, weights = routing.gated_pool(self.attention, h)  # (B, L), (B, N)
         logits = self.classifier(self.rho(pooled))
         return (logits, weights) if return_attention else logits
 

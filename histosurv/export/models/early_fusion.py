@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels import routing
 from .base import GeneScaler, SurvivalModel, check_attention_impl
-from .blocks import GatedAttention, attention_pool
+from .blocks import GatedAttention
 from .survival_head import n_outputs
 
 __all__ = ["EarlyFusionConfig", "EarlyFusionMIL"]
@@ -71,7 +72,7 @@ class EarlyFusionMIL(SurvivalModel):
 
     def forward(self, features=None, coords=None, genes=None, return_attention: bool = False):
         h = self.embed_instances(features, self.genes(genes))  # (B, N, hidden)
-        pooled, weights = attention_pool(self.attention(h), h)  # (B, hidden), (B, N)
+        pooled, weights = routing.gated_pool(self.attention, h)  # (B, hidden), (B, N)
         logits = self.classifier(self.rho(pooled))
         return (logits, weights) if return_attention else logits
 

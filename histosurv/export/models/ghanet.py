@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels import routing
 from .base import SurvivalModel, check_attention_impl
 from .blocks import GatedAttention, patch_embedding
 from .checkpoints import ReferenceFormat, strip_module_prefix
@@ -135,7 +136,7 @@ class TokenAttention(nn.Module):
         """x (B, T, d), context (B, N, d) -> out (B, T, d) [, scaled scores (B, h, T, N)]."""
         q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
         if self.impl == "sdpa" and not return_scores:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0)
+            out = routing.attention(q, k, v, dropout_p=self.p if self.training else 0.0)  # SDPA, or the kernel
             return self._merge(out)
         sim = (q @ k.transpose(-2, -1)) * self.scale  # (B, h, T, N)
         out = self._merge(self.dropout(sim.softmax(dim=-1)) @ v)
@@ -260,7 +261,7 @@ class GHANet(SurvivalModel):
     def forward(self, features=None, coords=None, genes=None, return_attention: bool = False):
         tokens, sim = self.recon_net(features)  # (B, T, d), (B, h, T, N)
         x = self.wsi_net(features)  # (B, N, d)
-        morphology = self.gate(x)[..., 0].softmax(dim=-1)  # (B, N)
+        morphology = routing.gated_weights(self.gate, x)  # (B, N): softmax over N of the gate's scores
         edges = self._hyperedges(sim.mean(dim=1))  # (B, T, N)
         y = self.hyperconv1(x, (morphology[:, None] + edges) / 2)  # (B, T, d)
         f = (y + tokens) / 2
@@ -272,8 +273,11 @@ class GHANet(SurvivalModel):
     def _hyperedges(self, matrix: torch.Tensor) -> torch.Tensor:
         """(B, T, N) head-averaged scores -> each row's softmax over its top-k patches."""
         p, q = self.cfg.topk_fraction
-        k = torch.sym_max(matrix.shape[-1] * p // q, 1)  # NOTE: from N, inside the graph
-        kth = torch.topk(matrix, k, dim=-1).values[..., -1:]  # (B, T, 1)
+        # NOTE: k = max(N p // q, 1) from N inside the graph. topk(matrix, k) would give an output of
+        # size k, on which torch.export guards (k != 1, k <= N) and specialises N; the k-th largest
+        # read from the sorted rows at index k - 1 (a tensor) is the same value with no size in k.
+        k = (torch.ones_like(matrix[..., :1], dtype=torch.long) * (matrix.shape[-1] * p // q)).clamp(min=1)
+        kth = matrix.sort(dim=-1, descending=True).values.gather(-1, k - 1)  # (B, T, 1)
         keep = (matrix >= kth).float()  # ties at the k-th value are all kept, as in the reference
         return (matrix + (1 - keep) * MASKED).softmax(dim=-1).detach()
 

@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ...kernels import routing
 from .base import GeneScaler, SurvivalModel, check_attention_impl, genes_present
-from .blocks import GatedAttention, attention_pool, patch_embedding, snn_block
+from .blocks import GatedAttention, patch_embedding, snn_block
 from .checkpoints import ReferenceFormat
 from .fusion import BilinearFusion, concat_fusion
 from .survival_head import n_outputs
@@ -125,7 +126,7 @@ class PorpoiseMMF(SurvivalModel):
     def encode_path(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, D) -> h_path (B, 256) and the attention softmax (B, N)."""
         h = self.patch_embedding(self.input_dropout(features))  # (B, N, 512)
-        pooled, weights = attention_pool(self.attention(h), h)  # (B, 512), (B, N)
+        pooled, weights = routing.gated_pool(self.attention, h)  # (B, 512), (B, N)
         return self.rho(pooled), weights
 
     def encode_genes(self, genes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -3,6 +3,10 @@
 A package runs only where it was built for: the same device type, the same GPU architecture for CUDA
 builds, and the same torch release (the generated library calls torch's C shim of that release).
 Those facts are in the manifest entry and are checked before torch loads the library.
+
+A package built with ``--kernels triton`` carries histosurv's Triton kernels compiled inside it and needs
+nothing more; one built with ``--kernels cuda`` calls the CUDA C++ ops by name, so this engine loads
+``libhistosurv_kernels.so`` first (and reports it unusable where that library is not built).
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ class TorchEngine(Engine):
         self._device = torch.device("cuda" if self.entry.get("device") == "cuda" else "cpu")
         # device_index pins a CUDA package to the current device; -1 is the CPU
         index = torch.cuda.current_device() if self._device.type == "cuda" else -1
+        if self.entry.get("kernels") == "cuda":  # the package finds histosurv::* ops through torch's dispatcher
+            from ...kernels import cuda_ops
+
+            if not cuda_ops.available():
+                raise RuntimeError(f"{self.path} calls histosurv's CUDA kernels: {cuda_ops.load_error()}")
         self.model = torch._inductor.aoti_load_package(str(self.path), device_index=index)
         self._output_names = [t.name for t in version.outputs]
 
@@ -65,6 +74,11 @@ class TorchEngine(Engine):
                     f"compiled for GPU compute capability {entry.get('compute_capability')}, this GPU "
                     f"({torch.cuda.get_device_name()}) is {major}.{minor}"
                 )
+        if entry.get("kernels") == "cuda":
+            from ...kernels import cuda_ops
+
+            if not cuda_ops.available():
+                return f"calls histosurv's CUDA C++ kernels, which cannot be loaded here: {cuda_ops.load_error()}"
         return None
 
     @property
@@ -79,4 +93,4 @@ class TorchEngine(Engine):
         return {name: v.detach().cpu().numpy() for name, v in zip(self._output_names, values)}
 
     def describe(self) -> dict:
-        return {**super().describe(), "torch": self._torch.__version__}
+        return {**super().describe(), "torch": self._torch.__version__, "kernels": self.entry.get("kernels")}
