@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from _cli import choice_list, int_list, print_aligned
+from kernels import median_seconds  # bench/kernels.py: CUDA events, L2 flushed before each run
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {  # the references' widths; AMMASurv at the paper's defaults
@@ -37,7 +38,6 @@ MODELS = {  # the references' widths; AMMASurv at the paper's defaults
     "ammasurv": dict(n_genes=200, feature_dim=512),
 }
 MAX_N = {"ammasurv": 65536}  # its N x N image self-attention: 256k would take minutes per run
-FLUSH_BYTES = 256 * 2**20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,7 +105,7 @@ def measure(name: str, model, packages: dict, n: int, args) -> dict:
     with torch.inference_mode():
         outputs = {kind: package(**inputs) for kind, package in packages.items()}
         for kind, package in packages.items():
-            row[f"{kind}_ms"] = median_ms(lambda: package(**inputs), args.repeat, args.warmup)
+            row[f"{kind}_ms"] = 1e3 * median_seconds(lambda: package(**inputs), args.repeat, args.warmup, cuda=True)
     plain = outputs["plain"]
     for kind in packages:
         if kind == "plain":
@@ -116,25 +116,6 @@ def measure(name: str, model, packages: dict, n: int, args) -> dict:
         if len(plain) > 1:
             row[f"{kind}_attention_abs"] = float((got[1] - plain[1]).abs().max())
     return row
-
-
-def median_ms(fn, repeat: int, warmup: int) -> float:
-    import statistics
-
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeat)]
-    torch.cuda.synchronize()
-    for start, end in events:
-        flush.zero_()  # evicts L2 (a real bag comes from HBM) and keeps the GPU busy while the next launch queues
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def print_row(row: dict, kinds: list[str]) -> None:
