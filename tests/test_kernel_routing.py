@@ -172,6 +172,50 @@ def test_cli_refuses_kernels_outside_add_engine_torch(tmp_path, capsys):
     assert "--kernels goes with --add-engine torch" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------- what AOTInductor receives
+
+
+class _Ops(torch.nn.Module):
+    def forward(self, q, k, v, h, w_a, b_a, w_b, b_b, w_c, b_c):
+        attended = torch.ops.histosurv_triton.few_query_attention(q, k, v, None, 0.125)
+        pooled, weights = torch.ops.histosurv_triton.gated_attention_pool(h, w_a, b_a, w_b, b_b, w_c, b_c)
+        return attended, pooled, weights
+
+
+def test_ops_decompose_into_triton_kernel_calls_with_a_symbolic_bag(monkeypatch):
+    """AOTInductor compiles what the ops decompose into under functionalization: user-defined Triton
+    kernel calls. On the CPU the ops would take their torch maths, so the test makes them take the
+    kernel path, as on a GPU; the trace needs no GPU (Triton's mutation analysis, which does, falls back
+    to cloning every argument). The bag size must reach the kernels as a symbol, never a constant."""
+    if not triton_available():
+        pytest.skip(triton_unavailable_reason())
+    from torch._functorch.aot_autograd import aot_export_module
+
+    from histosurv.kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_kernels_run_on", lambda device: True)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 6, 64, generator=g), torch.randn(1, 4, 300, 64, generator=g), torch.randn(1, 4, 300, 64, generator=g)
+    h = torch.randn(1, 300, 32, generator=g)
+    w_a, w_b, b_a, b_b, w_c = torch.randn(16, 32), torch.randn(16, 32), torch.randn(16), torch.randn(16), torch.randn(16)
+    args = (q, k, v, h, w_a, b_a, w_b, b_b, w_c, torch.randn(1))
+    bag = torch.export.Dim("N", min=2, max=1 << 20)
+    dynamic = (None, {2: bag}, {2: bag}, {1: bag}) + (None,) * 6
+    program = torch.export.export(_Ops(), args, dynamic_shapes=dynamic)
+    assert dict(kernel_calls(program.graph)) == {FEW: 1, POOL: 1}
+    graph, _ = aot_export_module(program.module(), list(args), trace_joint=False)
+
+    launches = [n for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert len(launches) == 4  # split + merge, for each op
+    symbolic = lambda value: isinstance(value, torch.fx.Node)  # noqa: E731
+    split, merge, pool_split, pool_merge = (n.kwargs for n in launches)
+    assert symbolic(split["kwargs"]["N"]) and symbolic(split["grid"][0][1])  # splits of the bag: computed from N
+    assert symbolic(split["kwargs"]["tokens_per_split"]) and symbolic(merge["kwargs"]["n_splits"])
+    assert symbolic(pool_split["kwargs"]["N"]) and symbolic(pool_merge["grid"][0][1])
+    for launch in (split, merge, pool_split, pool_merge):  # compile-time constants stay constants
+        assert all(isinstance(v, int) for key, v in launch["kwargs"].items() if key.startswith("BLOCK_")), launch
+
+
 # ----------------------------------------------------------------------------- on a GPU
 
 
