@@ -8,7 +8,10 @@
 Each runs its Triton kernel on CUDA tensors when ``triton`` is installed, and the same maths in torch
 otherwise (``backend="torch"`` forces that; ``backend="triton"`` insists on the kernel). Each has a
 ``*_reference`` twin that the tests compare with. Importing this package does not import triton.
-The CUDA C++ versions live in ``csrc/`` and register as ``torch.ops.histosurv.*`` when built.
+The CUDA C++ versions live in ``csrc/`` and register as ``torch.ops.histosurv.*`` when built
+(:mod:`.cuda_ops`). :mod:`.triton_ops` wraps the Triton kernels as ``torch.ops.histosurv_triton.*``, so
+that ``torch.export`` records them, and :mod:`.routing` is where the models call SDPA and torch pooling
+or, inside ``use_kernels``, one of those ops (``histosurv export --add-engine torch --kernels``).
 """
 
 from ._triton import triton_available, triton_unavailable_reason
