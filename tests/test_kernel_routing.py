@@ -214,6 +214,11 @@ def test_ops_decompose_into_triton_kernel_calls_with_a_symbolic_bag(monkeypatch)
     assert symbolic(pool_split["kwargs"]["N"]) and symbolic(pool_merge["grid"][0][1])
     for launch in (split, merge, pool_split, pool_merge):  # compile-time constants stay constants
         assert all(isinstance(v, int) for key, v in launch["kwargs"].items() if key.startswith("BLOCK_")), launch
+    # torch keys its compile caches on the source of the kernels it finds in each op: all four
+    from torch._library.triton import get_triton_kernels_for_op
+
+    found = [get_triton_kernels_for_op(f"histosurv_triton::{op}") for op in ("few_query_attention", "gated_attention_pool")]
+    assert [len(kernels) for kernels in found] == [2, 2]
 
 
 # ----------------------------------------------------------------------------- on a GPU

@@ -22,6 +22,12 @@ import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
 
 from . import _few_query_triton, _gated_pool_triton
+# Launched by these names below: torch reads a triton_op's source for the kernels it wraps, to key its
+# compile caches on their code.
+from ._few_query_triton import _merge_kernel as few_query_merge_kernel
+from ._few_query_triton import _split_kernel as few_query_split_kernel
+from ._gated_pool_triton import _pool_merge_kernel as pool_merge_kernel
+from ._gated_pool_triton import _pool_split_kernel as pool_split_kernel
 from ._triton import interpreting
 from .few_query import _sdpa
 
@@ -30,19 +36,12 @@ __all__ = ["NAMESPACE", "few_query_attention", "gated_attention_pool"]
 NAMESPACE = "histosurv_triton"
 
 
-def _launch(launches) -> None:
-    if interpreting() and _tracing(launches[0].args):
-        # wrap_triton hands interpreted kernels back unwrapped; the op's fake implementation (this same
-        # function, run on FakeTensors to learn the output shapes) must then launch nothing
-        return
-    for launch in launches:
-        wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.meta)
-
-
-def _tracing(args) -> bool:
+def _shapes_only(x: torch.Tensor) -> bool:
+    """True where the op runs as its own fake implementation (FakeTensors, to learn the output shapes)
+    under the interpreter: wrap_triton hands interpreted kernels back unwrapped, so nothing may launch."""
     from torch._subclasses.fake_tensor import is_fake
 
-    return any(isinstance(a, torch.Tensor) and is_fake(a) for a in args)
+    return interpreting() and is_fake(x)
 
 
 def _kernels_run_on(device: torch.device) -> bool:
@@ -56,8 +55,10 @@ def few_query_attention(
     """softmax(q k^T * scale) v: q (B, H, M, d), k and v (B, H, N, d), key_mask (B, N) bool or None."""
     if not _kernels_run_on(q.device):
         return _sdpa(q, k, v, key_mask, scale)
-    out, launches = _few_query_triton.plan(q, k, v, key_mask, scale)
-    _launch(launches)
+    out, (split, merge) = _few_query_triton.plan(q, k, v, key_mask, scale)
+    if not _shapes_only(q):
+        wrap_triton(few_query_split_kernel)[split.grid](*split.args, **split.meta)
+        wrap_triton(few_query_merge_kernel)[merge.grid](*merge.args, **merge.meta)
     return out
 
 
@@ -78,6 +79,8 @@ def gated_attention_pool(
         scores = gate.float() @ w_c.float() + b_c.float()  # (B, N)
         weights = torch.softmax(scores, dim=1)
         return torch.einsum("bn,bnl->bl", weights, h.float()).to(h.dtype), weights.to(h.dtype)
-    pooled, weights, launches = _gated_pool_triton.plan(h, w_a, b_a, w_b, b_b, w_c, b_c)
-    _launch(launches)
+    pooled, weights, (split, merge) = _gated_pool_triton.plan(h, w_a, b_a, w_b, b_b, w_c, b_c)
+    if not _shapes_only(h):
+        wrap_triton(pool_split_kernel)[split.grid](*split.args, **split.meta)
+        wrap_triton(pool_merge_kernel)[merge.grid](*merge.args, **merge.meta)
     return pooled, weights
