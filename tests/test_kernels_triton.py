@@ -236,7 +236,9 @@ def test_gated_attention_pool_rejects_bad_inputs_clearly():
         gated_attention_pool(h[0], module)
     with pytest.raises(InputError, match="expected a GatedAttention"):
         gated_attention_pool(h, torch.nn.Linear(32, 1))
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, triton, cuda"):
+        gated_attention_pool(h, module, backend="cudnn")
+    with pytest.raises(RuntimeError, match="backend='cuda' runs the CUDA C\\+\\+ kernels on CUDA tensors, got cpu"):
         gated_attention_pool(h, module, backend="cuda")
 
 

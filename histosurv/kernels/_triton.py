@@ -14,14 +14,12 @@ from typing import Any, NamedTuple
 import torch
 
 from ..errors import InputError
+from .backends import BACKENDS, check_backend
 
 __all__ = [
     "Launch", "cdiv", "interpreting", "launch_all", "next_pow2", "split_bag", "target_programs", "triton_available",
-    "triton_unavailable_reason", "use_triton",
+    "triton_unavailable_reason", "resolve_backend", "use_triton",
 ]
-
-BACKENDS = ("auto", "triton", "torch")
-
 
 @functools.lru_cache(maxsize=1)
 def _probe() -> str | None:
@@ -81,6 +79,20 @@ def target_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def resolve_backend(backend: str, device: torch.device, unsupported: str, what: str) -> str:
+    """``backend`` ("auto" or one of ``backends.BACKENDS``) resolved to what runs: "torch", "triton" or
+    "cuda". "cuda" insists on the CUDA C++ ops (raising where they are not built); the rest is
+    :func:`use_triton`'s rule."""
+    check_backend(backend, ("auto", *BACKENDS), what)
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise RuntimeError(f"{what}: backend='cuda' runs the CUDA C++ kernels on CUDA tensors, got {device} tensors")
+        if unsupported:
+            raise InputError(f"{what}: backend='cuda' cannot run these inputs: {unsupported}")
+        return "cuda"
+    return "triton" if use_triton(backend, device, unsupported, what) else "torch"
+
+
 def use_triton(backend: str, device: torch.device, unsupported: str, what: str) -> bool:
     """Resolve ``backend`` ("auto", "triton" or "torch") to True (run the Triton kernel) or False (torch).
 
@@ -88,8 +100,7 @@ def use_triton(backend: str, device: torch.device, unsupported: str, what: str) 
     for CUDA tensors it supports and torch otherwise; "triton" insists and raises when it cannot run
     (on CPU tensors it needs ``TRITON_INTERPRET=1``, which is how the tests run it).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"{what}: backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend, ("auto", "torch", "triton"), what)
     if backend == "torch":
         return False
     if backend == "triton":

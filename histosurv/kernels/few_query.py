@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ._triton import use_triton
+from ._triton import resolve_backend
 
 __all__ = ["few_query_attention", "few_query_attention_reference", "MAX_QUERIES", "MAX_HEAD_DIM"]
 
@@ -40,17 +40,23 @@ def few_query_attention(
         key_mask: optional (B, N) bool, True = attend to this key. All-False rows give zeros.
         scale: softmax scale, default 1 / sqrt(d).
         backend: "auto" (Triton on CUDA when installed and M <= 128, d <= 512; torch otherwise),
-            "triton" (raise if it cannot run; on CPU tensors it needs ``TRITON_INTERPRET=1``) or "torch".
+            "triton" (raise if it cannot run; on CPU tensors it needs ``TRITON_INTERPRET=1``), "cuda"
+            (the CUDA C++ op; raise where it is not built) or "torch" (see ``backends``).
 
     Returns:
         (B, H, M, d) in ``q``'s dtype; FP32 accumulation on every backend.
     """
     check_inputs(q, k, v, key_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if use_triton(backend, q.device, _unsupported(q), "few_query_attention"):
+    chosen = resolve_backend(backend, q.device, _unsupported(q), "few_query_attention")
+    if chosen == "triton":
         from ._few_query_triton import few_query_attention_triton
 
         return few_query_attention_triton(q, k, v, key_mask, scale)
+    if chosen == "cuda":
+        from . import cuda_ops
+
+        return cuda_ops.few_query_attention(q, k, v, key_mask, scale)
     return _sdpa(q, k, v, key_mask, scale)
 
 

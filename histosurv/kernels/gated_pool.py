@@ -1,10 +1,14 @@
 """Gated attention pooling over a bag: ABMIL's scores, their softmax over N, and the weighted sum.
 
-``gated_attention_pool(h, attention)`` equals ``blocks.attention_pool(attention(h), h)`` for a
+``gated_attention_pool(h, attention)`` equals :func:`attention_pool` ``(attention(h), h)`` for a
 :class:`~histosurv.export.models.blocks.GatedAttention` ``attention``: for FP16/BF16 h on CUDA with
 Triton installed it reads h once (one-pass kernel of :mod:`._gated_pool_triton`); elsewhere it runs
 those two torch calls. Only the first score column is pooled, as ``attention_pool`` does when
 n_scores > 1. The weights come back in h's dtype, as from ``attention_pool``.
+
+:func:`attention_pool` is the plain torch twin, the one the models call outside compiled engines
+(``export/models/blocks`` re-exports it); it lives here, with the kernels it is the twin of, so that
+the kernels never import the model code.
 """
 
 from __future__ import annotations
@@ -13,12 +17,19 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ._triton import use_triton
+from ._triton import resolve_backend
 
-__all__ = ["gated_attention_pool", "gated_attention_pool_reference", "MAX_FEATURES"]
+__all__ = ["attention_pool", "gated_attention_pool", "gated_attention_pool_reference", "MAX_FEATURES"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_FEATURES = 512  # a (16, L) tile of h stays in registers; wider bags use torch (ABMIL's L is 512)
+
+
+def attention_pool(scores: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, K) scores, (B, N, L) tokens -> pooled (B, L) and softmax weights (B, N) of the first
+    score column: the torch path of every model's gated pooling."""
+    weights = torch.softmax(scores[..., 0], dim=1)
+    return torch.einsum("bn,bnl->bl", weights, h), weights
 
 
 def gated_attention_pool(h: torch.Tensor, attention: nn.Module, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +40,8 @@ def gated_attention_pool(h: torch.Tensor, attention: nn.Module, backend: str = "
         attention: a ``GatedAttention`` (``attention_a`` = Linear + Tanh, ``attention_b`` = Linear +
             Sigmoid, ``attention_c`` = Linear). In training mode (dropout) the torch path runs.
         backend: "auto" (Triton for FP16/BF16 h on CUDA with L <= 512 when installed, torch otherwise),
-            "triton" (raise if it cannot run; CPU tensors need ``TRITON_INTERPRET=1``) or "torch".
+            "triton" (raise if it cannot run; CPU tensors need ``TRITON_INTERPRET=1``), "cuda" (the
+            CUDA C++ op; raise where it is not built) or "torch" (see ``backends``).
 
     Returns:
         pooled (B, L) and weights (B, N), the softmax over N of the scores, in ``h``'s dtype.
@@ -38,15 +50,17 @@ def gated_attention_pool(h: torch.Tensor, attention: nn.Module, backend: str = "
     _check(h, linears)
     if backend == "auto" and (attention.training or _prefer_torch(h)):
         backend = "torch"
-    if backend == "triton" and attention.training:
-        raise InputError("gated_attention_pool: the Triton kernel is for inference; call attention.eval() first")
-    unsupported = _unsupported(h)
-    if use_triton(backend, h.device, unsupported, "gated_attention_pool"):
+    if backend in ("triton", "cuda") and attention.training:
+        raise InputError(f"gated_attention_pool: the {backend} kernel is for inference; call attention.eval() first")
+    chosen = resolve_backend(backend, h.device, _unsupported(h), "gated_attention_pool")
+    if chosen == "triton":
         from ._gated_pool_triton import gated_attention_pool_triton
 
         return gated_attention_pool_triton(h, *_kernel_weights(linears, h.dtype))
-    from ..export.models.blocks import attention_pool
+    if chosen == "cuda":
+        from . import cuda_ops
 
+        return cuda_ops.gated_attention_pool(h, *_kernel_weights(linears, h.dtype))
     return attention_pool(attention(h), h)
 
 

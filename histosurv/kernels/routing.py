@@ -26,14 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError
 from ._triton import triton_unavailable_reason, triton_available
+from .backends import KERNELS, check_backend
 from .few_query import MAX_HEAD_DIM, MAX_QUERIES
-from .gated_pool import MAX_FEATURES, _kernel_weights, _linears
+from .gated_pool import MAX_FEATURES, _kernel_weights, _linears, attention_pool
 
-__all__ = ["KERNEL_BACKENDS", "active_backend", "attention", "gated_pool", "gated_weights", "kernel_calls", "use_kernels"]
+__all__ = ["active_backend", "attention", "gated_pool", "gated_weights", "kernel_calls", "use_kernels"]
 
-KERNEL_BACKENDS = ("triton", "cuda")
 # op names as they appear in an exported graph's call_function targets, e.g. "histosurv_triton.few_query_attention.default"
 _OP_NAMESPACES = {"triton": "histosurv_triton", "cuda": "histosurv"}
 _OPS = ("few_query_attention", "gated_attention_pool")
@@ -76,8 +75,6 @@ def gated_pool(attention_module: nn.Module, h: torch.Tensor) -> tuple[torch.Tens
     ``attention_pool(attention_module(h), h)``, or the one-pass pooling kernel op."""
     backend = _active.get()
     if backend is None or not _pool_takes(attention_module, h):
-        from ..export.models.blocks import attention_pool
-
         return attention_pool(attention_module(h), h)
     weights = _kernel_weights(_linears(attention_module), h.dtype)
     if backend == "triton":
@@ -125,8 +122,7 @@ def _few_static_queries(q: torch.Tensor) -> bool:
 
 
 def _require(backend: str) -> None:
-    if backend not in KERNEL_BACKENDS:
-        raise InputError(f"kernels must be one of {KERNEL_BACKENDS} (or None for torch), got {backend!r}")
+    check_backend(backend, KERNELS, "kernels (None for torch)")
     if backend == "triton" and not triton_available():
         raise RuntimeError(f"kernels='triton': {triton_unavailable_reason()}")
     if backend == "cuda":

@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ...kernels.gated_pool import attention_pool  # the kernels' torch twin, used as is by the models
+
 __all__ = ["snn_block", "GatedAttention", "attention_pool", "split_groups", "patch_embedding"]
 
 
@@ -38,12 +40,6 @@ class GatedAttention(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.attention_c(self.attention_a(h) * self.attention_b(h))
-
-
-def attention_pool(scores: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N, 1) scores, (B, N, L) tokens -> pooled (B, L) and softmax weights (B, N)."""
-    weights = torch.softmax(scores[..., 0], dim=1)
-    return torch.einsum("bn,bnl->bl", weights, h), weights
 
 
 def split_groups(x: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
