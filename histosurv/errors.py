@@ -7,7 +7,7 @@ the CLI turns any :class:`HistosurvError` into a one-line message and a non-zero
 
 from __future__ import annotations
 
-__all__ = ["HistosurvError", "InputError", "MissingInputError", "RepositoryError", "SlideError", "EmptySlideError"]
+__all__ = ["HistosurvError", "InputError", "MissingInputError", "RepositoryError", "SlideError", "EmptySlideError", "MismatchError"]
 
 
 class HistosurvError(Exception):
@@ -32,3 +32,8 @@ class SlideError(InputError):
 
 class EmptySlideError(InputError):
     """A slide was read but holds no tissue patches to score (an empty bag), so no risk can be given."""
+
+
+class MismatchError(InputError):
+    """Features would reach a model from another patch encoder, or another µm/px, than its training bags
+    came from (see ``runtime.encoder_match``): the risk would be meaningless, so it is refused."""

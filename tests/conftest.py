@@ -63,15 +63,18 @@ def tiny_repo(tiny_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def slide_repo(tmp_path_factory):
-    """A repository with the ResNet18 encoder and a small AMMASurv taking its 512-d features."""
+    """A repository with the ResNet18 encoder and a small AMMASurv trained on synthetic bags recorded as
+    its 512-d features (tiling a cohort would take minutes; the slide path is tested on real slides),
+    so slides are scored without any override."""
     root = tmp_path_factory.mktemp("slide_repo")
-    cohort_dir = write_synthetic_cohort(root / "cohort", dataclasses.replace(TINY_SYNTH, feature_dim=512))
+    repo = root / "model_repository"
+    encoder = export_encoder(repo, "resnet18")
+    cohort_config = dataclasses.replace(TINY_SYNTH, feature_dim=512)
+    cohort_dir = write_synthetic_cohort(root / "cohort", cohort_config, encoder_record=encoder.encoder_record)
     cohort = load_cohort(cohort_dir / "clinical.csv", cohort_dir / "genes.csv", cohort_dir / "features")
     result = train(cohort, "ammasurv", tiny_model_config(feature_dim=512), dataclasses.replace(TINY_TRAIN, max_epochs=1))
     run = save_run(root / "run", result, cohort)
-    repo = root / "model_repository"
     export_run(run, repo, "ammasurv", artifacts=())
-    export_encoder(repo, "resnet18")
     return repo, cohort_dir, cohort.patients[0].case_id
 
 

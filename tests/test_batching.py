@@ -35,7 +35,7 @@ def _chunk(values) -> np.ndarray:
 
 def test_chunks_queued_while_the_encoder_runs_join_one_batch_and_keep_their_order():
     encoder = Encoder()
-    batcher = DynamicBatcher("enc", encoder, max_batch=8, max_delay=0.05)
+    batcher = DynamicBatcher("enc", encoder, max_batch=8, max_delay=0.05, max_queue=4096)
     try:
         encoder.gate.clear()
         first = batcher.submit(_chunk([0]))
@@ -73,7 +73,7 @@ def test_a_cancelled_chunk_is_never_encoded_and_a_full_queue_refuses():
 
 def test_an_encoder_failure_reaches_every_chunk_of_the_batch_and_the_batcher_goes_on():
     encoder = Encoder()
-    batcher = DynamicBatcher("enc", encoder, max_batch=8, max_delay=0.05)
+    batcher = DynamicBatcher("enc", encoder, max_batch=8, max_delay=0.05, max_queue=4096)
     try:
         encoder.fail = True
         encoder.gate.clear()

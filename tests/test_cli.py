@@ -204,8 +204,60 @@ def test_training_refuses_a_corrupt_bag_before_training(train_with, tiny_cohort_
 
 def test_bad_model_settings_are_reported_not_raised(train_with, capsys):
     code, out = train_with(extra=["--heads", "3"])
-    _expect_error(code, capsys, "divisible by heads = 3")
+    # in the command line's words: flags by their names, what the data decides by where it comes from
+    _expect_error(code, capsys, "the token width (40: the width of the bags' features (32, in --features-dir)",
+                  "plus --pos-dim 8) must be divisible by --heads 3")
     assert not out.exists()
+    code, out = train_with(extra=["--architecture", "mcat", "--omic-sizes", "12,12"])
+    _expect_error(code, capsys, "--gene-groups, --head-hidden, --pos-dim do not apply to --architecture mcat")
+
+
+def test_model_settings_that_the_data_contradicts_name_where_the_data_comes_from(tiny_cohort_dir, tmp_path, capsys):
+    code = main(["train", "--clinical", str(tiny_cohort_dir / "clinical.csv"), "--genes", str(tiny_cohort_dir / "genes.csv"),
+                 "--features-dir", str(tiny_cohort_dir / "features"), "--out", str(tmp_path / "run"),
+                 "--architecture", "mcat", "--omic-sizes", "10,10"])
+    _expect_error(code, capsys, "the number of genes (24: columns of --genes, or lines of --gene-list) but "
+                  "--omic-sizes (10, 10) sum to 20")
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_flag_says_what_it_does_its_default_and_its_choices():
+    """Help as a user reads it: no flag without help, defaults as they would be typed, choices listed."""
+    import argparse
+
+    from histosurv.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        for action in command._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            flag = f"{name} {action.option_strings[0]}"
+            assert action.help, f"{flag} has no help"
+            assert "((" not in action.help and "None" not in action.help, f"{flag}: {action.help}"
+            shown_default = action.default not in (None, False, argparse.SUPPRESS, []) and not isinstance(
+                action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction))
+            assert not shown_default or "default" in action.help.lower(), f"{flag} does not show its default"
+    train = {a.dest: a for a in commands["train"]._actions}
+    assert train["modality"].choices == ["both", "image", "genes"]
+    assert train["survival_head"].choices == ["cox", "discrete"] and train["fusion"].choices == ["bilinear", "concat"]
+    assert "snn 256,256,256,256" in train["hidden"].help and "mome 100,200,300,400,500,600" in train["omic_sizes"].help
+    assert "Adam learning rate (default: 0.0002)" == train["lr"].help
+    serve = {a.dest: a for a in commands["serve"]._actions}
+    assert serve["max_batch"].default == 64 and "default: 64" in serve["max_batch"].help  # ExecutionConfig's
+    assert set(commands["export"]._option_string_actions["--encoder"].choices) == {"resnet18", "resnet50_trunc"}
+
+
+def test_an_environment_problem_is_not_blamed_on_the_slide(tiny_repo, tmp_path, capsys):
+    from histosurv.runtime.slides.tissue import gpu_available
+
+    if gpu_available():
+        pytest.skip("this machine decodes on a GPU")
+    code = main(["tile", str(tmp_path / "any.svs"), "--repo", str(tiny_repo), "--out", str(tmp_path / "h5"),
+                 "--device", "cuda"])
+    _expect_error(code, capsys, "--device cuda: this machine cannot decode or mask slides on a GPU", "use --device cpu")
+    assert "any.svs" not in capsys.readouterr().err
 
 
 def test_export_of_a_folder_that_is_not_a_run(tmp_path, capsys):

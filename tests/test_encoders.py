@@ -17,14 +17,9 @@ from histosurv.export.encoder_export import (
     example_patches,
     export_encoder,
 )
-from histosurv.export.models.resnet import (
-    ENCODERS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    build_encoder,
-    load_torchvision_state_dict,
-    load_weights_file,
-)
+from histosurv.data.encoder_record import IMAGENET_MEAN, IMAGENET_STD
+from histosurv.export.models.encoders import ENCODERS, build_encoder
+from histosurv.export.models.resnet import RESNETS, load_torchvision_state_dict, read_weights_file
 from histosurv.runtime.engines import load_engine
 from histosurv.runtime.pipeline import PatchEncoder
 
@@ -56,7 +51,7 @@ def test_torchvision_weights_load_and_are_used(name):
     with torch.no_grad():
         before = encoder(patches)
     sd = torchvision_state_dict(TORCHVISION_NAME[name])
-    kept = {k: v for k, v in TORCHVISION_KEYS[TORCHVISION_NAME[name]].items() if not k.startswith(ENCODERS[name].dropped)}
+    kept = {k: v for k, v in TORCHVISION_KEYS[TORCHVISION_NAME[name]].items() if not k.startswith(RESNETS[name].dropped)}
     assert {k: list(v.shape) for k, v in encoder.trunk.state_dict().items()} == kept
     load_torchvision_state_dict(encoder, sd)
     for key, value in encoder.trunk.state_dict().items():
@@ -99,6 +94,10 @@ def test_a_state_dict_must_be_a_dict():
 def test_resnet50_weights_do_not_load_into_resnet18():
     with pytest.raises(InputError, match="not torchvision resnet18 weights"):
         load_torchvision_state_dict(build_encoder("resnet18"), torchvision_state_dict("resnet50"))
+
+
+def load_weights_file(encoder, path) -> None:
+    load_torchvision_state_dict(encoder, read_weights_file(path), str(path))
 
 
 def test_weights_files(tmp_path):
@@ -155,7 +154,12 @@ def test_repository_entry_is_a_patch_encoder(exported):
     mv, repo = exported
     assert [(t.name, t.datatype, t.shape) for t in mv.inputs] == [("patches", "UINT8", (-1, 256, 256, 3))]
     assert mv.outputs[0].shape == (-1, ENCODERS[mv.info.architecture].feature_dim)
-    assert "no pretrained weights" in mv.info.config["weights"]["source"]
+    record = mv.encoder_record
+    assert record.weights.source == "seeded" and "no pretrained weights" in record.weights.detail
+    family = ENCODERS[mv.info.architecture]
+    assert (record.architecture, record.feature_dim, record.patch_size, record.mpp) == (family.name, family.feature_dim, 256, 0.5)
+    assert (record.input_size, record.feature, record.preprocessing.mean) == (256, "pooled", IMAGENET_MEAN)
+    assert (record.name, record.version) == (mv.name, mv.version)
     pbtxt = (repo / mv.name / "config.pbtxt").read_text()
     assert 'name: "patches"' in pbtxt and "TYPE_UINT8" in pbtxt and "dims: [ -1, 256, 256, 3 ]" in pbtxt
     assert f"dims: [ -1, {ENCODERS[mv.info.architecture].feature_dim} ]" in pbtxt
@@ -188,13 +192,14 @@ def test_cli_export_and_verify(tmp_path):
     version = manifest["versions"]["1"]
     assert version["parity"]["onnxruntime"]["passed"] is True
     assert version["parity"]["onnxruntime"]["max_features_rel"] < 1e-4
-    assert version["config"]["weights"]["source"] == "torchvision state_dict"
+    assert version["encoder"]["weights"]["source"] == "file" and "tv.pth" in version["encoder"]["weights"]["detail"]
+    assert version["encoder"]["patch_size"] == 224 and version["encoder"]["mpp"] == 0.5
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--encoder", "resnet34"], "unknown patch encoder 'resnet34'"),
+        (["--encoder", "resnet34"], "argument --encoder: invalid choice: 'resnet34'"),
         (["--encoder", "resnet18", "--weights", "missing.pth"], "missing.pth: encoder weights file not found"),
         (["--run", ".", "--patch-size", "224"], "--patch-size goes with --encoder"),
     ],
@@ -209,3 +214,22 @@ def test_cli_export_bad_input(tmp_path, args, message):
 def test_cli_export_needs_exactly_one_source(tmp_path):
     out = run_cli("export", "--encoder", "resnet18", "--run", tmp_path, "--repo", tmp_path / "repo")
     assert out.returncode == 2 and "not allowed with argument" in out.stderr
+
+
+def test_weights_identity_is_the_tensors_not_the_file(tmp_path):
+    """The same weights from a .pth and a .safetensors file, or seeded alike twice, are one identity
+    in the encoder record; other weights are another (what the runtime compares before serving)."""
+    from safetensors.torch import save_file
+
+    sd = torchvision_state_dict("resnet18")
+    torch.save(sd, tmp_path / "w.pth")
+    save_file({k: v for k, v in reversed(list(sd.items()))}, str(tmp_path / "w.safetensors"))  # another layout
+    repo = tmp_path / "repo"
+    digests = {}
+    for name, kwargs in [("pth", dict(weights=tmp_path / "w.pth")), ("st", dict(weights=tmp_path / "w.safetensors")),
+                         ("seed0", dict(seed=0)), ("seed0_again", dict(seed=0)), ("seed1", dict(seed=1))]:
+        mv = export_encoder(repo, "resnet18", name=name, patch_size=64, **kwargs)
+        digests[name] = mv.encoder_record.weights.sha256
+    assert digests["pth"] == digests["st"]
+    assert digests["seed0"] == digests["seed0_again"]
+    assert len({digests["pth"], digests["seed0"], digests["seed1"]}) == 3

@@ -75,7 +75,7 @@ def test_compiled_torch_package_runs_without_the_model_source(tiny_repo, tiny_co
 def test_compiled_torch_package_calls_fused_attention_kernels(tiny_repo):
     entry = ModelRepository(tiny_repo).version("ammasurv").info.engines["torch"]
     # one flash-attention call per attention of the model: no N x N score matrix in the package
-    assert entry["attention_kernels"] == {"_scaled_dot_product_flash_attention_for_cpu": 2}
+    assert entry.details["attention_kernels"] == {"_scaled_dot_product_flash_attention_for_cpu": 2}
 
 
 def test_fp16_graph_keeps_coordinates_in_fp32_and_matches(tiny_repo):
@@ -134,16 +134,23 @@ def _edit_manifest(model_dir, edit):
     path.write_text(json.dumps(manifest))
 
 
+def _retarget(entry: dict, device: str | None = None, **built_for) -> None:
+    """Makes a manifest engine entry say it was built elsewhere."""
+    if device:
+        entry["device"] = device
+    entry["built_for"].update(built_for)
+
+
 def test_artifacts_built_for_another_machine_are_refused_by_name(tiny_repo, tmp_path):
     repo = tmp_path / "repo"
     for name in ("good", "gpu_only", "damaged"):
         shutil.copytree(tiny_repo / "ammasurv", repo / name)
     # a repository copied from a GPU box: its compiled-torch package is for CUDA and torch 2.11
-    _edit_manifest(repo / "gpu_only", lambda v: v["engines"]["torch"].update(device="cuda", torch="2.11.0"))
+    _edit_manifest(repo / "gpu_only", lambda v: _retarget(v["engines"]["torch"], device="cuda", torch="2.11.0"))
     mv = ModelRepository(repo).version("gpu_only")
     with pytest.raises(EngineUnavailable, match=r"gpu_only/1/model\.pt2: compiled with torch 2\.11\.0, this is torch"):
         load_engine(mv, "torch")
-    _edit_manifest(repo / "gpu_only", lambda v: v["engines"]["torch"].update(torch=torch.__version__))
+    _edit_manifest(repo / "gpu_only", lambda v: _retarget(v["engines"]["torch"], torch=torch.__version__))
     with pytest.raises(EngineUnavailable, match=r"model\.pt2: compiled for a CUDA GPU; this machine has none"):
         load_engine(ModelRepository(repo).version("gpu_only"), "torch")
     # with only that package left, auto says why nothing runs, naming the file
@@ -158,7 +165,10 @@ def test_artifacts_built_for_another_machine_are_refused_by_name(tiny_repo, tmp_
 
 
 def test_plan_compatibility_rules():
-    entry = {"tensorrt": "10.14.1", "compute_capability": "9.0", "gpu": "NVIDIA H100 80GB HBM3"}
+    from histosurv.runtime.manifest import BuiltFor, EngineEntry
+
+    built_for = BuiltFor(tensorrt="10.14.1", compute_capability="9.0", gpu="NVIDIA H100 80GB HBM3")
+    entry = EngineEntry("model.plan", "tensorrt", "fp16", device="cuda", built_for=built_for)
     assert plan_incompatibility(entry, "10.14.1", "NVIDIA H100 PCIe", "9.0") is None
     assert "no CUDA device" in plan_incompatibility(entry, "10.14.1", None, None)
     assert "built by TensorRT 10.14.1, this is TensorRT 10.15.0" in plan_incompatibility(entry, "10.15.0", "H100", "9.0")
@@ -180,18 +190,21 @@ def test_bag_profiles_cover_every_size_exactly_once():
 def test_verify_skips_what_cannot_run_here_and_says_why(tiny_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo / "ammasurv", repo / "ammasurv")
-    _edit_manifest(repo / "ammasurv", lambda v: v["engines"]["torch"].update(device="cuda"))
+    _edit_manifest(repo / "ammasurv", lambda v: _retarget(v["engines"]["torch"], device="cuda"))
     lines = []
     reports = verify_version(repo, "ammasurv", sizes=(17,), log=lines.append)
-    assert sorted(r.engine for r in reports) == ["onnxruntime", "onnxruntime_fp16"]
+    # the opset-23 graph (TensorRT's input) is checked on ONNX Runtime's CPU provider
+    assert sorted(r.engine for r in reports) == ["onnx_opset23", "onnxruntime", "onnxruntime_fp16"]
     assert any("torch" in line and "skipped" in line and "model.pt2: compiled for a CUDA GPU" in line for line in lines)
 
 
 def test_add_engine_refuses_unknown_engines(tiny_repo):
     from histosurv.export.repository_writer import add_engine
 
-    with pytest.raises(RepositoryError, match="tensorrt or torch"):
+    with pytest.raises(InputError, match="no artifact 'openvino' for a survival model; artifacts: onnxruntime, onnx_opset23"):
         add_engine(tiny_repo, "ammasurv", "openvino")
+    with pytest.raises(InputError, match="--kernels do not apply to tensorrt \\(it takes --max-bag, --precision\\); they go with --add-engine torch"):
+        add_engine(tiny_repo, "ammasurv", "tensorrt", kernels="triton")
 
 
 # --- GPU only: these run where TensorRT or CUDA is present, and skip elsewhere -------------------
@@ -211,7 +224,7 @@ def test_tensorrt_plan_matches_pytorch_and_is_recorded(tiny_repo, tmp_path):
     shutil.copytree(tiny_repo / "ammasurv", repo / "ammasurv")
     mv, key = add_engine(repo, "ammasurv", "tensorrt", max_bag=4096)
     entry = mv.info.engines[key]
-    assert entry["profiles"] == [[1, 512, 1024], [1025, 2560, 4096]] and entry["compute_capability"]
+    assert entry.profiles == ((1, 512, 1024), (1025, 2560, 4096)) and entry.built_for.compute_capability
     reports = verify_version(repo, "ammasurv", sizes=(1, 17, 1000, 3000), engines=["tensorrt"])
     assert reports[0].passed and reports[0].tolerance == 1e-2
     with pytest.raises(InputError, match="outside this plan's profiles"):
@@ -226,6 +239,6 @@ def test_cuda_torch_package_matches_pytorch(tiny_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo / "ammasurv", repo / "ammasurv")
     mv, key = add_engine(repo, "ammasurv", "torch", device="cuda")
-    assert key == "torch_cuda" and mv.info.engines[key]["compute_capability"]
+    assert key == "torch_cuda" and mv.info.engines[key].built_for.compute_capability
     reports = verify_version(repo, "ammasurv", sizes=(1, 17, 1000, 16384), engines=[key])
     assert reports[0].passed and reports[0].device.startswith("cuda")

@@ -149,7 +149,7 @@ def test_exported_graph_routes_like_eager_at_every_n(tmp_path):
 
     model = _tiny_model()
     facts = export_onnx(model, tmp_path / "mome.onnx")
-    assert facts["ops"]["ai.onnx::If"] == 3 * len(LAYERS)  # e == 0, 1, 2 per layer; DropX2Fusion otherwise
+    assert facts.details["ops"]["ai.onnx::If"] == 3 * len(LAYERS)  # e == 0, 1, 2 per layer; DropX2Fusion otherwise
     everywhere = _ops_in_every_graph(onnx.load(str(tmp_path / "mome.onnx")).graph)
     assert not [op for op in everywhere if "Attention" in op], everywhere  # none hidden in an If branch either
     routes = {}

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from histosurv.errors import EmptySlideError
-from histosurv.runtime.pipeline import PatchEncoder, SlideConfig, featurize_slide, find_encoder
-from histosurv.runtime.repository import sha256_file
+from histosurv.runtime.pipeline import PatchEncoder, SlideConfig, featurize_slide
+from histosurv.data.encoder_record import EncoderRecord
+from histosurv.runtime.repository import ModelRepository, sha256_file
 from histosurv.runtime.slides import open_slide
 
 from .conftest import run_cli
@@ -43,6 +44,13 @@ def test_tile_writes_a_clam_h5(slide_repo, cmu_svs, tmp_path):
     assert attrs["patch_size"] == 256 and attrs["patch_level"] == 0 and attrs["mpp"] == pytest.approx(0.499)
     assert attrs["encoder"] == "resnet18_encoder" and attrs["slide_sha256"] == sha256_file(cmu_svs)
     assert (coords % 256 == 0).all()
+    record = EncoderRecord.from_json(attrs["encoder_record"])  # what training copies into a model
+    assert (record.architecture, record.feature_dim, record.patch_size, record.mpp) == ("resnet18", 512, 256, 0.5)
+    assert record.weights.sha256 == ModelRepository(repo).version("resnet18_encoder").encoder_record.weights.sha256
+    with h5py.File(tmp_path / "cmu.h5") as f:  # where CLAM's and TRIDENT's readers look
+        clam = dict(f["coords"].attrs)
+        assert (clam["patch_size"], clam["patch_level"], clam["patch_size_level0"], clam["name"]) == (256, 0, 256, "cmu")
+        assert list(clam["downsample"]) == [1.0, 1.0] and f["features"].attrs["encoder"] == "resnet18_encoder"
     again = run_cli("tile", cmu_svs, "--repo", repo, "--out", tmp_path / "cmu.h5")
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
@@ -103,11 +111,3 @@ def test_several_slides_go_on_after_a_failure(slide_repo, cmu_svs, tmp_path):
     assert out.returncode == 2
     assert "bad.svs: error" in out.stdout and "1 of 2 slides failed" in out.stdout
     assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["cmu_small_region.h5"]
-
-
-def test_find_encoder(slide_repo, tmp_path):
-    repo, _, _ = slide_repo
-    assert find_encoder(repo) == "resnet18_encoder"
-    assert find_encoder(repo, 512) == "resnet18_encoder"
-    with pytest.raises(Exception, match="no patch encoder gives 1024-d features"):
-        find_encoder(repo, 1024)

@@ -120,8 +120,10 @@ def test_a_changed_configuration_is_refused_not_mixed(slide_repo, archive, tmp_p
     assert _score(repo, manifest, tmp_path / "run", genes).returncode == 0
     before = pd.read_parquet(tmp_path / "run" / "slides.parquet")
 
-    refused = _score(repo, manifest, tmp_path / "run", genes, "--mpp", "1.0")
+    refused = _score(repo, manifest, tmp_path / "run", genes, "--min-tissue", "0.75")
     assert refused.returncode == 2 and "holds a run made with other inputs" in refused.stderr and "slide_settings" in refused.stderr
+    refused = _score(repo, manifest, tmp_path / "run", genes, "--mpp", "1.0")  # an override is part of a run's identity
+    assert refused.returncode == 2 and 'overrides: was {"allow_encoder_mismatch": false, "mpp": null}' in refused.stderr
     pd.read_csv(manifest).iloc[:1].to_csv(manifest, index=False)
     refused = _score(repo, manifest, tmp_path / "run", genes)
     assert refused.returncode == 2 and "manifest_sha256" in refused.stderr and "--restart" in refused.stderr

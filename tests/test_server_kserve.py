@@ -6,6 +6,7 @@ naming what is wrong, and the server must stay live afterwards.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import grpc
@@ -67,7 +68,7 @@ def _inputs(features, coords, genes, features_type="FP32"):
     return tensors
 
 
-def test_health_and_metadata(client):
+def test_health_and_metadata(client, repo):
     assert client.is_server_live() and client.is_server_ready()
     meta = client.get_server_metadata(as_json=True)
     assert meta["name"] == "histosurv" and "model_repository" in meta["extensions"]
@@ -83,6 +84,12 @@ def test_health_and_metadata(client):
     config = client.get_model_config("ammasurv", as_json=True)["config"]
     assert config["platform"] == "onnxruntime_onnx" and config["input"][0]["data_type"] == "TYPE_FP32"
     assert config["output"][1] == {"name": "attention", "data_type": "TYPE_FP32", "dims": ["-1"]}
+    # the serving facts, as Triton carries model parameters: a client sends genes in this order
+    params = {k: v["string_value"] for k, v in config["parameters"].items()}
+    manifest = json.loads((repo / "ammasurv" / "histosurv.json").read_text())["versions"]["1"]
+    assert json.loads(params["histosurv.gene_names"]) == manifest["genes"]["names"] and len(manifest["genes"]["names"]) == 24
+    assert json.loads(params["histosurv.trained_on"]) == manifest["trained_on"]
+    assert params["histosurv.kind"] == "survival_model" and json.loads(params["histosurv.survival_head"])["kind"] == "cox"
 
 
 def test_infer_matches_the_runtime_predictor(client, repo):

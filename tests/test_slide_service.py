@@ -94,6 +94,8 @@ def test_score_slide_gives_the_risk_of_predict_slide(server, slide_repo, slides,
     assert result.n_patches == report["slides"][0]["n_patches"] > 3 * BATCH
     assert result.id == "slide-1" and result.model_version == "1" and result.encoder == "resnet18_encoder v1"
     assert result.slide_sha256 == sha256_file(slides[0] / "cmu.svs")
+    # cut at the training bags' scale, with no override and nothing left unchecked
+    assert result.patch_mpp == report["patch_mpp"] == 0.5 and not result.overrides and not result.notes
 
     # progress: admitted, the tissue patch count, encoded patches rising to it, then fuse
     assert progress[0].stage == "admitted" and progress[1].stage == "tiled" and progress[1].total == result.n_patches
@@ -173,6 +175,7 @@ def test_bad_score_requests_name_the_field(server, genes):
         (dict(genes=genes[:5]), "INVALID_ARGUMENT", "'genes' has 5 values"),
         (dict(genes=[]), "INVALID_ARGUMENT", "needs 'genes'"),
         (dict(encoder_name="ammasurv"), "INVALID_ARGUMENT", "not a patch encoder"),
+        (dict(encoder_name="uni_encoder"), "NOT_FOUND", "patch encoder 'uni_encoder' is not loaded (encoders: resnet18_encoder)"),
     ]
     channel, stub = _stub(server)
     with channel:
@@ -188,6 +191,31 @@ def test_bad_score_requests_name_the_field(server, genes):
                 list(stub.ScoreSlide(request, timeout=60))
             assert caught.value.code().name == status, fields
             assert message in caught.value.details()
+
+
+def test_describe_model_gives_the_serving_facts_a_client_needs(server, slide_repo):
+    """Gene order, the training encoder and the µm/px, typed, without reading histosurv.json."""
+    from histosurv.runtime.repository import ModelRepository
+
+    repository = ModelRepository(slide_repo[0])
+    model, encoder = repository.version("ammasurv"), repository.version("resnet18_encoder")
+    channel, stub = _stub(server)
+    with channel:
+        described = stub.DescribeModel(spb.DescribeModelRequest(model_name="ammasurv"), timeout=30)
+        assert (described.kind, described.architecture, described.version) == ("survival_model", "ammasurv", "1")
+        assert list(described.gene_names) == model.gene_names and described.survival.kind == "cox"
+        assert described.modalities["genes"] == "required" and described.patch_mpp == 0.5
+        trained = described.trained_on
+        record = encoder.encoder_record
+        assert (trained.architecture, trained.feature_dim, trained.patch_size, trained.mpp) == ("resnet18", 512, 256, 0.5)
+        assert trained.weights.sha256 == record.weights.sha256 and list(trained.preprocessing.mean) == pytest.approx(record.preprocessing.mean)
+        assert not trained.preprocessing.HasField("resize")  # fed as cut: unset, not 0
+        described = stub.DescribeModel(spb.DescribeModelRequest(model_name="resnet18_encoder"), timeout=30)
+        assert described.kind == "patch_encoder" and described.encoder.name == "resnet18_encoder"
+        assert described.encoder.version == 1 and not described.HasField("trained_on") and not described.gene_names
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.DescribeModel(spb.DescribeModelRequest(model_name="nope"), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_a_full_queue_answers_resource_exhausted_and_a_cancelled_slide_stops(slide_repo, slides, genes):

@@ -102,4 +102,4 @@ def test_an_option_of_another_architecture_is_refused(cohort_csvs, tmp_path, cap
         "--genes", str(d / "genes.csv"), "--out", str(tmp_path / "run"),
     ])  # fmt: skip
     assert code == 2
-    assert "--depth do not apply to SNNConfig" in capsys.readouterr().err
+    assert "--depth do not apply to --architecture snn" in capsys.readouterr().err

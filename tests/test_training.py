@@ -69,7 +69,7 @@ def test_discrete_time_head_trains(tiny_cohort):
 def test_run_directory_round_trips(tiny_run, tiny_cohort):
     model, config = load_run(tiny_run)
     assert config["architecture"] == "ammasurv" and config["genes"] == tiny_cohort.gene_names
-    assert config["patch_encoder"]["feature_dim"] == 32 and config["patch_encoder"]["encoder"] == "synthetic"
+    assert config["trained_on"]["feature_dim"] == 32 and config["trained_on"]["architecture"] == "synthetic"
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     splits = pd.read_csv(tiny_run / "splits.csv")
     assert set(splits["split"]) == {"train", "val", "test"}

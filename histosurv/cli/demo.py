@@ -23,9 +23,9 @@ def add_parser(sub) -> None:
         help="synthesise a cohort, train, export, verify and predict, then score a real slide, printing timings",
     )
     p.add_argument("--out", default="demo_output", help="working folder, replaced on each run (default: demo_output)")
-    p.add_argument("--patients", type=int, default=400)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-epochs", type=int, default=20)
+    p.add_argument("--patients", type=int, default=400, help="patients in the synthetic cohort (default: 400)")
+    p.add_argument("--seed", type=int, default=0, help="draws the cohort and seeds training (default: 0)")
+    p.add_argument("--max-epochs", type=int, default=20, help="training epochs at most (default: 20)")
     p.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime")
     p.add_argument("--slide", help="slide to score at the end (default: the bundled CMU Aperio SVS, fetched once)")
     p.add_argument("--encoder-weights", help="torchvision ResNet18 state_dict for the patch encoder (default: seeded init)")
@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     from ..data.demo_slide import demo_slide
     from ..data.features import write_bag
     from ..export.encoder_export import export_encoder
-    from ..runtime.pipeline import PatchEncoder, SlideConfig, featurize_slide
+    from ..runtime.pipeline import SlideConfig, featurize_slide, open_encoder
     from ..runtime.predict import FusionPredictor, score_cases
+    from ._slide_options import print_notes
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,7 +112,10 @@ def run(args: argparse.Namespace) -> int:
 
     with stage("score a real slide: tissue, patches, encoder, AMMASurv"):
         slide = Path(args.slide) if args.slide else demo_slide(log=print)
-        encoder = PatchEncoder.from_repository(out / "model_repository", encoder_version.name)
+        # AMMASurv learnt on synthetic features, which no encoder makes: scoring a real slide with it is
+        # a mismatch the runtime refuses unless told, so the demo says so and the bag records it
+        encoder, choice = open_encoder(out / "model_repository", predictor.version, encoder_version.name, allow_mismatch=True)
+        print_notes("demo", choice.notes)
         features = featurize_slide(slide, encoder, SlideConfig())
         write_bag(out / "features" / f"{slide.stem}.h5", features.bag)
         case = patients[0]
@@ -147,7 +151,8 @@ def _slide_summary(slide: Path, features, slide_risk, case_id: str, encoder_vers
     print(f"risk {slide_risk.risk:+.4f} (genes of synthetic case {case_id})")
     print(features.timing_line())
     print(
-        "note: AMMASurv was trained on synthetic 512-d features and the encoder has "
+        "note: AMMASurv was trained on synthetic 512-d features (scored here with the encoder-mismatch override) and "
+        "the encoder has "
         + ("the weights given" if weights else "seeded random weights (no ImageNet weights can be downloaded here)")
         + "; this risk shows the path and its speed, not a clinical estimate."
     )

@@ -1,81 +1,122 @@
-"""histosurv export: a training run, or a patch encoder, -> a new version in a model repository."""
+"""histosurv export: a training run, or a patch encoder, -> a new version in a model repository.
+
+What can be built comes from the artifact registry (``export/artifacts.py``) and the encoder families
+(``export/models/encoders.py``); this module only turns flags into calls.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 
 
 def add_parser(sub) -> None:
+    from ..export.artifacts import ARTIFACTS, default_artifacts
+    from ..export.models.encoders import ENCODERS
+    from ..export.tensorrt_build import build_plan
+
+    plan = inspect.signature(build_plan).parameters
+    extra = default_artifacts("survival")
     p = sub.add_parser(
         "export",
         help="export a training run or a patch encoder to a model repository, or build an engine into a version",
         description="Writes REPO/NAME/config.pbtxt, REPO/NAME/histosurv.json and REPO/NAME/<version>/. "
-        "With --add-engine, builds a machine-specific engine (a TensorRT plan, or an AOTInductor package for "
-        "this machine's device) into an existing version, on the machine that will serve it.",
+        "With --add-engine, builds an artifact (a TensorRT plan, or an AOTInductor package for this machine's "
+        "device) into an existing version, on the machine that will serve it.",
     )
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--run", help="run directory written by 'histosurv train'")
-    what.add_argument("--encoder", help="patch encoder: resnet18 (512-d) or resnet50_trunc (1024-d)")
-    what.add_argument("--add-engine", choices=["tensorrt", "torch"], help="build this engine into --name's version")
+    what.add_argument("--run", help="run directory written by 'histosurv train' or 'histosurv import'")
+    what.add_argument("--encoder", choices=sorted(ENCODERS),
+                      help="patch encoder: " + "; ".join(f"{n}: {f.summary}" for n, f in sorted(ENCODERS.items())))
+    what.add_argument("--add-engine", choices=sorted({a.name for a in ARTIFACTS}), metavar="ARTIFACT",
+                      help="build this artifact into --name's version: " + "; ".join(
+                          f"{a.name} ({a.summary})" for a in ARTIFACTS if a.role == "survival"))
     p.add_argument("--repo", required=True, help="model repository root (created if missing)")
-    p.add_argument("--name", help="model name in the repository (default: ammasurv, or <encoder>_encoder)")
+    p.add_argument("--name", help="model name in the repository (default: the run's architecture, or <encoder>_encoder)")
     p.add_argument("--version", type=int, help="version number (default: one above the highest)")
-    p.add_argument("--weights", help="encoder: torchvision state_dict (.pth or .safetensors; default: seeded init)")
-    # default None, not 256: a --patch-size given with --run is refused rather than silently ignored
-    p.add_argument("--patch-size", type=int, help="encoder: patch side in pixels (default: 256)")
-    p.add_argument(
-        "--artifacts",
-        type=_artifacts,
-        help="run: extra artifacts besides model.onnx and the opset-23 graph, comma-separated "
-        "(default: onnxruntime_fp16,torch; 'none' for neither; torch compiles for about a minute)",
-    )
-    p.add_argument("--max-bag", type=int, default=65536, help="tensorrt: largest bag the plan accepts (default: 65536)")
-    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="tensorrt: default fp16")
-    p.add_argument("--replace", action="store_true", help="--add-engine: rebuild an engine the version already has")
-    p.add_argument(
+    enc = p.add_argument_group("with --encoder")
+    enc.add_argument("--weights", help="the encoder's published weights (.pth or .safetensors; default: seeded "
+                     "initialisation, recorded as such)")
+    # defaults None: a flag given with --run is refused rather than silently ignored
+    enc.add_argument("--patch-size", type=int, help="patch side in pixels (default: the encoder's, 256 for the ResNets)")
+    enc.add_argument("--mpp", type=float, metavar="UM_PER_PX",
+                     help="µm/px the encoder's patches are cut at (default: the encoder's, 0.5 for the ResNets)")
+    run = p.add_argument_group("with --run")
+    run.add_argument("--artifacts", type=_artifacts,
+                     help=f"artifacts besides model.onnx and the opset-23 graph, comma-separated "
+                     f"(default: {','.join(extra)}; none for neither; torch compiles for about a minute)")
+    eng = p.add_argument_group("with --add-engine")
+    eng.add_argument("--replace", action="store_true", help="rebuild an engine the version already has")
+    eng.add_argument("--max-bag", type=int, help=f"tensorrt: largest bag the plan accepts (default: {plan['max_bag'].default})")
+    eng.add_argument("--precision", choices=["fp16", "fp32"], help=f"tensorrt (default: {plan['precision'].default})")
+    eng.add_argument("--device", choices=["cpu", "cuda"], help="torch: the package's device (default: this machine's)")
+    eng.add_argument(
         "--kernels",
         choices=["triton", "cuda"],
-        help="--add-engine torch on a GPU: compile histosurv's fused kernels into the package for the few-query "
-        "attentions and gated attention pooling over the bag (triton: built into the package; cuda: the CUDA C++ "
-        "ops, needs libhistosurv_kernels.so where it runs). Default: SDPA and torch pooling",
+        help="torch, on a GPU: compile histosurv's fused kernels into the package for the few-query attentions and "
+        "gated attention pooling over the bag (triton: built into the package; cuda: the CUDA C++ ops, needs "
+        "libhistosurv_kernels.so where it runs). Default: SDPA and torch pooling",
     )
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run_export)
 
 
 def _artifacts(text: str) -> tuple[str, ...]:
-    from ..export.repository_writer import ARTIFACTS
+    from ..export.artifacts import default_artifacts
 
+    known = default_artifacts("survival")
     chosen = () if text == "none" else tuple(a for a in text.split(",") if a)
-    unknown = [a for a in chosen if a not in ARTIFACTS]
+    unknown = [a for a in chosen if a not in known]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown artifacts {unknown}; choose from {', '.join(ARTIFACTS)} or none")
+        raise argparse.ArgumentTypeError(f"unknown artifacts {unknown}; choose from {', '.join(known)} or none")
     return chosen
 
 
-def run(args: argparse.Namespace) -> int:
+def run_export(args: argparse.Namespace) -> int:
     from ..errors import InputError
 
-    if args.kernels and not args.add_engine:
-        raise InputError("--kernels goes with --add-engine torch, run on the GPU that will serve the package")
+    misplaced = {
+        "--weights": args.weights is not None and not args.encoder,
+        "--patch-size": args.patch_size is not None and not args.encoder,
+        "--mpp": args.mpp is not None and not args.encoder,
+        "--artifacts": args.artifacts is not None and not args.run,
+        "--replace": args.replace and not args.add_engine,
+        "--max-bag": args.max_bag is not None and not args.add_engine,
+        "--precision": args.precision is not None and not args.add_engine,
+        "--device": args.device is not None and not args.add_engine,
+        "--kernels": args.kernels is not None and not args.add_engine,
+    }
+    for flag, wrong in misplaced.items():
+        if wrong:
+            raise InputError(f"{flag} goes with {_goes_with(flag)}")
     if args.encoder:
         return _export_encoder(args)
     if args.add_engine:
         return _add_engine(args)
-    if args.weights:
-        raise InputError("--weights goes with --encoder (a run's weights are in its run directory)")
-    if args.patch_size is not None:
-        raise InputError("--patch-size goes with --encoder (a fusion model takes features, not patches)")
-    from ..export.repository_writer import ARTIFACTS, export_run
+    from ..export.repository_writer import export_run
 
-    artifacts = ARTIFACTS if args.artifacts is None else args.artifacts
-    mv = export_run(args.run, args.repo, args.name or "ammasurv", args.version, log=print, artifacts=artifacts)
+    mv = export_run(args.run, args.repo, args.name, args.version, log=print, artifacts=args.artifacts)
     onnx = mv.info.engines["onnxruntime"]
     print(
-        f"exported {mv.name} version {mv.version} to {mv.path}: model.onnx (opset {onnx['opset']}, "
-        f"{onnx['ops'].get('com.microsoft::MultiHeadAttention', 0)} fused attention ops), "
+        f"exported {mv.name} version {mv.version} to {mv.path}: model.onnx (opset {onnx.details['opset']}, "
+        f"{onnx.details['ops'].get('com.microsoft::MultiHeadAttention', 0)} fused attention ops), "
         f"engines {', '.join(sorted(mv.info.engines))}, {len(mv.info.files)} files"
     )
+    if mv.trained_on is None and mv.takes("features"):
+        print("note: the run records no training encoder; the runtime can check only the feature width of what it is given")
     return 0
+
+
+def _goes_with(flag: str) -> str:
+    """Where a flag belongs: --encoder, --run, or --add-engine with the artifacts that take it."""
+    from ..export.artifacts import ARTIFACTS
+
+    if flag in ("--weights", "--patch-size", "--mpp"):
+        return "--encoder"
+    if flag == "--artifacts":
+        return "--run"
+    option = flag[2:].replace("-", "_")
+    owners = sorted({a.name for a in ARTIFACTS if option in a.options})
+    return f"--add-engine {' or '.join(owners)}" if owners else "--add-engine"
 
 
 def _add_engine(args: argparse.Namespace) -> int:
@@ -84,14 +125,10 @@ def _add_engine(args: argparse.Namespace) -> int:
 
     if not args.name:
         raise InputError("--add-engine needs --name, the model to build it for")
-    if args.kernels and args.add_engine != "torch":
-        raise InputError(f"--kernels goes with --add-engine torch (TensorRT takes its kernels as plugins), not {args.add_engine}")
-    options = {"max_bag": args.max_bag, "precision": args.precision} if args.add_engine == "tensorrt" else {}
-    if args.kernels:
-        options["kernels"] = args.kernels
+    options = {"max_bag": args.max_bag, "precision": args.precision, "device": args.device, "kernels": args.kernels}
     mv, key = add_engine(args.repo, args.name, args.add_engine, args.version, args.replace, log=print, **options)
     entry = mv.info.engines[key]
-    print(f"built {mv.path / entry['file']} ({key}); check it with: histosurv verify --repo {args.repo} "
+    print(f"built {mv.path / entry.file} ({key}); check it with: histosurv verify --repo {args.repo} "
           f"--model {mv.name} --engine {key}")
     return 0
 
@@ -99,11 +136,13 @@ def _add_engine(args: argparse.Namespace) -> int:
 def _export_encoder(args: argparse.Namespace) -> int:
     from ..export.encoder_export import export_encoder
 
-    patch_size = 256 if args.patch_size is None else args.patch_size
-    mv = export_encoder(args.repo, args.encoder, args.name, args.weights, patch_size, args.version, log=print)
+    mv = export_encoder(args.repo, args.encoder, args.name, args.weights, args.patch_size, args.version, log=print,
+                        mpp=args.mpp)
+    record = mv.encoder_record
     spec = mv.inputs[0]
     print(
         f"exported {mv.name} version {mv.version} to {mv.path}: model.onnx ({spec.name} {spec.datatype} "
-        f"{list(spec.shape)} -> features {list(mv.outputs[0].shape)}), weights: {mv.info.config['weights']['source']}"
+        f"{list(spec.shape)} -> features {list(mv.outputs[0].shape)}), {record.patch_size} px patches at "
+        f"{record.mpp:g} µm/px, weights: {record.weights.describe()}"
     )
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ._options import add_union_options
+from .train import model_choices
 
 COMMAND = "import"
 
@@ -21,13 +22,14 @@ def add_parser(sub) -> None:
         "options are read from the checkpoint; give only what it cannot tell.",
     )
     p.add_argument("checkpoint", help="the .pt file the reference training code saved")
-    p.add_argument("--architecture", required=True, choices=importable)
+    p.add_argument("--architecture", required=True, choices=importable, help="the reference model the checkpoint is of")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--gene-list", help="text file, one gene per line, in the order the model was trained with")
     p.add_argument("--gene-scaler", help="CSV gene,mean,scale: the training fold's standardisation (default: identity)")
     p.add_argument("--extra", help="a .pt state_dict of tensors the reference keeps outside its state_dict (MoME)")
-    p.add_argument("--overwrite", action="store_true")
-    add_union_options(p, {n: MODELS[n].config_cls for n in importable}, exclude=("n_genes",), title="model")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_union_options(p, {n: MODELS[n].config_cls for n in importable}, exclude=("n_genes",), title="model",
+                      choices=model_choices())
     p.set_defaults(handler=run)
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from ._slide_options import add_slide_options, progress_printer, slide_config
+from ._slide_options import add_slide_options, print_notes, progress_printer, slide_config
 
 
 def add_parser(sub) -> None:
@@ -18,8 +18,8 @@ def add_parser(sub) -> None:
         "A patient's risk is the mean of its slides' risks.",
     )
     p.add_argument("--repo", required=True, help="model repository root")
-    p.add_argument("--model", default="ammasurv")
-    p.add_argument("--version", type=int, help="default: the highest")
+    p.add_argument("--model", help="survival model in the repository (default: the repository's only one)")
+    p.add_argument("--version", type=int, help="model version (default: the highest)")
     p.add_argument(
         "--engine",
         default="auto",
@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--genes", help="gene table CSV (case_id + one column per gene)")
     one = p.add_argument_group("one case")
-    one.add_argument("--case-id")
+    one.add_argument("--case-id", help="the case's row in the gene table (--genes)")
     one.add_argument("--features", nargs="+", metavar="H5", help="the case's slide feature files")
     one.add_argument("--slide", nargs="+", metavar="SLIDE", help="the case's slide files (.svs, .tiff, ...)")
     many = p.add_argument_group("a table of cases")
@@ -47,8 +47,14 @@ def run(args: argparse.Namespace) -> int:
 
     if sum(map(bool, (args.features, args.slide, args.clinical))) != 1:
         raise InputError("give one of: --case-id with --slide, --case-id with --features, or --clinical with --features-dir")
+    if not args.slide:
+        used = [f for f in ("mpp", "encoder", "encoder_version", "slide_mpp") if getattr(args, f) is not None]
+        if used:
+            raise InputError(f"{', '.join('--' + f.replace('_', '-') for f in used)} apply to --slide (features are made already)")
     started = time.perf_counter()
-    predictor = FusionPredictor.from_repository(args.repo, args.model, args.version, args.engine)
+    predictor = FusionPredictor.from_repository(
+        args.repo, args.model, args.version, args.engine, allow_mismatch=args.allow_encoder_mismatch
+    )
     genes = GeneTable.read(args.genes) if args.genes else None
     if args.slide:
         return _predict_slides(args, predictor, genes, started)
@@ -62,13 +68,14 @@ def run(args: argparse.Namespace) -> int:
         table = read_clinical(args.clinical, require_outcome=False)
         cases = case_files(patients_from_clinical(table), args.features_dir)
     results = score_cases(predictor, cases, genes)
+    print_notes("predict", predictor.notes)
     _report(args, predictor, results, table, time.perf_counter() - started)
     return 0
 
 
 def _predict_slides(args, predictor, genes, started: float) -> int:
     from ..errors import InputError
-    from ..runtime.pipeline import PatchEncoder, featurize_slide, find_encoder
+    from ..runtime.pipeline import featurize_slide, open_encoder
 
     if not args.case_id:
         raise InputError("--slide needs --case-id (the row of the gene table to use)")
@@ -79,9 +86,12 @@ def _predict_slides(args, predictor, genes, started: float) -> int:
         vector = predictor.genes_for(genes, args.case_id)
     if predictor.feature_dim is None:
         raise InputError(f"model {predictor.version.name!r} takes no image features; score it without --slide")
-    name = args.encoder or find_encoder(args.repo, predictor.feature_dim, predictor.version.info.patch_encoder.get("encoder"))
-    encoder = PatchEncoder.from_repository(args.repo, name, args.encoder_version, args.encoder_engine)
     config = slide_config(args)
+    encoder, choice = open_encoder(
+        args.repo, predictor.version, args.encoder, args.encoder_version, args.encoder_engine, args.mpp,
+        args.allow_encoder_mismatch,
+    )
+    print_notes("predict", choice.notes)
     slides = [featurize_slide(s, encoder, config, progress_printer(s)) for s in args.slide]
     result = predictor.patient(args.case_id, [s.bag for s in slides], vector)
     stages = {k: round(sum(s.seconds[k] for s in slides), 3) for k in ("open", "mask", "grid", "read", "encode", "wait")}
@@ -90,8 +100,10 @@ def _predict_slides(args, predictor, genes, started: float) -> int:
     print(json.dumps({
         "case_id": result.case_id,
         "risk": result.risk,
-        "model": f"{predictor.version.name} v{predictor.version.version}",
-        "encoder": f"{name} v{encoder.version.version}",
+        "model": predictor.version.label,
+        "encoder": encoder.version.label,
+        "patch_mpp": encoder.mpp,
+        **({"overrides": choice.overrides} if choice.overrides else {}),
         "slides": [
             {"slide": r.source, "risk": r.risk, "n_patches": r.n_patches, "mpp": f.grid.mpp, "level": f.grid.level,
              "tissue_fraction": round(f.mask.tissue_fraction, 4), "reader": f.slide["backend"]}
@@ -118,13 +130,16 @@ def _report(args, predictor, results, table, seconds: float) -> None:
     if table is not None and {"survival_months", "censorship"} <= set(table.columns):
         outcomes = table.drop_duplicates("case_id").set_index("case_id")[["survival_months", "censorship"]]
         frame = frame.join(outcomes, on="case_id")
+    if predictor.overrides:  # risks made under an override say so in the file itself
+        frame["overrides"] = json.dumps(predictor.overrides, sort_keys=True)
     if args.out:
         with atomic_path(args.out, suffix=".csv") as tmp:
             frame.to_csv(tmp, index=False)
         print(f"wrote {len(frame)} patient risks to {args.out}")
     elif args.features:
         r = results[0]
-        print(json.dumps({"case_id": r.case_id, "risk": r.risk, "slides": [
+        overrides = {"overrides": predictor.overrides} if predictor.overrides else {}
+        print(json.dumps({"case_id": r.case_id, "risk": r.risk, **overrides, "slides": [
             {"source": s.source, "risk": s.risk, "n_patches": s.n_patches} for s in r.slides]}, indent=1))
     else:
         print(frame.to_string(index=False))

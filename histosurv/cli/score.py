@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from ._slide_options import add_slide_options, slide_config
+from ._slide_options import add_slide_options, print_notes, slide_config
 
 
 def add_parser(sub) -> None:
@@ -23,9 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("manifest", help="CSV with columns path, slide_id, case_id (relative paths: from the CSV's folder)")
     p.add_argument("--repo", required=True, help="model repository root")
     p.add_argument("--out", required=True, help="run folder (created; an existing one is resumed)")
-    p.add_argument("--model", default="ammasurv")
-    p.add_argument("--version", type=int, help="default: the highest (fixed in the run folder when the run starts)")
-    p.add_argument("--engine", default="auto", help="fusion engine (default: auto)")
+    p.add_argument("--model", help="survival model in the repository (default: the repository's only one)")
+    p.add_argument("--version", type=int, help="model version (default: the highest, fixed in the run folder when the run starts)")
+    p.add_argument("--engine", default="auto", help="survival-model engine: a manifest key, or auto (default: auto)")
     p.add_argument("--genes", help="gene table CSV (case_id + one column per gene)")
     p.add_argument("--heatmaps", action="store_true", help="write OUT/heatmaps/<slide_id>.png (attention over the thumbnail)")
     p.add_argument("--restart", action="store_true", help="discard the results already in --out and start over")
@@ -41,17 +41,14 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime.batch.runner import score_archive
     from ..runtime.batch.scoring import ScoringConfig
 
-    if args.encoder_version is not None:
-        from ..errors import InputError
-
-        raise InputError("--encoder-version is not supported by score: the run uses the encoder's highest version")
     config = ScoringConfig(
-        repository=args.repo, model=args.model, version=args.version, encoder=args.encoder, engine=args.engine,
-        encoder_engine=args.encoder_engine, genes=args.genes, slide=slide_config(args),
+        repository=args.repo, model=args.model, version=args.version, encoder=args.encoder,
+        encoder_version=args.encoder_version, engine=args.engine, encoder_engine=args.encoder_engine, genes=args.genes,
+        slide=slide_config(args), mpp=args.mpp, allow_mismatch=args.allow_encoder_mismatch,
     )
     started = time.monotonic()
     result = score_archive(args.manifest, args.out, config, ray=args.ray, workers=args.ray_workers, restart=args.restart,
-                           retry_failed=args.retry_failed, heatmaps=args.heatmaps)
+                           retry_failed=args.retry_failed, heatmaps=args.heatmaps, log=lambda n: print_notes("score", [n]))
     slides = result.slides
     ok = slides[slides["status"] == "scored"]
     print(

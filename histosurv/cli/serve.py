@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 
 from ..errors import InputError
-from ._slide_options import add_slide_options, slide_config
+from ._slide_options import add_slide_options, print_notes, slide_config
 
 
 def add_parser(sub) -> None:
@@ -20,42 +20,58 @@ def add_parser(sub) -> None:
         "finish within --grace seconds. Every flag can also be set in a TOML file given with --config "
         "(keys are the flag names, e.g. grpc-port = 9001, slide-root = ['/data/slides']); flags override it.",
     )
+    o = _defaults()
+    e, sl = o.execution, o.slides
     p.add_argument("--config", help="TOML file of flag values")
     p.add_argument("--repo", help="model repository root (required, here or in --config)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="default: 8001, as Triton; 0 picks a free port")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port (default: 8002, as Triton)")
+    p.add_argument("--host", default=o.host, help=f"address to listen on (default: {o.host}, as Triton; 127.0.0.1 for this machine only)")
+    p.add_argument("--grpc-port", type=int, default=o.grpc_port, help=f"default: {o.grpc_port}, as Triton; 0 picks a free port")
+    p.add_argument("--metrics-port", type=int, default=o.metrics_port,
+                   help=f"Prometheus /metrics port (default: {o.metrics_port}, as Triton; 0 picks a free port)")
     p.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
     p.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
-    p.add_argument("--model-control", choices=["none", "poll", "explicit"], default="none",
+    p.add_argument("--model-control", choices=["none", "poll", "explicit"], default=o.model_control,
                    help="poll: load new versions found in the repository; explicit: clients load and unload "
-                   "(RepositoryModelLoad/Unload) (default: none)")
-    p.add_argument("--poll-seconds", type=float, default=15.0, help="repository scan interval with poll (default: 15)")
-    p.add_argument("--engine", default="auto", help="engine for every model (default: auto)")
+                   f"(RepositoryModelLoad/Unload) (default: {o.model_control})")
+    p.add_argument("--poll-seconds", type=float, default=o.poll_seconds,
+                   help=f"repository scan interval with poll (default: {o.poll_seconds:g})")
+    p.add_argument("--engine", default=o.engine, help=f"engine for every model: a manifest key, or auto (default: {o.engine})")
     ex = p.add_argument_group("execution")
-    ex.add_argument("--instances", type=int, default=1, help="engine runs at once per model (default: 1)")
-    ex.add_argument("--max-queue", type=int, default=64,
-                    help="requests that may wait per model; more get RESOURCE_EXHAUSTED (default: 64)")
+    ex.add_argument("--instances", type=int, default=e.instances, help=f"engine runs at once per model (default: {e.instances})")
+    ex.add_argument("--max-queue", type=int, default=e.max_queue,
+                    help=f"requests that may wait per model; more get RESOURCE_EXHAUSTED (default: {e.max_queue})")
     ex.add_argument("--no-batching", action="store_true", help="encode each slide's batches alone (no dynamic batcher)")
-    ex.add_argument("--max-batch", type=int, default=64, help="patches per encoder run of the dynamic batcher (default: 64)")
-    ex.add_argument("--max-delay-ms", type=float, default=5.0,
-                    help="how long the batcher waits for a batch to fill (default: 5)")
-    ex.add_argument("--max-queue-patches", type=int, default=8192, help="patches that may wait for the encoder (default: 8192)")
-    sl = p.add_argument_group("slide service")
-    sl.add_argument("--slide-root", action="append", default=[],
-                    help="folder ScoreSlide may read slides from (repeatable); without one, ScoreSlide is refused")
-    sl.add_argument("--max-active-slides", type=int, default=2, help="slides scored at once (default: 2)")
-    sl.add_argument("--max-queued-slides", type=int, default=16,
-                    help="slides that may wait; more get RESOURCE_EXHAUSTED (default: 16)")
+    ex.add_argument("--max-batch", type=int, default=e.max_batch,
+                    help=f"patches per encoder run of the dynamic batcher (default: {e.max_batch})")
+    ex.add_argument("--max-delay-ms", type=float, default=e.max_delay * 1000,
+                    help=f"how long the batcher waits for a batch to fill (default: {e.max_delay * 1000:g})")
+    ex.add_argument("--max-queue-patches", type=int, default=e.max_queue_patches,
+                    help=f"patches that may wait for the encoder; more get RESOURCE_EXHAUSTED (default: {e.max_queue_patches})")
+    group = p.add_argument_group("slide service")
+    group.add_argument("--slide-root", action="append", default=[],
+                       help="folder ScoreSlide may read slides from (repeatable); without one, ScoreSlide is refused")
+    group.add_argument("--max-active-slides", type=int, default=sl.max_active,
+                       help=f"slides scored at once (default: {sl.max_active})")
+    group.add_argument("--max-queued-slides", type=int, default=sl.max_queued,
+                       help=f"slides that may wait; more get RESOURCE_EXHAUSTED (default: {sl.max_queued})")
     add_slide_options(p, encoder_options=False)
     sec = p.add_argument_group("security")
     sec.add_argument("--tls-cert", help="server certificate chain (PEM); with --tls-key turns TLS on")
     sec.add_argument("--tls-key", help="server private key (PEM)")
     sec.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: mutual TLS")
     sec.add_argument("--auth-token-file", help="accepted bearer tokens, one per line; calls without one get UNAUTHENTICATED")
-    p.add_argument("--max-message-mb", type=int, default=512, help="largest request or response (default: 512)")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds running requests get at shutdown (default: 30)")
+    mb = o.max_message_bytes // (1024 * 1024)
+    p.add_argument("--max-message-mb", type=int, default=mb, help=f"largest request or response (default: {mb})")
+    p.add_argument("--grace", type=float, default=o.grace_seconds,
+                   help=f"seconds running requests get at shutdown (default: {o.grace_seconds:g})")
     p.set_defaults(handler=run, parser=p)
+
+
+def _defaults():
+    """The server's defaults, from the dataclasses that hold them (flags, TOML and API agree)."""
+    from ..runtime.server.app import ServeOptions
+
+    return ServeOptions(repository="")
 
 
 def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv_flags: set[str]) -> argparse.Namespace:
@@ -135,7 +151,7 @@ def options_from_args(args: argparse.Namespace):
         ),
         slides=SlideServiceConfig(
             roots=SlideRoots(args.slide_root), slide=slide_config(args),
-            max_active=args.max_active_slides, max_queued=args.max_queued_slides,
+            max_active=args.max_active_slides, max_queued=args.max_queued_slides, patch_mpp=args.mpp,
         ),
         tls=tls,
         tokens=load_tokens(args.auth_token_file) if args.auth_token_file else None,
@@ -155,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
         args = apply_config(args.parser, args, flags_given(args.parser, args.argv[1:]))
     options = options_from_args(args)
     ModelRepository(options.repository)  # a missing repository is an error now, not an empty server
+    if options.slides.patch_mpp is not None:
+        print_notes("serve", [f"override: ScoreSlide cuts every slide at {options.slides.patch_mpp:g} µm/px, whatever "
+                              "scale its model was trained at; each result records it"])
     if options.tls:
         server_credentials(options.tls)  # a bad certificate file is named now, before binding
     asyncio.run(serve(options))

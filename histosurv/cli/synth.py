@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
         description="Writes OUT/clinical.csv, OUT/genes.csv, OUT/features/<slide>.h5 and OUT/truth.csv.",
     )
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_dataclass_options(p, SynthConfig, title="cohort")
     p.set_defaults(handler=run)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from ._options import add_dataclass_options, add_union_options, dataclass_values, given_values
@@ -30,20 +31,34 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--gene-list", help="text file, one gene per line: the genes to use, in order (default: all)")
-    p.add_argument("--architecture", default="ammasurv", choices=sorted(MODELS))
+    p.add_argument("--architecture", default="ammasurv", choices=sorted(MODELS),
+                   help="; ".join(f"{n}: {spec.summary}" for n, spec in sorted(MODELS.items())) + " (default: ammasurv)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     configs = {name: spec.config_cls for name, spec in MODELS.items()}
-    add_union_options(p, configs, exclude=DERIVED, title="model (see each option for the architectures it applies to)")
+    add_union_options(p, configs, exclude=DERIVED, title="model (each option names the architectures it applies to)",
+                      choices=model_choices())
     add_dataclass_options(p, TrainConfig, title="training")
     p.set_defaults(handler=run)
+
+
+def model_choices() -> dict[str, list[str]]:
+    """The fields of the model configs that take one of a fixed set of values."""
+    from ..export.models import ammasurv, mcat, porpoise
+    from ..export.models.survival_head import HEAD_KINDS
+
+    return {
+        "survival_head": list(HEAD_KINDS),
+        "modality": list(ammasurv.MODALITIES),
+        "fusion": sorted(set(mcat.FUSIONS) | set(porpoise.FUSIONS)),
+    }
 
 
 def model_values(args: argparse.Namespace, architecture: str) -> dict:
     from ..export.models import MODELS
 
     names = {f for spec in MODELS.values() for f in spec.config_cls.__dataclass_fields__}
-    return given_values(args, MODELS[architecture].config_cls, names, exclude=DERIVED)
+    return given_values(args, MODELS[architecture].config_cls, names, exclude=DERIVED, owner=f"--architecture {architecture}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
         model_cfg = config_from_dict(args.architecture, values)
         train_cfg = TrainConfig(**dataclass_values(args, TrainConfig))
     except (ValueError, TypeError) as e:
-        raise InputError(f"{args.architecture}: {e}") from e
+        raise InputError(f"{args.architecture}: {flag_names(str(e), derived)}") from e
+    for note in cohort.encoder_notes:
+        print(f"histosurv train: note: {note}")
     what = f"{cohort.feature_dim}-d patch features" if cohort.bags is not None else "no patch features"
     print(f"training {args.architecture} on {len(cohort.patients)} patients, {len(cohort.gene_names)} genes, {what}")
     try:
@@ -84,6 +101,28 @@ def run(args: argparse.Namespace) -> int:
         f"{result.seconds:.1f} s; run written to {args.out}"
     )
     return 0
+
+
+def flag_names(message: str, derived: dict) -> str:
+    """A config's message in the words of the command line: ``n_genes = 60`` becomes where the number
+    comes from (the data decides it), ``dim = 256`` becomes ``--dim 256``."""
+    from ..export.models import MODELS
+
+    sources = {
+        "n_genes": f"the number of genes ({derived.get('n_genes')}: columns of --genes, or lines of --gene-list)",
+        "feature_dim": f"the width of the bags' features ({derived.get('feature_dim')}, in --features-dir)",
+        "pos_scale": "the bags' patch size at level 0",
+    }
+    fields = {f for spec in MODELS.values() for f in spec.config_cls.__dataclass_fields__}
+
+    def words(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        if name in sources:
+            return sources[name]
+        return "--" + name.replace("_", "-") + (f" {value}" if value else "")
+
+    pattern = "|".join(sorted(map(re.escape, fields), key=len, reverse=True))
+    return re.sub(rf"(?<![\w-])({pattern})(?:\s*=\s*(-?[\d.]+))?(?![\w-])", words, message)
 
 
 def _gene_list(path: str) -> list[str]:

@@ -24,23 +24,27 @@ def add_parser(sub) -> None:
         description="Prints the largest relative difference of the risk per engine and writes the figures "
         "into the manifest. Exit status 1 if an engine is outside the tolerance.",
     )
-    p.add_argument("--repo", required=True)
-    p.add_argument("--model", default="ammasurv")
+    p.add_argument("--repo", required=True, help="model repository root")
+    p.add_argument("--model", help="model to check, a survival model or a patch encoder (default: the repository's only survival model)")
     p.add_argument("--version", type=int, help="default: the highest")
-    p.add_argument("--sizes", type=_sizes, default=DEFAULT_SIZES, help="bag sizes, default: 1,17,1000,16384")
+    p.add_argument("--sizes", type=_sizes, default=DEFAULT_SIZES,
+                   help=f"bag sizes, comma-separated (default: {','.join(map(str, DEFAULT_SIZES))}; "
+                   "encoders: batch sizes 1,4,16)")
     p.add_argument(
         "--tolerance", type=float, help="relative (default: 1e-4 for FP32 engines, 1e-2 for FP16 engines)"
     )
-    p.add_argument("--engine", action="append", help="engine(s) to check (default: all present)")
+    p.add_argument("--engine", action="append", help="manifest key of an engine to check, repeatable (default: every one the version has)")
     p.add_argument("--no-write", action="store_true", help="do not record the figures in the manifest")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..export.verify import verify_version
+    from ..runtime.repository import ModelRepository
 
+    model = args.model or ModelRepository(args.repo).default_model()
     reports = verify_version(
-        args.repo, args.model, args.version, args.sizes, args.tolerance, args.engine, not args.no_write, log=print
+        args.repo, model, args.version, args.sizes, args.tolerance, args.engine, not args.no_write, log=print
     )
     for r in reports:
         verdict = "PASS" if r.passed else "FAIL"

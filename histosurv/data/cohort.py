@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import InputError
+from .encoder_record import EncoderRecord, record_from_attrs
 from .features import Bag, bag_path, read_bag
 from .tables import GeneTable, Patient, patients_from_clinical, read_clinical
 
-__all__ = ["BagStore", "Cohort", "load_cohort", "encoder_metadata", "case_files"]
+__all__ = ["BagStore", "Cohort", "load_cohort", "training_encoder", "case_files"]
 
 
 class BagStore:
@@ -49,6 +50,9 @@ class Cohort:
     genes: np.ndarray  # (P, G) float32, rows in patients order
     gene_names: list[str]
     bags: BagStore | None  # None: a genes-only cohort
+    # the encoder every bag was made with (see training_encoder), and what could not be checked
+    encoder: EncoderRecord | None = None
+    encoder_notes: list[str] = field(default_factory=list)
 
     @property
     def feature_dim(self) -> int | None:
@@ -70,7 +74,8 @@ def load_cohort(
     """Reads the three inputs and cross-checks them before any training starts.
 
     ``genes`` selects and orders gene columns (default: every numeric column of the table). With
-    ``check_bags`` every bag is opened once, so a bad file fails now, named, not hours later.
+    ``check_bags`` every bag is opened once, so a bad file, or bags made by different encoders, fail
+    now, named, not hours later.
     Without ``features_dir`` the cohort is genes-only (for models that read no patches) and the
     clinical table may have one row per case and no ``slide_id``.
     """
@@ -83,11 +88,10 @@ def load_cohort(
     if features_dir is None:
         return Cohort(patients, vectors, names, None)
     store = BagStore(features_dir)
-    if check_bags:
-        for p in patients:
-            for s in p.slide_ids:
-                store.get(s)
-    return Cohort(patients, vectors, names, store)
+    if not check_bags:
+        return Cohort(patients, vectors, names, store)
+    encoder, notes = training_encoder(store, [s for p in patients for s in p.slide_ids])
+    return Cohort(patients, vectors, names, store, encoder, notes)
 
 
 def case_files(patients: Sequence[Patient], features_dir: str | os.PathLike) -> list[tuple[str, list[Path]]]:
@@ -95,15 +99,50 @@ def case_files(patients: Sequence[Patient], features_dir: str | os.PathLike) -> 
     return [(p.case_id, [bag_path(features_dir, s) for s in p.slide_ids]) for p in patients]
 
 
-def encoder_metadata(store: BagStore | None, slide_ids: Sequence[str]) -> dict:
-    """Patch-encoder facts the bags agree on (encoder, patch size, µm/px), for the manifest."""
+def training_encoder(store: BagStore | None, slide_ids: Sequence[str]) -> tuple[EncoderRecord | None, list[str]]:
+    """(the record of the encoder the training bags were made with, notes for the user).
+
+    The record is copied into the model's manifest, so that the runtime can refuse features from any
+    other encoder or scale. Bags made by different encoders (or at different µm/px) cannot train one
+    model: that is an error naming two of them. Bags that record no encoder (CLAM's, or histosurv's
+    before records) give a partial record of the facts they agree on, with a note."""
     if store is None:
-        return {}
-    keys = ("encoder", "patch_size", "patch_level", "patch_size_level0", "mpp")
-    agreed: dict = {}
-    for i, s in enumerate(slide_ids):
-        found = store.get(s).attrs
-        attrs = {k: found[k] for k in keys if k in found}
-        agreed = attrs if i == 0 else {k: v for k, v in agreed.items() if attrs.get(k) == v}
-    agreed["feature_dim"] = store.feature_dim
-    return agreed
+        return None, []
+    first_full = first_partial = None
+    partial: list[EncoderRecord] = []
+    for slide_id in slide_ids:
+        bag = store.get(slide_id)
+        record, complete = record_from_attrs(bag.attrs, bag.dim, bag.source)
+        if not complete:
+            partial.append(record)
+            first_partial = first_partial or (bag.source, record)
+            continue
+        if first_full is None:
+            first_full = (bag.source, record)
+            continue
+        problems = list(first_full[1].compare(record).differences)
+        if first_full[1].same_scale(record.mpp) is False:
+            problems.append(f"µm/px: {first_full[1].mpp:g} vs {record.mpp:g}")
+        if problems:
+            raise InputError(
+                f"{first_full[0]} and {bag.source} were made differently ({'; '.join(problems)}); one model trains "
+                "on the features of one encoder at one scale: re-tile the slides with one encoder"
+            )
+    if first_full is not None:
+        notes = [f"{len(partial)} of {len(slide_ids)} bags record no encoder; trusting they match the others"] if partial else []
+        return first_full[1], notes
+    agreed = _agreed(partial)
+    return agreed, [
+        f"the training bags record no encoder (CLAM or older files, e.g. {first_partial[0]}); the model will record only "
+        f"{agreed.describe()}, and the runtime can check only that"
+    ]
+
+
+def _agreed(records: list[EncoderRecord]) -> EncoderRecord:
+    """The first record with every field the others disagree on set to unknown."""
+    first = records[0]
+    values = {}
+    for name in ("architecture", "feature_dim", "patch_size", "mpp", "name"):
+        seen = {getattr(r, name) for r in records}
+        values[name] = getattr(first, name) if len(seen) == 1 else (None if name != "name" else "")
+    return replace(first, **values)

@@ -2,8 +2,14 @@
 
 CLAM's ``extract_features_fp.py`` writes ``<slide_id>.h5`` with datasets ``features`` (float32, N x D)
 and ``coords`` (int32 or int64, N x 2, level-0 top-left corners of the patches). Most public survival
-code and feature releases use this layout, so histosurv reads and writes it unchanged and keeps its
-own metadata (patch size, level, µm/px, encoder, slide checksum) in file attributes.
+code and feature releases use this layout, so histosurv reads and writes it unchanged.
+
+Metadata lives in attributes, in three places: CLAM's patching puts its own on the ``coords`` dataset
+(``patch_size`` at ``patch_level``, ``downsample``, ``level_dim``, ``name``), TRIDENT adds
+``patch_size_level0`` there and the encoder's name on ``features``, and histosurv keeps its full record
+(the encoder record, µm/px, reader, the slide's sha256, ...) on the file root. Reading merges all
+three (the root wins where names collide: there ``patch_size`` is the side as encoded, where CLAM's is
+the side read at ``patch_level``); writing puts each where those tools look for it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,11 @@ import numpy as np
 from ..errors import InputError, MissingInputError
 from .atomic import atomic_path
 
-__all__ = ["Bag", "read_bag", "write_bag", "validate_bag", "SLIDE_SUFFIXES", "bag_path"]
+__all__ = ["Bag", "read_bag", "write_bag", "validate_bag", "SLIDE_SUFFIXES", "bag_path", "clam_coords_attrs"]
+
+# TRIDENT's attributes on the features dataset that mean something here (it also writes "name" and
+# "savetodir", which are the slide's and the folder's and would shadow nothing useful)
+_FEATURE_ATTRS = ("encoder",)
 
 # Slide ids in MCAT-style clinical tables often keep the scanner file's extension.
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".h5")
@@ -65,7 +75,11 @@ def read_bag(path: str | os.PathLike, feature_dim: int | None = None) -> Bag:
                     f"(found {sorted(f.keys())}); expected CLAM's layout: 'features' N x D, 'coords' N x 2"
                 )
             features, coords = f["features"][()], f["coords"][()]
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            attrs = {
+                **{k: _plain(v) for k, v in f["coords"].attrs.items()},
+                **{k: _plain(v) for k, v in f["features"].attrs.items() if k in _FEATURE_ATTRS},
+                **{k: _plain(v) for k, v in f.attrs.items()},
+            }
     except (OSError, KeyError, RuntimeError) as e:
         raise InputError(f"{path}: not a readable HDF5 feature file ({e}); re-extract its features") from e
     bag = Bag(features, coords, attrs, str(path))
@@ -108,16 +122,39 @@ def validate_bag(bag: Bag, feature_dim: int | None = None) -> Bag:
 
 
 def write_bag(path: str | os.PathLike, bag: Bag) -> Path:
-    """Writes ``bag`` atomically in CLAM's layout (chunked rows, as CLAM does)."""
+    """Writes ``bag`` atomically in CLAM's layout (chunked rows, as CLAM does), with CLAM's and
+    TRIDENT's attributes on the datasets where their readers look, and every attribute on the root."""
     path = Path(path)
     with atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as f:
             chunk = (min(len(bag), 512), bag.dim)
-            f.create_dataset("features", data=bag.features.astype(np.float32), chunks=chunk)
-            f.create_dataset("coords", data=bag.coords.astype(np.int64), chunks=(chunk[0], 2))
+            features = f.create_dataset("features", data=bag.features.astype(np.float32), chunks=chunk)
+            coords = f.create_dataset("coords", data=bag.coords.astype(np.int64), chunks=(chunk[0], 2))
             for k, v in bag.attrs.items():
                 f.attrs[k] = v
+            for k, v in clam_coords_attrs(bag.attrs, Path(path).stem).items():
+                coords.attrs[k] = v
+            if "encoder" in bag.attrs:
+                features.attrs["encoder"] = bag.attrs["encoder"]
     return path
+
+
+def clam_coords_attrs(attrs: dict, name: str) -> dict:
+    """CLAM's ``coords`` attributes from histosurv's: ``patch_size`` is the window side at
+    ``patch_level`` and ``downsample`` that level's, so that CLAM's heatmap code, which multiplies the
+    two, gets the level-0 footprint; TRIDENT's ``patch_size_level0`` says it outright."""
+    if "patch_size_level0" not in attrs:
+        return {}
+    level0 = int(attrs["patch_size_level0"])
+    read = int(attrs.get("read_size", attrs.get("patch_size", level0)))
+    downsample = level0 / read
+    return {
+        "patch_size": read,
+        "patch_level": int(attrs.get("patch_level", 0)),
+        "downsample": np.array([downsample, downsample]),
+        "patch_size_level0": level0,
+        "name": name,
+    }
 
 
 def _plain(v):

@@ -27,31 +27,55 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_dir
+from .encoder_record import EncoderRecord, WeightsIdentity
 from .features import Bag, write_bag
 
-__all__ = ["SynthConfig", "write_synthetic_cohort"]
+__all__ = ["SynthConfig", "write_synthetic_cohort", "synthetic_encoder_record"]
 
 
 @dataclass(frozen=True)
 class SynthConfig:
-    n_patients: int = 400
-    n_genes: int = 200
-    n_signal_genes: int = 16
-    feature_dim: int = 512
-    n_tissue_types: int = 6
-    min_patches: int = 48
-    max_patches: int = 192
+    n_patients: int = 400  # patients in the cohort
+    n_genes: int = 200  # gene columns of genes.csv
+    n_signal_genes: int = 16  # genes that carry the gene risk factor
+    feature_dim: int = 512  # width of the patch features
+    n_tissue_types: int = 6  # patch prototypes; one of them is the aggressive tissue
+    min_patches: int = 48  # fewest patches of a slide
+    max_patches: int = 192  # most patches of a slide
     multi_slide_fraction: float = 0.2  # patients with a second slide
     beta: float = 1.0  # log hazard ratio per unit of each latent factor
-    median_survival_months: float = 30.0
-    max_follow_up_months: float = 120.0
+    median_survival_months: float = 30.0  # of a patient with average risk
+    max_follow_up_months: float = 120.0  # censoring draws follow-up uniformly up to this
     patch_size: int = 256  # level-0 pixels; coords are multiples of it
     seed: int = 0  # draws the patients
     biology_seed: int = 0  # fixes tissue prototypes and gene loadings
 
 
-def write_synthetic_cohort(out_dir: str | os.PathLike, cfg: SynthConfig = SynthConfig(), overwrite: bool = False) -> Path:
-    """Writes ``clinical.csv``, ``genes.csv``, ``features/<slide_id>.h5`` and ``truth.csv``."""
+def synthetic_encoder_record(cfg: SynthConfig) -> EncoderRecord:
+    """What made these features, as every bag records it: no encoder and no scale, so a model trained
+    on them is refused any real encoder's features unless told to accept them."""
+    return EncoderRecord(
+        architecture="synthetic",
+        feature_dim=cfg.feature_dim,
+        patch_size=cfg.patch_size,
+        feature="synthetic",
+        weights=WeightsIdentity(None, "synthetic", f"tissue prototypes of biology seed {cfg.biology_seed}"),
+    )
+
+
+def write_synthetic_cohort(
+    out_dir: str | os.PathLike,
+    cfg: SynthConfig = SynthConfig(),
+    overwrite: bool = False,
+    encoder_record: EncoderRecord | None = None,
+) -> Path:
+    """Writes ``clinical.csv``, ``genes.csv``, ``features/<slide_id>.h5`` and ``truth.csv``.
+
+    ``encoder_record`` makes the bags say they came from that encoder (its width must be
+    ``cfg.feature_dim``): a model trained on them then takes that encoder's features without an
+    override, which is how tests and benchmarks exercise the slide path without tiling a cohort."""
+    if encoder_record is not None and encoder_record.feature_dim != cfg.feature_dim:
+        raise ValueError(f"encoder_record is {encoder_record.feature_dim}-d, the cohort {cfg.feature_dim}-d")
     biology = _Biology(np.random.default_rng([cfg.biology_seed, 1]), cfg)
     rng = np.random.default_rng([cfg.seed, 2])
     r_img, r_gene = rng.standard_normal(cfg.n_patients), rng.standard_normal(cfg.n_patients)
@@ -59,6 +83,7 @@ def write_synthetic_cohort(out_dir: str | os.PathLike, cfg: SynthConfig = SynthC
     times, censorship = _survival(rng, cfg, r_img + r_gene)
     genes = biology.gene_table(rng, r_gene)
 
+    record = (encoder_record or synthetic_encoder_record(cfg)).to_json()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "features").mkdir()
         rows = []
@@ -68,7 +93,10 @@ def write_synthetic_cohort(out_dir: str | os.PathLike, cfg: SynthConfig = SynthC
             for s in range(n_slides):
                 slide_id = f"{case_id}-{s + 1:02d}.svs"
                 bag = _slide_bag(rng, cfg, biology.prototypes, mix)
-                bag.attrs.update(encoder="synthetic", patch_size=cfg.patch_size, patch_level=0)
+                bag.attrs.update(
+                    encoder=encoder_record.name if encoder_record else "synthetic", patch_size=cfg.patch_size,
+                    patch_level=0, patch_size_level0=cfg.patch_size, encoder_record=record,
+                )
                 write_bag(tmp / "features" / f"{case_id}-{s + 1:02d}.h5", bag)
                 rows.append((case_id, slide_id, times[i], censorship[i]))
         pd.DataFrame(rows, columns=["case_id", "slide_id", "survival_months", "censorship"]).to_csv(

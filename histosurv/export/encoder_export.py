@@ -1,11 +1,16 @@
-"""``histosurv export --encoder``: a patch encoder -> a new version of a model in the repository.
+"""``histosurv export --encoder``: a patch-encoder family -> a new version of a model in the repository.
 
-Encoders are models of the repository like the fusion models, with the same files (``model.onnx``,
+Encoders are models of the repository like the survival models, with the same files (``model.onnx``,
 reference ``model.safetensors``, manifest, config.pbtxt), so the server, Triton and ``verify`` treat
-them alike. The ONNX graph takes uint8 ``patches`` [-1, H, W, 3] with a dynamic batch and returns
-``features`` [-1, D]. Before a version is published, its graph is run in ONNX Runtime at batch 1 and
-3: torch.export treats sizes 0 and 1 specially, and a graph that only works at the example's batch
-must never reach the repository. (``histosurv verify`` then measures parity properly.)
+them alike. The version carries the encoder's record (architecture, width, patch size and µm/px,
+preprocessing, feature, the digest of its weights): the same record ``tile`` writes into every bag, that
+training copies into a survival model, and that the runtime checks before it lets this encoder's
+features reach a model.
+
+The ONNX graph takes uint8 ``patches`` [-1, H, W, 3] with a dynamic batch and returns ``features``
+[-1, D]. Before a version is published, its graph is run in ONNX Runtime at batch 1 and 3: torch.export
+treats sizes 0 and 1 specially, and a graph that only works at the example's batch must never reach the
+repository. (``histosurv verify`` then measures parity properly.)
 """
 
 from __future__ import annotations
@@ -20,14 +25,26 @@ import torch
 
 from .. import __version__
 from ..data.atomic import atomic_dir, atomic_path
+from ..data.encoder_record import WeightsIdentity
+from ..data.weights_digest import tensor_digest
 from ..errors import HistosurvError, InputError
-from ..runtime.manifest import TensorSpec, VersionInfo
+from ..runtime.manifest import EngineEntry, ReferenceWeights, TensorSpec, VersionInfo
 from ..runtime.repository import ModelVersion, sha256_file
-from .models.resnet import ENCODERS, IMAGENET_MEAN, IMAGENET_STD, PatchEncoder, build_encoder, load_weights_file
+from .artifacts import BuildContext, artifacts_for
+from .models.encoders import EncoderFamily, build_encoder, family
+from .models.resnet import read_weights_file
 from .onnx_export import _quiet_exporter
 from .repository_writer import REFERENCE_WEIGHTS, prepare_version, publish_version, write_reference
 
-__all__ = ["export_encoder", "encoder_specs", "encoder_from_version", "example_patches", "ENCODER_OPSET", "EncoderExportError"]
+__all__ = [
+    "export_encoder",
+    "export_encoder_onnx",
+    "encoder_specs",
+    "encoder_from_version",
+    "example_patches",
+    "ENCODER_OPSET",
+    "EncoderExportError",
+]
 
 ENCODER_OPSET = 20
 EXAMPLE_BATCH = 3  # any batch >= 2 (torch.export specialises sizes 0 and 1)
@@ -39,10 +56,10 @@ class EncoderExportError(HistosurvError, RuntimeError):
     """The exported graph does not run, or gives other features than PyTorch, at some batch size."""
 
 
-def encoder_specs(encoder: PatchEncoder, patch_size: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def encoder_specs(spec: EncoderFamily, patch_size: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
     return (
         [TensorSpec("patches", "UINT8", (-1, patch_size, patch_size, 3))],
-        [TensorSpec("features", "FP32", (-1, encoder.feature_dim))],
+        [TensorSpec("features", "FP32", (-1, spec.feature_dim))],
     )
 
 
@@ -51,60 +68,64 @@ def export_encoder(
     encoder: str,
     name: str | None = None,
     weights: str | os.PathLike | None = None,
-    patch_size: int = 256,
+    patch_size: int | None = None,
     version: int | None = None,
     seed: int = 0,
     log=lambda _: None,
+    mpp: float | None = None,
 ) -> ModelVersion:
-    """Exports encoder ``encoder`` (see ``ENCODERS``) as ``repository/<name>/<version>``; ``name``
-    defaults to ``<encoder>_encoder``. Without ``weights`` the encoder keeps its seeded torchvision
-    initialisation, and the manifest says so."""
-    if encoder not in ENCODERS:
-        raise InputError(f"unknown patch encoder {encoder!r}; known: {', '.join(sorted(ENCODERS))}")
-    if patch_size < 32:
-        raise InputError(f"patch size must be at least 32 px for a ResNet, got {patch_size}")
+    """Exports encoder family ``encoder`` (see ``ENCODERS``) as ``repository/<name>/<version>``; ``name``
+    defaults to ``<encoder>_encoder``, ``patch_size`` and ``mpp`` to the family's. Without ``weights``
+    the encoder keeps its seeded initialisation, and its record says so."""
+    spec = family(encoder)
+    patch_size = spec.patch_size if patch_size is None else int(patch_size)
+    spec.check_patch_size(patch_size)
+    mpp = spec.mpp if mpp is None else float(mpp)
+    if not mpp > 0:
+        raise InputError(f"µm per pixel must be positive, got {mpp}")
     model = build_encoder(encoder, seed)
     if weights is not None:
-        load_weights_file(model, weights)
-        source = {"source": "torchvision state_dict", "file": str(Path(weights).resolve()), "sha256": sha256_file(weights)}
-    else:
-        source = {"source": f"random init (torchvision's scheme, seed {seed}); no pretrained weights", "seed": seed}
+        spec.load_weights(model, read_weights_file(weights), str(weights))
     name = name or f"{encoder}_encoder"
-    inputs, outputs = encoder_specs(model, patch_size)
+    inputs, outputs = encoder_specs(spec, patch_size)
     model_dir, manifest, version = prepare_version(repository, name, inputs, outputs, version)
+    engines = {}
     with atomic_dir(model_dir / str(version)) as tmp:
-        log(f"exporting ONNX graph of {encoder} ({model.feature_dim}-d, {patch_size} px patches) ...")
-        onnx_info = _export_onnx(model, tmp / "model.onnx", patch_size)
-        log(f"checking the graph in ONNX Runtime at batch {' and '.join(map(str, SMOKE_BATCHES))} ...")
-        _check_onnx_runs(model, tmp / "model.onnx", patch_size)
-        files = write_reference(tmp, model.trunk.state_dict())
+        context = BuildContext(tmp, options={"patch_size": patch_size}, log=log, _model=model)
+        for entry in artifacts_for("encoder"):
+            if entry.when != "on_target":
+                key, file = entry.target()
+                engines[key] = entry.build(context, tmp / file)
+        files = write_reference(tmp, spec.weights_of(model))
+        identity = _weights_identity(weights, seed, tmp / REFERENCE_WEIGHTS)
     info = VersionInfo(
         architecture=encoder,
-        config={
-            "patch_size": patch_size,
-            "feature_dim": model.feature_dim,
-            "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "in_graph": True},
-            "weights": source,
-            "description": ENCODERS[encoder].description,
-        },
-        survival_head="none",
-        genes={},
-        patch_encoder={},
-        engines={"onnxruntime": onnx_info},
+        config={"description": spec.summary, "weights_format": spec.weights_format},
+        engines=engines,
         files=files,
-        reference={"file": REFERENCE_WEIGHTS, "format": "safetensors state_dict (torchvision keys)"},
+        reference=ReferenceWeights(REFERENCE_WEIGHTS, f"safetensors state_dict ({spec.weights_format})"),
+        encoder=spec.record(patch_size, mpp, identity),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         histosurv_version=__version__,
     )
     return publish_version(repository, manifest, version, info)
 
 
-def encoder_from_version(mv: ModelVersion) -> PatchEncoder:
+def _weights_identity(weights, seed: int, reference: Path) -> WeightsIdentity:
+    digest = tensor_digest(reference)
+    if weights is None:
+        return WeightsIdentity(digest, "seeded", f"seed {seed}, no pretrained weights")
+    return WeightsIdentity(digest, "file", f"{Path(weights).name} (file sha256 {sha256_file(weights)[:12]})")
+
+
+def encoder_from_version(mv: ModelVersion) -> torch.nn.Module:
     """The PyTorch encoder a version was exported from (for ``verify``)."""
     from safetensors.torch import load_file
 
+    spec = family(mv.info.architecture)
     model = build_encoder(mv.info.architecture)
-    model.trunk.load_state_dict(load_file(str(mv.path / mv.info.reference["file"])), strict=True)
+    path = mv.path / mv.info.reference.file
+    spec.load_weights(model, load_file(str(path)), str(path))
     return model.eval()
 
 
@@ -117,7 +138,16 @@ def example_patches(batch: int, patch_size: int, seed: int = 0) -> torch.Tensor:
     return (smooth + noise).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def _check_onnx_runs(model: PatchEncoder, path: Path, patch_size: int) -> None:
+def export_encoder_onnx(model: torch.nn.Module, path: Path, patch_size: int, log=lambda _: None) -> EngineEntry:
+    """The encoder's ONNX graph at ``path``, checked on ONNX Runtime before it is kept."""
+    log(f"exporting the ONNX graph of the encoder ({patch_size} px patches) ...")
+    entry = _export_onnx(model, path, patch_size)
+    log(f"checking the graph in ONNX Runtime at batch {' and '.join(map(str, SMOKE_BATCHES))} ...")
+    _check_onnx_runs(model, path, patch_size)
+    return entry
+
+
+def _check_onnx_runs(model: torch.nn.Module, path: Path, patch_size: int) -> None:
     import numpy as np
     import onnxruntime as ort
 
@@ -141,7 +171,7 @@ def _check_onnx_runs(model: PatchEncoder, path: Path, patch_size: int) -> None:
             )
 
 
-def _export_onnx(model: PatchEncoder, path: Path, patch_size: int) -> dict:
+def _export_onnx(model: torch.nn.Module, path: Path, patch_size: int) -> EngineEntry:
     import onnx
 
     batch = torch.export.Dim("B", min=1, max=1 << 16)
@@ -162,8 +192,7 @@ def _export_onnx(model: PatchEncoder, path: Path, patch_size: int) -> dict:
     with atomic_path(path, suffix=".onnx") as tmp:
         onnx.save_model(proto, str(tmp))
         onnx.checker.check_model(str(tmp))
-    return {
-        "file": path.name,
+    details = {
         "opset": ENCODER_OPSET,
         "ops": dict(sorted(ops.items())),
         "max_batch": 1 << 16,
@@ -171,3 +200,4 @@ def _export_onnx(model: PatchEncoder, path: Path, patch_size: int) -> dict:
         "onnx": onnx.__version__,
         "graph_sha256": hashlib.sha256(proto.graph.SerializeToString()).hexdigest()[:16],
     }
+    return EngineEntry(path.name, "onnxruntime", "fp32", details=details)

@@ -74,7 +74,7 @@ def import_checkpoint(
         "model": model.cfg.to_dict(),
         "train": {},
         "genes": names,
-        "patch_encoder": {},
+        "trained_on": None,  # the reference checkpoints do not say which encoder made their features
         "time_bins": None,
         "imported_from": {
             "checkpoint": str(Path(checkpoint).resolve()),

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..data.atomic import atomic_path
 from ..errors import HistosurvError
+from ..runtime.manifest import EngineEntry
 from .models import risk_from_logits
 
 __all__ = [
@@ -84,8 +85,8 @@ def example_inputs(model: nn.Module, n: int = EXAMPLE_N, seed: int = 0) -> dict[
     return {k: v for k, v in inputs.items() if k in model.input_names}
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, max_bag: int = 1 << 20) -> dict:
-    """Writes ``path`` atomically; returns facts for the manifest (opset, node counts, tensor names)."""
+def export_onnx(model: nn.Module, path: str | os.PathLike, max_bag: int = 1 << 20) -> EngineEntry:
+    """Writes ``path`` atomically; returns its manifest entry (opset and node counts in ``details``)."""
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
@@ -93,27 +94,26 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, max_bag: int = 1 << 2
     fused, fusions = optimize_for_ort(program.model)
     proto = ir.serde.serialize_model(fused)
     ops = _save_checked(model, proto, path, "com.microsoft::MultiHeadAttention")
-    return {
-        **_facts(path, OPSET, ops, max_bag),
-        "backend": "onnxruntime",
-        "precision": "fp32",
+    details = {
+        **_facts(OPSET, ops, max_bag),
         "attention": "com.microsoft.MultiHeadAttention",
         "fusions": {k: v for k, v in fusions.items() if v},
     }
+    return EngineEntry(Path(path).name, "onnxruntime", "fp32", details=details)
 
 
-def export_onnx_standard(model: nn.Module, path: str | os.PathLike, max_bag: int = 1 << 20) -> dict:
+def export_onnx_standard(model: nn.Module, path: str | os.PathLike, max_bag: int = 1 << 20) -> EngineEntry:
     """The same signature at opset 23, every attention one standard ``ai.onnx::Attention`` node: the
     graph TensorRT 10.14+ turns into its fused IAttention layer. ONNX Runtime's CPU kernel for that op
     materialises the N x N scores, so this graph is for TensorRT, not for serving on a CPU."""
     program = _dynamo_export(model, STANDARD_OPSET, max_bag)
     ops = _save_checked(model, program.model_proto, path, "ai.onnx::Attention")
-    facts = _facts(path, STANDARD_OPSET, ops, max_bag)
-    # build_input: not served as is; `histosurv export --add-engine tensorrt` builds model.plan from it
-    return {**facts, "attention": "ai.onnx::Attention", "for": "tensorrt>=10.14", "build_input": True}
+    details = {**_facts(STANDARD_OPSET, ops, max_bag), "attention": "ai.onnx::Attention", "for": "tensorrt>=10.14"}
+    # no backend: not served as is; `histosurv export --add-engine tensorrt` builds model.plan from it
+    return EngineEntry(Path(path).name, None, "fp32", details=details)
 
 
-def export_onnx_fp16(model: nn.Module, source: str | os.PathLike, path: str | os.PathLike, max_bag: int = 1 << 20) -> dict:
+def export_onnx_fp16(model: nn.Module, source: str | os.PathLike, path: str | os.PathLike, max_bag: int = 1 << 20) -> EngineEntry:
     """An FP16 copy of the fused graph at ``source`` (see :mod:`.fp16`), for ONNX Runtime's GPU
     providers: inputs and outputs stay FP32, the coordinate embedding too."""
     import onnx
@@ -122,8 +122,9 @@ def export_onnx_fp16(model: nn.Module, source: str | os.PathLike, path: str | os
 
     proto = to_fp16(onnx.load(str(source)))
     ops = _save_checked(model, proto, path, "com.microsoft::MultiHeadAttention")
-    facts = {**_facts(path, OPSET, ops, max_bag), "attention": "com.microsoft.MultiHeadAttention"}
-    return {**facts, "backend": "onnxruntime", "precision": "fp16", "for": "ONNX Runtime CUDA / TensorRT providers"}
+    details = {**_facts(OPSET, ops, max_bag), "attention": "com.microsoft.MultiHeadAttention",
+               "for": "ONNX Runtime CUDA / TensorRT providers"}
+    return EngineEntry(Path(path).name, "onnxruntime", "fp16", details=details)
 
 
 def _dynamo_export(model: nn.Module, opset: int, max_bag: int):
@@ -168,11 +169,10 @@ def _all_nodes(graph):
                 yield from _all_nodes(sub)
 
 
-def _facts(path, opset: int, ops: collections.Counter, max_bag: int) -> dict:
+def _facts(opset: int, ops: collections.Counter, max_bag: int) -> dict:
     import onnx
 
     return {
-        "file": Path(path).name,
         "opset": opset,
         "ops": dict(sorted(ops.items())),
         "max_bag": max_bag,

@@ -3,14 +3,14 @@
 The version folder is built in a temporary directory and renamed into place, then the manifest and
 config.pbtxt are replaced atomically, so readers see either the old repository or the new one.
 Versions of one model must share its tensor interface (Triton's config.pbtxt is per model); a run
-with another interface is refused with the difference named.
+with another interface is refused with the difference named. What is built comes from the artifact
+registry (:mod:`.artifacts`); machine-specific artifacts are added later with :func:`add_engine`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,11 +19,14 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from ..data.atomic import atomic_dir, write_text_atomic
-from ..errors import RepositoryError
-from ..runtime.manifest import ModelManifest, TensorSpec, VersionInfo
+from ..data.encoder_record import EncoderRecord
+from ..data.typed_json import FieldError, from_json_dict, to_json_dict
+from ..errors import InputError, RepositoryError
+from ..runtime.manifest import GeneSpec, ModelManifest, ReferenceWeights, SurvivalHead, TensorSpec, VersionInfo
+from ..runtime.manifest_v1 import upgrade_v1
 from ..runtime.repository import MANIFEST, ModelRepository, ModelVersion, sha256_file
 from ..runtime.triton_config import render_config_pbtxt
-from .onnx_export import export_onnx, export_onnx_fp16, export_onnx_standard
+from .artifacts import ARTIFACTS, BuildContext, artifact, artifacts_for, default_artifacts
 from .run import load_run
 
 __all__ = [
@@ -35,15 +38,9 @@ __all__ = [
     "prepare_version",
     "publish_version",
     "write_reference",
-    "ARTIFACTS",
 ]
 
 REFERENCE_WEIGHTS = "model.safetensors"
-STANDARD_GRAPH = "model.opset23.onnx"  # TensorRT builds model.plan from it on the serving GPU
-STANDARD_ENGINE_KEY = "onnx_opset23"
-FP16_GRAPH = "model.fp16.onnx"
-# What `export` writes besides model.onnx and the opset-23 graph; "torch" compiles for ~1 minute.
-ARTIFACTS = ("onnxruntime_fp16", "torch")
 
 
 def tensor_specs(model: torch.nn.Module) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -64,13 +61,14 @@ def tensor_specs(model: torch.nn.Module) -> tuple[list[TensorSpec], list[TensorS
 def export_run(
     run_dir: str | os.PathLike,
     repository: str | os.PathLike,
-    name: str,
+    name: str | None = None,
     version: int | None = None,
     log=lambda _: None,
-    artifacts=ARTIFACTS,
+    artifacts: tuple[str, ...] | None = None,
 ) -> ModelVersion:
-    """Exports the run's model as ``repository/name/<version>`` (default: one above the highest):
-    the fused ONNX graph and the opset-23 graph always, plus ``artifacts`` (see ARTIFACTS)."""
+    """Exports the run's model as ``repository/name/<version>`` (default name: its architecture;
+    version: one above the highest): every ``always`` artifact of the registry, plus ``artifacts``
+    (default: the ``default`` ones)."""
     model, run_config = load_run(run_dir)
     return export_model(model, run_config, repository, name, version, log, artifacts, run_dir=run_dir)
 
@@ -79,38 +77,34 @@ def export_model(
     model: torch.nn.Module,
     run_config: dict,
     repository: str | os.PathLike,
-    name: str,
+    name: str | None = None,
     version: int | None = None,
     log=lambda _: None,
-    artifacts=ARTIFACTS,
+    artifacts: tuple[str, ...] | None = None,
     run_dir: str | os.PathLike | None = None,
 ) -> ModelVersion:
     """``export_run`` for a model in memory; ``run_config`` needs ``architecture``, ``model`` (its
     config) and ``genes`` (names), as a run's config.json has them."""
-    unknown = set(artifacts) - set(ARTIFACTS)
-    if unknown:
-        raise RepositoryError(f"unknown artifacts {sorted(unknown)}; export writes {list(ARTIFACTS)}")
+    chosen = default_artifacts("survival") if artifacts is None else tuple(artifacts)
+    for unknown in set(chosen) - set(default_artifacts("survival")):
+        artifact(unknown, "survival")  # names the known ones
     model = model.eval()
+    name = name or run_config["architecture"]
     inputs, outputs = tensor_specs(model)
     model_dir, manifest, version = prepare_version(repository, name, inputs, outputs, version)
-    engines = {}
+    engines, not_built = {}, {}
+    unsupported = getattr(model, "unsupported_artifacts", {})
     with atomic_dir(model_dir / str(version)) as tmp:
-        log(f"exporting ONNX graph of {run_config['architecture']} ...")
-        engines["onnxruntime"] = export_onnx(model, tmp / "model.onnx")
-        log("exporting the opset-23 graph (standard Attention, for TensorRT) ...")
-        engines[STANDARD_ENGINE_KEY] = export_onnx_standard(model, tmp / STANDARD_GRAPH)
-        if "onnxruntime_fp16" in artifacts:
-            log("writing the FP16 graph (for GPU providers) ...")
-            engines["onnxruntime_fp16"] = export_onnx_fp16(model, tmp / "model.onnx", tmp / FP16_GRAPH)
-        not_built = {a: why for a, why in getattr(model, "unsupported_artifacts", {}).items() if a in artifacts}
-        for artifact, why in not_built.items():
-            log(f"not building {artifact}: {why}")
-        if "torch" in artifacts and "torch" not in not_built:
-            key, file, device = _torch_artifact()
-            log(f"compiling {file} with AOTInductor for {device} (about a minute) ...")
-            from .torch_export import export_pt2
-
-            engines[key] = export_pt2(model, tmp / file, device=device)
+        context = BuildContext(tmp, log=log, _model=model)
+        for entry in artifacts_for("survival"):
+            if entry.when == "on_target" or (entry.when == "default" and entry.name not in chosen):
+                continue
+            if entry.name in unsupported:
+                not_built[entry.name] = unsupported[entry.name]
+                log(f"not building {entry.name}: {unsupported[entry.name]}")
+                continue
+            key, file = entry.target()
+            engines[key] = entry.build(context, tmp / file)
         files = write_reference(tmp, model.state_dict())
     info = _version_info(model, run_config, run_dir, engines, files)
     info.not_built = not_built
@@ -120,47 +114,42 @@ def export_model(
 def add_engine(
     repository, name: str, engine: str, version: int | None = None, replace: bool = False, log=lambda _: None, **options
 ) -> tuple[ModelVersion, str]:
-    """Builds a machine-specific artifact into an existing version, on the machine that will run it:
-    ``tensorrt`` (model.plan from the opset-23 graph) or ``torch`` (model.pt2, or model.cuda.pt2 on a
-    GPU, compiled from the reference weights). Other files of the version are left as they are.
-    Returns the version and the manifest key of the new engine."""
-    from .verify import reference_model
-
+    """Builds artifact ``engine`` of the registry into an existing version, on the machine that will
+    run it (a TensorRT plan from the opset-23 graph; a torch package for this machine's device; or any
+    artifact the version lacks). Other files of the version are left as they are. Returns the version
+    and the manifest key of the new engine."""
+    _check_options(engine, options)  # before the repository is read: a wrong flag is named first
     repo = ModelRepository(repository)
     mv = repo.version(name, version)
-    if engine == "tensorrt":
-        from .tensorrt_build import PLAN_FILE, build_plan
-
-        key, file = "tensorrt", PLAN_FILE
-        build = lambda path: build_plan(mv, path, log=log, **options)  # noqa: E731
-    elif engine == "torch":
-        from .torch_export import export_pt2
-
-        if any(t.name == "patches" for t in mv.inputs):
-            raise RepositoryError(f"{mv.path}: patch encoders are served by ONNX Runtime; no torch package for them")
-        why = mv.info.not_built.get("torch")
-        if why:
-            raise RepositoryError(f"{mv.path}: no torch package for {mv.info.architecture}: {why}")
-        key, file, device = _torch_artifact(options.pop("device", None))
-        log(f"compiling {file} with AOTInductor for {device} (about a minute) ...")
-        build = lambda path: export_pt2(reference_model(mv), path, device=device, **options)  # noqa: E731
-    else:
-        raise RepositoryError(f"--add-engine builds tensorrt or torch artifacts, not {engine!r}")
+    entry = artifact(engine, "encoder" if mv.is_encoder else "survival")
+    why = mv.info.not_built.get(engine)
+    if why:
+        raise RepositoryError(f"{mv.path}: no {engine} artifact for {mv.info.architecture}: {why}")
+    options = {k: v for k, v in options.items() if v is not None}
+    key, file = entry.target(options)
     if key in mv.info.engines and not replace:
         raise RepositoryError(f"{mv.path / file} already exists (engine {key!r}); pass --replace to rebuild it")
-    entry = build(mv.path / file)  # written atomically beside the other files
+    built = entry.build(BuildContext(mv.path, mv, options, log), mv.path / file)  # written atomically beside the others
     manifest = repo.manifest(name)
     info = manifest.versions[mv.version]
-    info.engines[key] = entry
+    info.engines[key] = built
     info.files[file] = sha256_file(mv.path / file)
     info.parity.pop(key, None)  # figures of a replaced artifact no longer hold
     return publish_version(repository, manifest, mv.version, info), key
 
 
-def _torch_artifact(device: str | None = None) -> tuple[str, str, str]:
-    """(manifest key, file, device) of the AOTInductor package this machine builds: CUDA where a GPU is."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return ("torch", "model.pt2", "cpu") if device == "cpu" else ("torch_cuda", "model.cuda.pt2", device)
+def _check_options(engine: str, options: dict) -> None:
+    kinds = [a for a in ARTIFACTS if a.name == engine]
+    if not kinds:
+        artifact(engine, "survival")  # the error names the artifacts there are
+    takes = {o for a in kinds for o in a.options}
+    foreign = sorted(k for k, v in options.items() if v is not None and k not in takes)
+    if foreign:
+        flags = ", ".join("--" + f.replace("_", "-") for f in foreign)
+        owners = sorted({a.name for a in ARTIFACTS for f in foreign if f in a.options})
+        goes = f"; they go with --add-engine {' or '.join(owners)}" if owners else ""
+        listed = ", ".join(f"--{o.replace('_', '-')}" for o in sorted(takes)) or "no options"
+        raise InputError(f"{flags} do not apply to {engine} (it takes {listed}){goes}")
 
 
 def prepare_version(repository, name: str, inputs, outputs, version: int | None) -> tuple[Path, ModelManifest, int]:
@@ -197,8 +186,8 @@ def _existing_manifest(model_dir: Path, name: str, inputs, outputs) -> ModelMani
     manifest = ModelManifest.load(model_dir / MANIFEST)
     if (manifest.inputs, manifest.outputs) != (inputs, outputs):
         raise RepositoryError(
-            f"{model_dir}: this run's tensors {[asdict(t) for t in inputs + outputs]} differ from the model's "
-            f"{[asdict(t) for t in manifest.inputs + manifest.outputs]}; export it under another model name"
+            f"{model_dir}: this export's tensors {to_json_dict(inputs + outputs)} differ from the model's "
+            f"{to_json_dict(manifest.inputs + manifest.outputs)}; export it under another model name"
         )
     return manifest
 
@@ -210,25 +199,55 @@ def _next_version(model_dir: Path, manifest: ModelManifest) -> int:
 
 
 def _version_info(model, run_config: dict, run_dir, engines: dict, files: dict) -> VersionInfo:
-    genes = {"names": run_config["genes"], "standardised_in_graph": True}
-    if getattr(model, "genes", None) is not None:
-        genes.update(mean=model.genes.mean.tolist(), scale=model.genes.scale.tolist())
+    genes = None
+    if "genes" in model.input_names:
+        scaler = getattr(model, "genes", None)
+        genes = GeneSpec(
+            names=tuple(run_config["genes"]),
+            mean=tuple(scaler.mean.tolist()) if scaler is not None else None,
+            scale=tuple(scaler.scale.tolist()) if scaler is not None else None,
+        )
     training = {"run": str(Path(run_dir).resolve()) if run_dir else None, "train": run_config.get("train", {})}
     if run_dir and (Path(run_dir) / "metrics.json").is_file():
         training["metrics"] = json.loads((Path(run_dir) / "metrics.json").read_text())
     return VersionInfo(
         architecture=run_config["architecture"],
         config=run_config["model"],
-        survival_head=model.cfg.survival_head,
-        genes=genes,
-        patch_encoder=run_config.get("patch_encoder", {}),
         engines=engines,
         files=files,
-        reference={"file": REFERENCE_WEIGHTS, "format": "safetensors state_dict"},
+        reference=ReferenceWeights(REFERENCE_WEIGHTS, "safetensors state_dict"),
+        trained_on=trained_on(run_config) if "features" in model.input_names else None,
+        genes=genes,
+        survival=_survival_head(model, run_config),
+        modalities=modalities_of(model),
         training=training,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         histosurv_version=__version__,
-        modalities=modalities_of(model),
+    )
+
+
+def trained_on(run_config: dict) -> EncoderRecord | None:
+    """The run's record of the encoder its bags came from (runs before records kept a dict of the
+    attributes the bags agreed on, read as a partial record)."""
+    if run_config.get("trained_on") is not None:
+        try:
+            return from_json_dict(EncoderRecord, run_config["trained_on"], "trained_on")
+        except FieldError as e:
+            raise InputError(f"run configuration: {e}") from e
+    old = run_config.get("patch_encoder")
+    if old:
+        upgraded = upgrade_v1({"inputs": [], "versions": {"1": {"patch_encoder": old, "engines": {}}}})
+        return from_json_dict(EncoderRecord, upgraded["versions"]["1"]["trained_on"], "patch_encoder")
+    return None
+
+
+def _survival_head(model, run_config: dict) -> SurvivalHead:
+    kind = model.cfg.survival_head
+    bins = run_config.get("time_bins")
+    return SurvivalHead(
+        kind=kind,
+        n_bins=getattr(model.cfg, "n_bins", None) if kind == "discrete" else None,
+        time_bins=tuple(float(b) for b in bins) if bins else None,
     )
 
 

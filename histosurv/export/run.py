@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..data.atomic import atomic_dir
-from ..data.cohort import Cohort, encoder_metadata
+from ..data.cohort import Cohort, training_encoder
+from ..data.typed_json import to_json_dict
 from ..errors import InputError, MissingInputError
 from .models import build_model
 from .training import TrainResult
@@ -33,14 +34,17 @@ RUN_CONFIG, RUN_WEIGHTS = "config.json", "model.safetensors"
 
 
 def save_run(out_dir: str | os.PathLike, result: TrainResult, cohort: Cohort, overwrite: bool = False) -> Path:
-    slide_ids = [s for p in cohort.patients for s in p.slide_ids]
+    encoder = cohort.encoder
+    if encoder is None and cohort.bags is not None:  # a cohort loaded without checking its bags
+        encoder, _ = training_encoder(cohort.bags, [s for p in cohort.patients for s in p.slide_ids])
     config = {
         "histosurv_version": __version__,
         "architecture": result.architecture,
         "model": asdict(result.model_config),
         "train": asdict(result.train_config),
         "genes": cohort.gene_names,
-        "patch_encoder": encoder_metadata(cohort.bags, slide_ids),
+        # the encoder the training bags came from: export copies it into the manifest (trained_on)
+        "trained_on": to_json_dict(encoder) if encoder is not None else None,
         "time_bins": None if result.time_bins is None else result.time_bins.tolist(),
     }
     names = result.splits.name_of()

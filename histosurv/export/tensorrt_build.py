@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..data.atomic import atomic_path
 from ..errors import HistosurvError
+from ..runtime.manifest import BuiltFor, EngineEntry
 from ..runtime.repository import ModelVersion
 
 __all__ = ["DEFAULT_BUCKETS", "bag_profiles", "build_plan", "EngineBuildError", "PLAN_FILE"]
@@ -57,7 +58,7 @@ def build_plan(
     precision: str = "fp16",
     workspace_gib: float = 8.0,
     log=lambda _: None,
-) -> dict:
+) -> EngineEntry:
     """Builds and writes ``path`` (atomically); returns its manifest entry."""
     import onnx
     import tensorrt as trt
@@ -95,14 +96,12 @@ def build_plan(
     with atomic_path(path, suffix=".plan") as tmp:
         Path(tmp).write_bytes(bytes(serialized))
     gpu, capability = gpu_facts()
-    return {
-        "backend": "tensorrt",
-        "file": Path(path).name,
-        "precision": precision,
-        "tensorrt": trt.__version__,
-        "compute_capability": capability,
-        "gpu": gpu,
-        "profiles": [list(p) for p in profiles],
-        "built_from": source.name,
-        "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    return EngineEntry(
+        Path(path).name,
+        "tensorrt",
+        precision,
+        device="cuda",
+        built_for=BuiltFor(tensorrt=trt.__version__, compute_capability=capability, gpu=gpu),
+        profiles=tuple(tuple(p) for p in profiles),
+        details={"built_from": source.name, "built": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+    )

@@ -30,7 +30,9 @@ from torch import nn
 
 from ..data.atomic import atomic_path
 from ..errors import InputError
-from ..kernels.routing import KERNEL_BACKENDS, kernel_calls, use_kernels
+from ..runtime.manifest import BuiltFor, EngineEntry
+from ..kernels.backends import KERNELS
+from ..kernels.routing import kernel_calls, use_kernels
 from .onnx_export import EXAMPLE_N, FusedAttentionMissing, SingleBag, _quiet_exporter, example_inputs
 
 __all__ = ["export_pt2", "cuda_capability", "PT2_FILE"]
@@ -47,13 +49,13 @@ def cuda_capability(device: str | torch.device = "cuda") -> str:
 
 def export_pt2(
     model: nn.Module, path: str | os.PathLike, device: str = "cpu", max_bag: int = 1 << 20, kernels: str | None = None
-) -> dict:
+) -> EngineEntry:
     """Compiles ``model``'s serving signature for ``device`` into ``path`` (atomically); returns the
     manifest entry. Takes tens of seconds: Inductor generates and compiles C++ (and Triton on CUDA).
     ``kernels``: None (SDPA and torch pooling), "triton" or "cuda" (histosurv's kernels; CUDA only)."""
     device = torch.device(device)
-    if kernels is not None and kernels not in KERNEL_BACKENDS:
-        raise InputError(f"kernels must be one of {KERNEL_BACKENDS} or None, got {kernels!r}")
+    if kernels is not None and kernels not in KERNELS:
+        raise InputError(f"kernels must be one of {', '.join(KERNELS)} or None, got {kernels!r}")
     if kernels and device.type != "cuda":
         raise InputError(
             f"kernels={kernels!r}: histosurv's kernels run on CUDA GPUs; a {device.type} package uses SDPA and torch "
@@ -84,19 +86,16 @@ def export_pt2(
                     f"the compiled package calls fused attention kernels {dict(fused)} fewer times than the "
                     f"exported graph's {sdpa} SDPA calls; one was decomposed into an N x N matrix"
                 )
-    return {
-        "backend": "torch",
-        "file": Path(path).name,
-        "format": "aotinductor",
-        "device": device.type,
-        "compute_capability": cuda_capability(device) if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        "precision": "fp32",
-        "attention_kernels": dict(fused),
-        "kernels": kernels,
-        "kernel_calls": dict(calls),
-        "max_bag": max_bag,
-    }
+    capability = cuda_capability(device) if device.type == "cuda" else None
+    return EngineEntry(
+        Path(path).name,
+        "torch",
+        "fp32",
+        device=device.type,
+        built_for=BuiltFor(torch=torch.__version__, compute_capability=capability),
+        kernels=kernels,
+        details={"format": "aotinductor", "attention_kernels": dict(fused), "kernel_calls": dict(calls), "max_bag": max_bag},
+    )
 
 
 def trace_serving(model: nn.Module, device: torch.device, max_bag: int = 1 << 20, kernels: str | None = None):

@@ -37,15 +37,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 0
-    max_epochs: int = 30
+    seed: int = 0  # fixes the split, the initialisation and the batches
+    max_epochs: int = 30  # passes over the training patients at most
     patience: int = 6  # epochs without a better validation c-index before stopping
-    lr: float = 2e-4
-    weight_decay: float = 1e-5
+    lr: float = 2e-4  # Adam learning rate
+    weight_decay: float = 1e-5  # Adam weight decay
     batch_size: int = 32  # patients per step: the Cox risk set
-    patches_per_slide: int = 64
-    val_fraction: float = 0.15
-    test_fraction: float = 0.2
+    patches_per_slide: int = 64  # patches sampled per slide and step (all of them at evaluation)
+    val_fraction: float = 0.15  # patients held out to choose the epoch
+    test_fraction: float = 0.2  # patients held out and scored once, at the end
     alpha: float = 0.0  # discrete-time NLL only: weight of the uncensored term
 
     def __post_init__(self):

@@ -22,9 +22,10 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from ..runtime.engines import backend_of, load_engine
+from ..runtime.engines import load_engine
 from ..runtime.engines.base import why_unusable
 from ..runtime.repository import MANIFEST, ModelRepository, ModelVersion
+from .artifacts import artifact_of_key
 from .models import build_model
 from .onnx_export import SingleBag, example_inputs
 from .run import load_weights
@@ -77,7 +78,7 @@ class ParityReport:
 
 def reference_model(mv: ModelVersion) -> torch.nn.Module:
     model = build_model(mv.info.architecture, mv.info.config)
-    load_weights(model, mv.path / mv.info.reference["file"])
+    load_weights(model, mv.path / mv.info.reference.file)
     return model.eval()
 
 
@@ -93,7 +94,7 @@ def verify_version(
 ) -> list[ParityReport]:
     repo = ModelRepository(repository)
     mv = repo.version(name, version)
-    is_encoder = any(t.name == "patches" for t in mv.inputs)
+    is_encoder = mv.is_encoder
     if is_encoder:
         from .encoder_export import encoder_from_version
 
@@ -102,15 +103,15 @@ def verify_version(
     else:
         model, compare = reference_model(mv), _compare
     reports = []
-    for engine_name in engines or _servable(mv):
+    for engine_name in engines or _checkable(mv):
         skip = _skip_reason(mv, engine_name)
         if skip:
             log(f"{engine_name:16s} skipped: {skip}")
             continue
-        engine = load_engine(mv, engine_name)
+        engine, checked_sizes = _load_checked(mv, engine_name, sizes)
         limit = tolerance if tolerance is not None else TOLERANCES[engine.precision]
         report = ParityReport(engine_name, engine.device, getattr(engine, "providers", []), limit)
-        for n in sizes:
+        for n in checked_sizes:
             report.rows.append(compare(model, engine, n))
             row = report.rows[-1]
             if is_encoder:
@@ -129,15 +130,37 @@ def verify_version(
     return reports
 
 
-def _servable(mv: ModelVersion) -> list[str]:
-    # build inputs (the opset-23 graph) are checked through the engines built from them
-    return [key for key, entry in mv.info.engines.items() if backend_of(key, entry)]
+def _checkable(mv: ModelVersion) -> list[str]:
+    """The version's artifacts that the registry says how to check, in the manifest's order."""
+    return [key for key in mv.info.engines if _checked_with(mv, key)]
+
+
+def _checked_with(mv: ModelVersion, key: str) -> str | None:
+    entry = artifact_of_key(key, "encoder" if mv.is_encoder else "survival")
+    if entry is None:  # an artifact of a newer histosurv: check what can be served
+        return "engine" if mv.info.engines[key].servable else None
+    return entry.checked_with
+
+
+def _load_checked(mv: ModelVersion, key: str, sizes) -> tuple[object, tuple[int, ...]]:
+    """The engine that checks artifact ``key`` and the sizes it is checked at: as served, or (a graph
+    that is only an input to other builds) on ONNX Runtime's CPU provider at the small sizes its N x N
+    attention scores allow."""
+    if key not in mv.info.engines or _checked_with(mv, key) == "engine":
+        return load_engine(mv, key), tuple(sizes)
+    from ..runtime.engines.ort import OnnxRuntimeEngine
+
+    entry = artifact_of_key(key, "encoder" if mv.is_encoder else "survival")
+    small = tuple(n for n in sizes if entry.max_checked_bag is None or n <= entry.max_checked_bag)
+    return OnnxRuntimeEngine(mv, key=key, providers=["CPUExecutionProvider"]), small or (1, 17)
 
 
 def _skip_reason(mv: ModelVersion, key: str) -> str | None:
     """Why an artifact present in the version cannot be checked on this machine (None: it can).
     Artifacts named explicitly but absent are left to load_engine, which names what is there."""
-    return why_unusable(mv, key) if key in mv.info.engines else None
+    if key not in mv.info.engines or _checked_with(mv, key) != "engine":
+        return None
+    return why_unusable(mv, key)
 
 
 def _compare(model: torch.nn.Module, engine, n: int) -> dict:
@@ -168,7 +191,7 @@ def _compare(model: torch.nn.Module, engine, n: int) -> dict:
 def _compare_encoder(model: torch.nn.Module, engine, batch: int) -> dict:
     from .encoder_export import example_patches
 
-    patch_size = next(t.shape[1] for t in engine.inputs if t.name == "patches")
+    patch_size = engine.version.patch_size
     patches = example_patches(batch, patch_size, seed=batch)
     t0 = time.perf_counter()
     with torch.inference_mode():

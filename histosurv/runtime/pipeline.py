@@ -19,8 +19,10 @@ from typing import Callable, Protocol
 import numpy as np
 
 from .. import __version__
+from ..data.encoder_record import ATTRIBUTE
 from ..data.features import Bag
 from ..errors import EmptySlideError, InputError, RepositoryError
+from .encoder_match import DEFAULT_MPP, EncoderChoice, choose_encoder
 from .engines import Engine, load_engine
 from .repository import ModelRepository, ModelVersion, sha256_file
 from .slides import open_slide
@@ -28,32 +30,42 @@ from .slides.stream import PatchStream
 from .slides.tiler import GridConfig, PatchGrid, plan_patch_grid
 from .slides.tissue import TissueConfig, TissueMask, tissue_mask
 
-__all__ = ["PatchEncoder", "SlideConfig", "SlideFeatures", "SlidePlan", "featurize_slide", "find_encoder", "plan_slide"]
+__all__ = ["PatchEncoder", "SlideConfig", "SlideFeatures", "SlidePlan", "featurize_slide", "open_encoder", "plan_slide"]
 
 STAGES = ("open", "mask", "grid", "read", "encode", "wait", "total")
 
 
 class PatchEncoder:
-    """A patch-encoder model version (``patches`` uint8 [-1, H, W, 3] -> ``features`` [-1, D])."""
+    """A patch-encoder model version (``patches`` uint8 [-1, H, W, 3] -> ``features`` [-1, D]) and the
+    µm/px its patches are cut at (the training bags' scale, chosen by ``encoder_match``); the features
+    it makes carry its record at that scale, and the overrides they were made under."""
 
-    def __init__(self, version: ModelVersion, engine: Engine):
-        specs = {t.name: t for t in version.inputs}
-        outputs = {t.name: t for t in version.outputs}
-        if "patches" not in specs or "features" not in outputs:
+    def __init__(self, version: ModelVersion, engine: Engine, mpp: float | None = None, overrides: dict | None = None):
+        if not version.is_encoder:
             raise RepositoryError(
-                f"model {version.name!r} is not a patch encoder (it takes {sorted(specs)} and returns {sorted(outputs)})"
+                f"model {version.name!r} is not a patch encoder (it takes {[t.name for t in version.inputs]})"
             )
         self.version, self.engine = version, engine
-        self.spec = specs["patches"]
-        self.patch_size = int(self.spec.shape[1])
-        self.feature_dim = int(outputs["features"].shape[-1])
+        self.spec = version.manifest.input("patches")
+        self.patch_size = version.patch_size
+        self.feature_dim = int(version.feature_dim)
+        self.mpp = float(mpp or version.encoder_record.mpp or DEFAULT_MPP)
+        self.record = replace(version.encoder_record, mpp=self.mpp)
+        self.overrides = dict(overrides or {})
 
     @classmethod
     def from_repository(
         cls, root: str | os.PathLike, name: str, version: int | None = None, engine: str = "auto", **options
     ) -> "PatchEncoder":
+        """Encoder ``name`` at its own scale (no survival model to match: ``tile`` for a new cohort)."""
         mv = ModelRepository(root).version(name, version)
         return cls(mv, load_engine(mv, engine, **options))
+
+    @classmethod
+    def from_choice(cls, choice: EncoderChoice, engine: str = "auto", **options) -> "PatchEncoder":
+        mv = choice.encoder
+        mv.verify_files()
+        return cls(mv, load_engine(mv, engine, **options), choice.mpp, choice.overrides)
 
     def encode(self, patches: np.ndarray) -> np.ndarray:
         problem = self.spec.check(patches)
@@ -63,18 +75,45 @@ class PatchEncoder:
         return np.asarray(out, dtype=np.float32)
 
     def describe(self) -> dict:
+        """The bag attributes naming the encoder: its full record, and flat facts for people."""
         return {
             "encoder": self.version.name,
             "encoder_version": self.version.version,
             "encoder_architecture": self.version.info.architecture,
+            ATTRIBUTE: self.record.to_json(),
+            **{f"override_{k}": v for k, v in self.overrides.items()},
             **{f"encoder_{k}": v for k, v in self.engine.describe().items() if k != "providers"},
         }
+
+
+def open_encoder(
+    root: str | os.PathLike,
+    model: ModelVersion | None = None,
+    name: str | None = None,
+    version: int | None = None,
+    engine: str = "auto",
+    mpp: float | None = None,
+    allow_mismatch: bool = False,
+    **engine_options,
+) -> tuple[PatchEncoder, EncoderChoice]:
+    """The patch encoder of repository ``root`` for ``model`` (see ``encoder_match.choose_encoder``),
+    loaded, with the choice (its notes are for the user). The one lookup of ``tile``, ``predict`` and
+    ``score``; the server makes the same choice among its loaded models."""
+    repo = ModelRepository(root)
+    if version is not None:
+        if not name:
+            raise InputError("an encoder version goes with the encoder's name (--encoder)")
+        candidates = [repo.version(name, version, verify=False)]
+    else:
+        candidates = repo.latest_versions()
+    choice = choose_encoder(candidates, model, name, mpp, allow_mismatch, where=str(repo.root))
+    return PatchEncoder.from_choice(choice, engine, **engine_options), choice
 
 
 @dataclass(frozen=True)
 class SlideConfig:
     tissue: TissueConfig = TissueConfig()
-    grid: GridConfig = GridConfig()  # its patch_size is replaced by the encoder's
+    grid: GridConfig = GridConfig()  # its patch_size and mpp are replaced by the encoder's
     batch_size: int = 32
     num_workers: int = 2  # cuCIM decode workers
     prefetch: int = 2  # batches read ahead of the encoder
@@ -132,7 +171,7 @@ def featurize_slide(
         with open_slide(path, config.reader, config.device) as reader:
             if plan is None:
                 digest = hasher.submit(sha256_file, path)  # reads the file while the patches are decoded
-                mask, grid = _plan(reader, path, encoder.patch_size, config, seconds, t_start)
+                mask, grid = _plan(reader, path, encoder.patch_size, encoder.mpp, config, seconds, t_start)
             else:  # tiled elsewhere (a Ray CPU task): only the patches are read here
                 digest = hasher.submit(lambda: plan.slide_sha256)
                 mask, grid = plan.mask, plan.grid
@@ -197,24 +236,25 @@ class SlidePlan:
     seconds: dict
 
 
-def plan_slide(path: str | os.PathLike, patch_size: int, config: SlideConfig = SlideConfig()) -> SlidePlan:
-    """Opens the slide, finds its tissue and lays the patch grid; raises EmptySlideError without tissue."""
+def plan_slide(path: str | os.PathLike, patch_size: int, mpp: float, config: SlideConfig = SlideConfig()) -> SlidePlan:
+    """Opens the slide, finds its tissue and lays the grid of ``patch_size`` px patches at ``mpp`` µm/px;
+    raises EmptySlideError without tissue."""
     path = Path(path)
     seconds: dict = {}
     t_start = time.perf_counter()
     with open_slide(path, config.reader, config.device) as reader:
-        mask, grid = _plan(reader, path, patch_size, config, seconds, t_start)
+        mask, grid = _plan(reader, path, patch_size, mpp, config, seconds, t_start)
     return SlidePlan(str(path), grid, mask, sha256_file(path), seconds)
 
 
-def _plan(reader, path: Path, patch_size: int, config: SlideConfig, seconds: dict, t_start: float):
+def _plan(reader, path: Path, patch_size: int, mpp: float, config: SlideConfig, seconds: dict, t_start: float):
     if config.slide_mpp is not None:
         reader.mpp = float(config.slide_mpp)
     seconds["open"] = time.perf_counter() - t_start
     mask = tissue_mask(reader, config.tissue, config.device)
     seconds["mask"] = mask.seconds
     t0 = time.perf_counter()
-    grid = plan_patch_grid(reader, mask, replace(config.grid, patch_size=patch_size))
+    grid = plan_patch_grid(reader, mask, replace(config.grid, patch_size=patch_size, mpp=mpp))
     seconds["grid"] = time.perf_counter() - t0
     if len(grid) == 0:
         raise EmptySlideError(
@@ -237,29 +277,3 @@ class Ready:
 
     def result(self) -> np.ndarray:
         return self._features
-
-
-def find_encoder(root: str | os.PathLike, feature_dim: int | None = None, preferred: str | None = None) -> str:
-    """The patch encoder of the repository to use: ``preferred`` (say, the encoder a fusion model's
-    training features came from) where present, else the only encoder giving ``feature_dim``-d
-    features (any width when None)."""
-    repo = ModelRepository(root)
-    widths = {}
-    for name in repo.models():
-        m = repo.manifest(name)
-        if any(t.name == "patches" for t in m.inputs):
-            widths[name] = next(t.shape[-1] for t in m.outputs if t.name == "features")
-    if preferred and preferred in widths:
-        if feature_dim is not None and widths[preferred] != feature_dim:
-            raise RepositoryError(f"encoder {preferred!r} gives {widths[preferred]}-d features; the model takes {feature_dim}")
-        return preferred
-    fitting = sorted(n for n, d in widths.items() if feature_dim is None or d == feature_dim)
-    if len(fitting) == 1:
-        return fitting[0]
-    wanted = f"{feature_dim}-d features" if feature_dim else "features"
-    if not fitting:
-        raise RepositoryError(
-            f"{repo.root}: no patch encoder gives {wanted} (encoders here: {widths or 'none'}); "
-            f"add one with 'histosurv export --encoder resnet18 --repo {repo.root}'"
-        )
-    raise RepositoryError(f"{repo.root}: several encoders give {wanted} ({', '.join(fitting)}); choose one with --encoder")

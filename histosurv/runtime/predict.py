@@ -13,6 +13,7 @@ import numpy as np
 from ..data.features import Bag, read_bag, validate_bag
 from ..data.tables import GeneTable
 from ..errors import InputError
+from .encoder_match import check_bag
 from .engines import Engine, load_engine
 from .repository import ModelRepository, ModelVersion
 
@@ -35,31 +36,57 @@ class PatientRisk:
 
 
 class FusionPredictor:
-    """Runs a fusion model version on feature bags and gene vectors, checking them first.
+    """Runs a survival model version on feature bags and gene vectors, checking them first.
 
-    ``timings`` accumulates seconds per stage (``fuse``) across calls, for reports.
+    Bags read from files are checked against the model's training bags (:meth:`check_file_bag`): made
+    by another encoder or at another µm/px, they are refused unless ``allow_mismatch``. ``notes``
+    collects what the user should read (overrides in effect, facts that could not be checked), once
+    each; ``overrides`` what outputs must record. ``timings`` accumulates seconds per stage.
     """
 
-    def __init__(self, version: ModelVersion, engine: Engine):
+    def __init__(self, version: ModelVersion, engine: Engine, allow_mismatch: bool = False):
         self.version, self.engine = version, engine
         self.specs = {t.name: t for t in version.inputs}
+        self.allow_mismatch = allow_mismatch
+        self.notes: dict[str, None] = {}  # ordered set
+        self.overrides: dict[str, str] = {}
         self.timings: dict[str, float] = defaultdict(float)
 
     @classmethod
     def from_repository(
-        cls, root: str | os.PathLike, model: str, version: int | None = None, engine: str = "auto", **engine_options
+        cls,
+        root: str | os.PathLike,
+        model: str | None = None,
+        version: int | None = None,
+        engine: str = "auto",
+        allow_mismatch: bool = False,
+        **engine_options,
     ) -> "FusionPredictor":
-        mv = ModelRepository(root).version(model, version)
-        return cls(mv, load_engine(mv, engine, **engine_options))
+        """Model ``model`` of the repository (default: its only survival model)."""
+        repo = ModelRepository(root)
+        mv = repo.version(model or repo.default_model(), version)
+        if mv.is_encoder:
+            raise InputError(f"model {mv.name!r} is a patch encoder, not a survival model")
+        return cls(mv, load_engine(mv, engine, **engine_options), allow_mismatch)
 
     @property
     def gene_names(self) -> list[str]:
-        return self.version.info.gene_names
+        return self.version.gene_names
 
     @property
     def feature_dim(self) -> int | None:
-        spec = self.specs.get("features")
-        return spec.shape[-1] if spec else None
+        return self.version.feature_dim
+
+    def check_file_bag(self, bag: Bag) -> Bag:
+        """``bag`` if its recorded encoder and µm/px are those of the training bags (see
+        ``encoder_match.check_bag``); notes and overrides are collected."""
+        notes, overrides = check_bag(bag, self.version, self.allow_mismatch)
+        self.note(*notes)
+        self.overrides.update(overrides)
+        return bag
+
+    def note(self, *notes: str) -> None:
+        self.notes.update(dict.fromkeys(notes))
 
     def genes_for(self, table: GeneTable, case_id: str) -> np.ndarray | None:
         """The case's gene vector in the model's order, or None for a model that takes no genes."""
@@ -135,7 +162,7 @@ def score_cases(
     results = []
     for case_id, paths in cases:
         t0 = time.perf_counter()
-        bags = [read_bag(p, predictor.feature_dim) for p in paths]
+        bags = [predictor.check_file_bag(read_bag(p, predictor.feature_dim)) for p in paths]
         predictor.timings["read"] += time.perf_counter() - t0
         results.append(predictor.patient(case_id, bags, vectors.get(case_id)))
     return results

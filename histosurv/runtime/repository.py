@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.encoder_record import EncoderRecord
 from ..errors import RepositoryError
 from .manifest import ModelManifest, TensorSpec, VersionInfo
 
@@ -31,6 +32,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 @dataclass(frozen=True)
 class ModelVersion:
+    """One version of one model, and the serving facts every entry point reads from it (nothing
+    re-derives them from tensor names)."""
+
     name: str
     version: int
     path: Path  # the numeric version folder
@@ -48,12 +52,49 @@ class ModelVersion:
     def outputs(self) -> list[TensorSpec]:
         return self.manifest.outputs
 
-    def engine_file(self, backend: str) -> Path:
-        entry = self.info.engines.get(backend)
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}"
+
+    def takes(self, tensor: str) -> bool:
+        return self.manifest.input(tensor) is not None
+
+    @property
+    def is_encoder(self) -> bool:
+        return self.info.is_encoder
+
+    @property
+    def encoder_record(self) -> EncoderRecord:
+        """What this patch encoder is, with its repository name and version as provenance."""
+        if self.info.encoder is None:
+            raise RepositoryError(f"model {self.name!r} is not a patch encoder")
+        return self.info.encoder.with_provenance(self.name, self.version)
+
+    @property
+    def feature_dim(self) -> int | None:
+        """Width of the features an encoder makes, or a survival model takes (None: it takes none)."""
+        spec = self.manifest.output("features") if self.is_encoder else self.manifest.input("features")
+        return int(spec.shape[-1]) if spec is not None else None
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.encoder_record.patch_size)
+
+    @property
+    def trained_on(self) -> EncoderRecord | None:
+        """A survival model's record of the encoder its training bags came from (None: not recorded)."""
+        return self.info.trained_on
+
+    @property
+    def gene_names(self) -> list[str]:
+        return self.info.gene_names
+
+    def engine_file(self, key: str) -> Path:
+        entry = self.info.engines.get(key)
         if entry is None:
             present = ", ".join(sorted(self.info.engines)) or "none"
-            raise RepositoryError(f"{self.path}: no {backend} engine in this version (present: {present})")
-        return self.path / entry["file"]
+            raise RepositoryError(f"{self.path}: no {key} engine in this version (present: {present})")
+        return self.path / entry.file
 
     def verify_files(self) -> None:
         for name, digest in self.info.files.items():
@@ -90,3 +131,25 @@ class ModelRepository:
         if verify:
             mv.verify_files()
         return mv
+
+    def latest_versions(self) -> list[ModelVersion]:
+        """The highest version of every model whose manifest reads (files not checked: a listing)."""
+        found = []
+        for name in self.models():
+            try:
+                found.append(self.version(name, verify=False))
+            except RepositoryError:
+                continue  # a damaged model is reported when it is asked for by name
+        return found
+
+    def encoders(self) -> list[ModelVersion]:
+        return [mv for mv in self.latest_versions() if mv.is_encoder]
+
+    def default_model(self) -> str:
+        """The repository's survival model, when it holds exactly one (else the names to choose from)."""
+        names = [mv.name for mv in self.latest_versions() if not mv.is_encoder]
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise RepositoryError(f"{self.root}: no survival model here (models: {', '.join(self.models()) or 'none'})")
+        raise RepositoryError(f"{self.root}: several survival models ({', '.join(names)}); choose one with --model")

@@ -31,8 +31,8 @@ __all__ = ["ABMILConfig", "ABMIL"]
 class ABMILConfig:
     n_genes: int = 0  # not read: ABMIL is image only
     feature_dim: int = 1024
-    hidden_dim: int = 512  # size_dict_path[size_arg][1]
-    attention_dim: int = 256  # size_dict_path[size_arg][2]: 256 'small' (the CLI default), 384 'big'
+    hidden_dim: int = 512  # width of the patch embedding (the reference's size_dict_path[size_arg][1])
+    attention_dim: int = 256  # hidden width of the gated attention (the reference's 'small'; 'big' is 384)
     dropout: float = 0.25
     survival_head: str = "discrete"
     n_bins: int = 4

@@ -44,15 +44,15 @@ MODALITIES = ("both", "image", "genes")
 class AMMASurvConfig:
     n_genes: int  # G, the length of the gene list in the manifest
     feature_dim: int = 512  # d1: ResNet18 patch features
-    pos_dim: int = 32  # d_pos; 0 turns positional embeddings off
+    pos_dim: int = 32  # d_pos, width of the patch-position embedding; 0 turns it off
     pos_scale: float = 256.0  # level-0 pixels per positional unit (the patch size at level 0)
-    gene_groups: int = 16  # m
+    gene_groups: int = 16  # m: groups the genes are split into, one token each
     depth: int = 2  # L
     heads: int = 8
-    mlp_ratio: float = 2.0
-    head_hidden: int = 128  # width of W1 in eq. 15
+    mlp_ratio: float = 2.0  # feed-forward width over token width
+    head_hidden: int = 128  # hidden width of the risk head (W1 in eq. 15)
     dropout: float = 0.1
-    modality: str = "both"
+    modality: str = "both"  # both, or the image-only / genes-only ablations of the paper
     survival_head: str = "cox"
     n_bins: int = 4  # used by the discrete-time head only
 
@@ -64,12 +64,13 @@ class AMMASurvConfig:
             raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
         if d % self.heads:
             raise ValueError(
-                f"token width d = feature_dim + pos_dim = {d} must be divisible by heads = {self.heads}"
+                f"the token width ({d}: feature_dim {self.feature_dim} plus pos_dim {self.pos_dim}) must be divisible by "
+                f"heads = {self.heads}"
             )
         if self.depth < 1:
             raise ValueError(f"depth must be at least 1, got {self.depth}")
         if self.n_genes < 1 and self.modality != "image":
-            raise ValueError("AMMASurv needs at least one gene unless modality='image'")
+            raise ValueError("AMMASurv needs at least one gene unless modality = image")
         if self.uses_genes and self.group_size > self.feature_dim:
             raise ValueError(
                 f"{self.n_genes} genes in {self.gene_groups} groups give {self.group_size} values per group, "

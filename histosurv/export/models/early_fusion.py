@@ -38,7 +38,7 @@ __all__ = ["EarlyFusionConfig", "EarlyFusionMIL"]
 class EarlyFusionConfig:
     n_genes: int
     feature_dim: int = 1024
-    hidden_dim: int = 512  # the patch embedding width, as PORPOISE's
+    hidden_dim: int = 512  # width of the patch embedding, as PORPOISE's
     attention_dim: int = 256  # gated-attention hidden width and rho's output
     dropout: float = 0.25
     survival_head: str = "discrete"

@@ -57,15 +57,15 @@ MASKED = -100000.0  # the reference's additive mask for patches outside a hypere
 class GHANetConfig:
     n_genes: int = 0  # genes in the manifest; G-HANet reads none at inference
     feature_dim: int = 1024
-    dim: int = 512  # ``wsi_size``; also the attention width (heads * 128)
+    dim: int = 512  # token width, also the attention width (heads * 128; the reference's ``wsi_size``)
     n_tokens: int = 6  # query tokens = hyperedges = gene-signature groups
     heads: int = 4
     ffn_mult: int = 4  # GEGLU feed-forward width multiplier
-    gate_hidden: int = 256
-    compress_dim: int = 256  # ``butter``: per-token width before flattening
+    gate_hidden: int = 256  # hidden width of the gated attention over the patches
+    compress_dim: int = 256  # per-token width before the tokens are flattened (the reference's ``butter``)
     topk_ratio: float = 0.2  # fraction of patches each hyperedge keeps (the reference's ``ratio``)
     dropout: float = 0.25
-    recon_sizes: tuple[int, ...] = ()  # per-token gene-group sizes for the training-only heads; () = none
+    recon_sizes: tuple[int, ...] = ()  # gene-group sizes of the reconstruction heads used in training only (none: no heads)
     survival_head: str = "discrete"
     n_bins: int = 4
 

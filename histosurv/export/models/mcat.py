@@ -54,13 +54,13 @@ class MCATConfig:
     n_genes: int = 0  # 0: derived as sum(omic_sizes); otherwise must equal it
     omic_sizes: tuple[int, ...] = ()  # genes per signature group, in the gene list's order
     feature_dim: int = 1024
-    dim: int = 256  # token width (size_dict_WSI['small'][1]; the reference's co-attention is fixed at 256)
-    omic_hidden: tuple[int, ...] = (256, 256)  # size_dict_omic: 'small' (256, 256), 'big' (1024, 1024, 1024, 256)
+    dim: int = 256  # token width (the reference's co-attention is fixed at 256)
+    omic_hidden: tuple[int, ...] = (256, 256)  # widths of each gene group's SNN, ending at --dim (the reference's 'big': 1024,1024,1024,256)
     depth: int = 2  # layers of each transformer
     heads: int = 8
-    ff_dim: int = 512
+    ff_dim: int = 512  # feed-forward width of the transformer layers
     dropout: float = 0.25
-    fusion: str = "concat"
+    fusion: str = "concat"  # how the path and gene vectors meet: concat, or bilinear (a gated Kronecker product)
     survival_head: str = "discrete"
     n_bins: int = 4
 
@@ -78,7 +78,7 @@ class MCATConfig:
         elif self.n_genes != total:
             raise ValueError(
                 f"n_genes = {self.n_genes} but omic_sizes {self.omic_sizes} sum to {total}; the genes are "
-                f"split into those groups in order, so the two must agree (or leave n_genes = 0 to derive it)"
+                f"split into those groups in order, so the two must agree"
             )
         if not self.omic_hidden or self.omic_hidden[-1] != self.dim:
             raise ValueError(f"omic_hidden must end at dim = {self.dim} (the token width), got {self.omic_hidden}")

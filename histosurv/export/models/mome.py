@@ -57,13 +57,13 @@ class MoMEConfig:
     n_genes: int = 0  # G; 0 takes sum(omic_sizes), anything else must equal it
     omic_sizes: tuple[int, ...] = (100, 200, 300, 400, 500, 600)  # genes per signature group, in order
     feature_dim: int = 1024
-    dim: int = 512  # token width ('small': wsi [1024, 512, 512], omic [512, 512])
-    n_bottlenecks: int = 2
+    dim: int = 512  # token width (the reference's 'small')
+    n_bottlenecks: int = 2  # bottleneck tokens that carry information between the modalities
     heads: int = 8
-    num_landmarks: int = 256  # the reference ties it to dim // 2
-    pinv_iterations: int = 6
+    num_landmarks: int = 256  # landmarks of the Nystrom attention (the reference ties them to dim // 2)
+    pinv_iterations: int = 6  # Newton iterations of the Nystrom pseudo-inverse
     dropout: float = 0.25  # patch embedding and SNNs
-    attn_dropout: float = 0.1
+    attn_dropout: float = 0.1  # dropout on the attention weights in training
     survival_head: str = "discrete"
     n_bins: int = 4
 
@@ -77,7 +77,7 @@ class MoMEConfig:
         elif self.n_genes != total:
             raise ValueError(
                 f"n_genes = {self.n_genes} but omic_sizes {self.omic_sizes} sum to {total}: "
-                "give n_genes = sum(omic_sizes) (or 0 to derive it)"
+                "the genes are split into those groups in order, so the two must agree"
             )
         if self.dim % self.heads:
             raise ValueError(f"dim = {self.dim} must be divisible by heads = {self.heads}")

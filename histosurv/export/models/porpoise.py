@@ -42,16 +42,16 @@ PATH_HIDDEN, ATTENTION_HIDDEN, OMIC_HIDDEN = 512, 256, 256  # size_arg "small" (
 class PorpoiseConfig:
     n_genes: int  # omic_input_dim
     feature_dim: int = 1024  # path_input_dim
-    fusion: str = "bilinear"
+    fusion: str = "bilinear"  # bilinear (gated Kronecker product) or concat
     dropout: float = 0.25
-    scale_dim1: int = 8  # path unit 256 // 8 = 32 (+1) in the Kronecker product
-    scale_dim2: int = 8  # gene unit
-    gate_path: bool = True
-    gate_omic: bool = True
-    skip: bool = True
-    dropinput: float = 0.10  # the class default; the reference CLI's default is 0.0
+    scale_dim1: int = 8  # divides the path vector's 256 units before the Kronecker product (8: 32 units)
+    scale_dim2: int = 8  # divides the gene vector's 256 units before the Kronecker product
+    gate_path: bool = True  # gate the path vector by the genes in the bilinear fusion
+    gate_omic: bool = True  # gate the gene vector by the path in the bilinear fusion
+    skip: bool = True  # add the unimodal vectors back after the Kronecker product
+    dropinput: float = 0.10  # dropout on the input features in training (the reference model's default; its CLI's is 0)
     use_mlp: bool = False  # MLP blocks (Linear, ReLU, Dropout) instead of SNN blocks for the genes
-    modality_dropout: float = 0.0  # histosurv: P(gene embedding zeroed) per patient in training
+    modality_dropout: float = 0.0  # probability of zeroing a patient's gene embedding in training, so the model also serves without genes
     survival_head: str = "discrete"
     n_bins: int = 4
 

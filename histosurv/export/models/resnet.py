@@ -21,12 +21,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ...data.encoder_record import IMAGENET_MEAN, IMAGENET_STD
 from ...errors import InputError, MissingInputError
 
-__all__ = ["ENCODERS", "EncoderSpec", "PatchEncoder", "build_encoder", "load_torchvision_state_dict", "load_weights_file"]
+__all__ = ["RESNETS", "ResNetSpec", "PatchEncoder", "build_resnet", "load_torchvision_state_dict", "read_weights_file"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class BasicBlock(nn.Module):
@@ -136,18 +135,18 @@ class PatchEncoder(nn.Module):
 
 
 @dataclass(frozen=True)
-class EncoderSpec:
+class ResNetSpec:
     build: Callable[[], ResNetTrunk]
     feature_dim: int
     dropped: tuple[str, ...]  # torchvision state_dict prefixes the encoder does not use
     description: str
 
 
-ENCODERS: dict[str, EncoderSpec] = {
-    "resnet18": EncoderSpec(
+RESNETS: dict[str, ResNetSpec] = {
+    "resnet18": ResNetSpec(
         lambda: ResNetTrunk(BasicBlock, (2, 2, 2, 2)), 512, ("fc.",), "torchvision ResNet18, average-pooled layer4"
     ),
-    "resnet50_trunc": EncoderSpec(
+    "resnet50_trunc": ResNetSpec(
         lambda: ResNetTrunk(Bottleneck, (3, 4, 6)),
         1024,
         ("layer4.", "fc."),
@@ -156,13 +155,9 @@ ENCODERS: dict[str, EncoderSpec] = {
 }
 
 
-def build_encoder(name: str, seed: int = 0) -> PatchEncoder:
-    """The named encoder with torchvision's initialisation drawn from ``seed``, in eval mode."""
-    if name not in ENCODERS:
-        raise InputError(f"unknown patch encoder {name!r}; known: {', '.join(sorted(ENCODERS))}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return PatchEncoder(ENCODERS[name].build(), name).eval()
+def build_resnet(name: str) -> PatchEncoder:
+    """The named ResNet encoder with torchvision's initialisation (from torch's current RNG state)."""
+    return PatchEncoder(RESNETS[name].build(), name).eval()
 
 
 def load_torchvision_state_dict(encoder: PatchEncoder, state_dict: dict, source: str = "state_dict") -> None:
@@ -179,7 +174,7 @@ def load_torchvision_state_dict(encoder: PatchEncoder, state_dict: dict, source:
         if isinstance(state_dict.get(wrapper), dict):
             state_dict = state_dict[wrapper]
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    dropped = ENCODERS[encoder.name].dropped
+    dropped = RESNETS[encoder.name].dropped
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(dropped)}
     own = encoder.trunk.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -204,8 +199,9 @@ def load_torchvision_state_dict(encoder: PatchEncoder, state_dict: dict, source:
     encoder.trunk.load_state_dict(state_dict, strict=True)
 
 
-def load_weights_file(encoder: PatchEncoder, path: str | os.PathLike) -> None:
-    """Loads torchvision weights from a .pth/.pt (tensors only) or .safetensors file."""
+def read_weights_file(path: str | os.PathLike) -> dict:
+    """The tensors of a .pth/.pt (read with ``weights_only``: a pickle that would run code is refused)
+    or .safetensors checkpoint, for an encoder family's strict loader."""
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"{path}: encoder weights file not found")
@@ -220,4 +216,4 @@ def load_weights_file(encoder: PatchEncoder, path: str | os.PathLike) -> None:
         raise InputError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from e
     if not isinstance(state_dict, dict):
         raise InputError(f"{path}: holds a {type(state_dict).__name__}, not a state_dict")
-    load_torchvision_state_dict(encoder, state_dict, str(path))
+    return state_dict

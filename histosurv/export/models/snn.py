@@ -30,7 +30,7 @@ __all__ = ["SNNConfig", "SNN"]
 class SNNConfig:
     n_genes: int
     feature_dim: int = 1024  # not read: SNN is genes only
-    hidden: tuple[int, ...] = (256, 256, 256, 256)  # size_dict_omic['small']; 'big' is (1024, 1024, 1024, 256)
+    hidden: tuple[int, ...] = (256, 256, 256, 256)  # widths of the SNN layers (the reference's 'big': 1024,1024,1024,256)
     dropout: float = 0.25
     survival_head: str = "discrete"
     n_bins: int = 4

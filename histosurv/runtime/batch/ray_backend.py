@@ -108,17 +108,15 @@ def _out(batch, record: dict, plan: bytes = b"") -> dict:
 
 
 def _plan(batch, settings: str):
-    """Tiling, in a CPU task: it needs the encoder's patch size, not its engine."""
+    """Tiling, in a CPU task: it needs the encoder's patch size and scale, not its engine."""
     from ..pipeline import plan_slide
-    from ..repository import ModelRepository
 
     row = _row(batch)
     started = time.perf_counter()
     try:
         config = _config_from(settings)
-        encoder = ModelRepository(config.repository).version(config.encoder, verify=False)
-        patch_size = int(next(t for t in encoder.inputs if t.name == "patches").shape[1])
-        plan = plan_slide(row.path, patch_size, config.slide)
+        choice = config.choice()
+        plan = plan_slide(row.path, choice.encoder.patch_size, choice.mpp, config.slide)
         # pickled between histosurv's own workers only; nothing a client sent
         planned = {"status": "planned", "tile_seconds": time.perf_counter() - started, "tiler": os.getpid()}
         return _out(batch, planned, pickle.dumps(plan))

@@ -31,13 +31,14 @@ def run_identity(rows: list[SlideRow], config: ScoringConfig) -> dict:
     """What the results depend on; a run folder is only ever resumed with the same."""
     repo = ModelRepository(config.repository)
     model = repo.version(config.model, config.version, verify=False)
-    encoder = repo.version(config.encoder, None, verify=False)
+    encoder = repo.version(config.encoder, config.encoder_version, verify=False)
     return {
         "manifest_sha256": manifest_digest(rows),
         "model": f"{config.model} v{config.version}",
         "model_files": model.info.files,
         "encoder": f"{config.encoder} v{encoder.version}",
         "encoder_files": encoder.info.files,
+        "overrides": {"mpp": config.mpp, "allow_encoder_mismatch": config.allow_mismatch},
         "engine": config.engine,
         "encoder_engine": config.encoder_engine,
         "genes_sha256": sha256_file(config.genes) if config.genes else None,
@@ -56,13 +57,18 @@ def score_archive(
     retry_failed: bool = False,
     heatmaps: bool = False,
     progress_stream=None,
+    log=lambda _: None,
 ) -> BatchResult:
     """Scores every slide of ``manifest`` not yet committed in ``out``; ``ray`` (``"auto"`` or a
-    cluster address) runs the slides on Ray Data instead of in this process."""
+    cluster address) runs the slides on Ray Data instead of in this process. ``log`` gets the
+    notes of the encoder choice (overrides in effect, facts that could not be checked) first."""
     rows = read_manifest(manifest)
     config = config.pinned()
     run = RunDirectory(out)
     run.open(run_identity(rows, config), restart=restart)
+    for note in config.choice().notes:
+        log(note)
+        run.log("note", detail=note)
     done = run.done()
     todo = [r for r in rows if r.slide_id not in done or (retry_failed and done[r.slide_id]["status"] == "failed")]
     progress = Progress(len(rows), len(rows) - len(todo), progress_stream)

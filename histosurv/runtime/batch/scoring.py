@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,9 @@ import numpy as np
 from ...data.features import Bag, read_bag, write_bag
 from ...data.tables import GeneTable
 from ...errors import HistosurvError, InputError
-from ..pipeline import PatchEncoder, SlideConfig, featurize_slide, find_encoder
+from ...data.encoder_record import record_from_attrs
+from ..encoder_match import EncoderChoice, choose_encoder
+from ..pipeline import SlideConfig, featurize_slide, open_encoder
 from ..predict import FusionPredictor
 from ..repository import ModelRepository, sha256_file
 from .manifest import SlideRow
@@ -28,34 +30,52 @@ __all__ = ["ScoringConfig", "SlideScorer"]
 @dataclass(frozen=True)
 class ScoringConfig:
     repository: str
-    model: str = "ammasurv"
+    model: str | None = None  # None: the repository's only survival model
     version: int | None = None  # None: the highest, fixed when the run starts
-    encoder: str | None = None  # None: the encoder whose features the model takes
+    encoder: str | None = None  # None: the encoder the model's training bags were made with
+    encoder_version: int | None = None  # None: the highest, fixed when the run starts
     engine: str = "auto"
     encoder_engine: str = "auto"
     genes: str | None = None  # gene table CSV
     slide: SlideConfig = SlideConfig()
-    heatmaps: bool = False
+    mpp: float | None = None  # override: cut patches at this µm/px instead of the training bags'
+    allow_mismatch: bool = False  # override: accept an encoder other than the training one
 
     def pinned(self) -> "ScoringConfig":
-        """The same settings with the model, its version and the encoder fixed, as recorded in run.json."""
+        """The same settings with the model, the encoder and their versions fixed, as recorded in
+        run.json (a resumed run must not pick up a version exported meanwhile)."""
         repo = ModelRepository(self.repository)
-        version = self.version if self.version is not None else repo.manifest(self.model).latest
-        mv = repo.version(self.model, version, verify=False)
-        width = next((t.shape[-1] for t in mv.inputs if t.name == "features"), None)
-        if width is None:
-            raise InputError(f"model {self.model!r} takes no image features; it cannot score slides")
-        encoder = self.encoder or find_encoder(self.repository, width, (mv.info.patch_encoder or {}).get("encoder"))
-        return ScoringConfig(**{**asdict(self), "slide": self.slide, "version": version, "encoder": encoder})
+        model = self.model or repo.default_model()
+        version = self.version if self.version is not None else repo.manifest(model).latest
+        choice = replace(self, model=model, version=version).choice()
+        return replace(
+            self, model=model, version=version, encoder=choice.encoder.name, encoder_version=choice.encoder.version
+        )
+
+    def choice(self) -> EncoderChoice:
+        """The encoder and scale this configuration scores with (its notes are for the user)."""
+        repo = ModelRepository(self.repository)
+        mv = repo.version(self.model or repo.default_model(), self.version, verify=False)
+        if self.encoder_version is not None:
+            candidates = [repo.version(self.encoder, self.encoder_version, verify=False)] if self.encoder else []
+        else:
+            candidates = repo.latest_versions()
+        return choose_encoder(candidates, mv, self.encoder, self.mpp, self.allow_mismatch, where=str(repo.root))
 
 
 class SlideScorer:
     """Holds the engines (built once, in a process or a Ray actor) and scores slides one by one."""
 
     def __init__(self, config: ScoringConfig, features_dir: str | os.PathLike, heatmaps_dir: str | os.PathLike | None = None):
-        self.config = config = config if config.version is not None and config.encoder else config.pinned()
-        self.predictor = FusionPredictor.from_repository(config.repository, config.model, config.version, config.engine)
-        self.encoder = PatchEncoder.from_repository(config.repository, config.encoder, engine=config.encoder_engine)
+        self.config = config = config if config.version is not None and config.encoder_version else config.pinned()
+        self.predictor = FusionPredictor.from_repository(
+            config.repository, config.model, config.version, config.engine, allow_mismatch=config.allow_mismatch
+        )
+        self.encoder, choice = open_encoder(
+            config.repository, self.predictor.version, config.encoder, config.encoder_version, config.encoder_engine,
+            mpp=config.mpp, allow_mismatch=config.allow_mismatch,
+        )
+        self.notes = list(choice.notes)
         self.genes = GeneTable.read(config.genes) if config.genes else None
         if "genes" in self.predictor.specs and self.genes is None and not self.predictor.genes_optional:
             raise InputError(f"model {config.model!r} needs a gene table (--genes)")
@@ -72,12 +92,18 @@ class SlideScorer:
         if cached.exists() and Path(row.path).is_file():
             t0 = time.perf_counter()
             bag = read_bag(cached, self.encoder.feature_dim)
-            if bag.attrs.get("slide_sha256") == sha256_file(row.path) and bag.attrs.get("encoder") == self.encoder.version.name:
+            if bag.attrs.get("slide_sha256") == sha256_file(row.path) and self._made_here(bag):
                 return bag, {"cache": time.perf_counter() - t0}
         result = featurize_slide(row.path, self.encoder, self.config.slide, plan=plan)
         write_bag(cached, result.bag)
         seconds.update(result.seconds)
         return result.bag, seconds
+
+    def _made_here(self, bag: Bag) -> bool:
+        """Whether a cached bag was made by this run's encoder (record and scale), so it can be reused."""
+        record, complete = record_from_attrs(bag.attrs, bag.dim, bag.source)
+        comparison = self.encoder.record.compare(record)
+        return complete and comparison.same and not comparison.unknown and self.encoder.record.same_scale(record.mpp) is True
 
     def fuse(self, row: SlideRow, bag: Bag) -> dict:
         genes = self.predictor.genes_for(self.genes, row.case_id) if self.genes is not None else None
@@ -110,12 +136,16 @@ class SlideScorer:
         return record
 
     def base_record(self, row: SlideRow) -> dict:
-        return {
+        record = {
             **row.to_dict(),
             "model": self.config.model,
             "model_version": int(self.config.version),
             "encoder": f"{self.encoder.version.name} v{self.encoder.version.version}",
+            "mpp": self.encoder.mpp,
         }
+        if self.encoder.overrides:
+            record["overrides"] = dict(self.encoder.overrides)
+        return record
 
     def _heatmap(self, row: SlideRow, bag: Bag, attention: np.ndarray) -> Path:
         from ..slides import open_slide

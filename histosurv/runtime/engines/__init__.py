@@ -5,6 +5,6 @@ engine is created, so a missing optional library costs nothing until it is asked
 """
 
 from . import ort, tensorrt, torch_engine  # noqa: F401  (register their engines)
-from .base import ENGINES, Engine, EngineUnavailable, backend_of, load_engine, load_models, register_engine
+from .base import ENGINES, Engine, EngineUnavailable, load_engine, load_models, register_engine
 
-__all__ = ["ENGINES", "Engine", "EngineUnavailable", "backend_of", "load_engine", "load_models", "register_engine"]
+__all__ = ["ENGINES", "Engine", "EngineUnavailable", "load_engine", "load_models", "register_engine"]

@@ -20,6 +20,7 @@ from typing import ClassVar
 import numpy as np
 
 from ...errors import HistosurvError, RepositoryError
+from ..manifest import EngineEntry
 from ..repository import ModelRepository, ModelVersion
 
 __all__ = [
@@ -29,7 +30,6 @@ __all__ = [
     "load_engine",
     "load_models",
     "EngineUnavailable",
-    "backend_of",
     "usable_engine_keys",
     "why_unusable",
 ]
@@ -47,12 +47,6 @@ def register_engine(cls: type["Engine"]) -> type["Engine"]:
     return cls
 
 
-def backend_of(key: str, entry: dict) -> str | None:
-    """The backend that runs a manifest engine entry; None for inputs to other builds (the opset-23
-    graph is what TensorRT builds from, not something served as is)."""
-    return entry.get("backend", key) if not entry.get("build_input") else None
-
-
 class Engine(abc.ABC):
     name: ClassVar[str]
     priority: ClassVar[int] = 100  # order tried by engine="auto": lower first
@@ -61,8 +55,8 @@ class Engine(abc.ABC):
     def __init__(self, version: ModelVersion, key: str | None = None):
         self.version = version
         self.key = key or self.name
-        self.entry = version.info.engines.get(self.key, {})
-        self.path: Path = version.engine_file(self.key)
+        self.path: Path = version.engine_file(self.key)  # refuses a key the version does not have
+        self.entry: EngineEntry = version.info.engines[self.key]
         problem = self.incompatibility(self.entry)
         if problem:
             raise EngineUnavailable(f"{self.path}: {problem}")
@@ -73,12 +67,12 @@ class Engine(abc.ABC):
         """True when the backend's library imports here."""
 
     @classmethod
-    def incompatibility(cls, entry: dict) -> str | None:
+    def incompatibility(cls, entry: EngineEntry) -> str | None:
         """Why an artifact described by ``entry`` cannot run on this machine, or None if it can."""
         return None
 
     @classmethod
-    def preferred_here(cls, entry: dict) -> bool:
+    def preferred_here(cls, entry: EngineEntry) -> bool:
         """Whether engine="auto" may pick this artifact here (e.g. not an FP16 graph on a CPU)."""
         return True
 
@@ -92,7 +86,7 @@ class Engine(abc.ABC):
 
     @property
     def precision(self) -> str:
-        return self.entry.get("precision", "fp32")
+        return self.entry.precision
 
     @property
     @abc.abstractmethod
@@ -113,9 +107,9 @@ def usable_engine_keys(version: ModelVersion, first_only: bool = False) -> list[
     ``first_only``, stop at the first usable artifact (a CPU box choosing ONNX Runtime never imports torch)."""
     candidates = []
     for key, entry in version.info.engines.items():
-        cls = ENGINES.get(backend_of(key, entry) or "")
+        cls = ENGINES.get(entry.backend or "")
         if cls is not None and cls.is_installed() and cls.preferred_here(entry):
-            candidates.append((cls.priority, entry.get("precision", "fp32") != "fp32", key, cls))
+            candidates.append((cls.priority, entry.precision != "fp32", key, cls))
     usable = []
     for *_, key, cls in sorted(candidates, key=lambda c: c[:3]):
         if cls.incompatibility(version.info.engines[key]) is None:
@@ -145,9 +139,9 @@ def load_engine(version: ModelVersion, name: str = "auto", **options) -> Engine:
             f"unknown engine {name!r}; this version has {', '.join(sorted(engines))} "
             f"(backends: {', '.join(sorted(ENGINES))})"
         )
-    backend = backend_of(name, engines[name])
+    backend = engines[name].backend
     if backend is None:
-        raise EngineUnavailable(f"{version.path / engines[name]['file']} is an input to engine builds, not an engine")
+        raise EngineUnavailable(f"{version.path / engines[name].file} is an input to engine builds, not an engine")
     cls = ENGINES.get(backend)
     if cls is None:
         raise EngineUnavailable(f"engine {name!r} needs backend {backend!r}, which this histosurv does not have")
@@ -160,7 +154,7 @@ def why_unusable(version: ModelVersion, key: str, for_auto: bool = False) -> str
     """Why artifact ``key`` cannot run on this machine (or, with ``for_auto``, would not be chosen by
     engine="auto"), naming its file; None if it can."""
     entry = version.info.engines[key]
-    backend, path = backend_of(key, entry), version.path / entry.get("file", "?")
+    backend, path = entry.backend, version.path / entry.file
     cls = ENGINES.get(backend or "")
     if backend is None:
         return f"{path}: an input to engine builds, not an engine"
@@ -169,13 +163,13 @@ def why_unusable(version: ModelVersion, key: str, for_auto: bool = False) -> str
     if not cls.is_installed():
         return f"{path}: {backend} is not installed here ({cls.install_hint})"
     if for_auto and not cls.preferred_here(entry):
-        return f"{path}: {entry.get('precision')} graph, not chosen on this machine unless named"
+        return f"{path}: {entry.precision} graph, not chosen on this machine unless named"
     problem = cls.incompatibility(entry)
     return f"{path}: {problem}" if problem else None
 
 
 def _why_not(version: ModelVersion) -> list[str]:
-    reasons = [why_unusable(version, key, for_auto=True) for key, e in version.info.engines.items() if backend_of(key, e)]
+    reasons = [why_unusable(version, key, for_auto=True) for key, e in version.info.engines.items() if e.servable]
     return [r for r in reasons if r] or [f"{version.path}: the manifest lists no engines"]
 
 

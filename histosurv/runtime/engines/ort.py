@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..manifest import EngineEntry
 from ..repository import ModelVersion
 from .base import Engine, EngineUnavailable, register_engine, warn_fallback
 
@@ -77,9 +78,9 @@ class OnnxRuntimeEngine(Engine):
         return True
 
     @classmethod
-    def preferred_here(cls, entry: dict) -> bool:
+    def preferred_here(cls, entry: EngineEntry) -> bool:
         # ORT's CPU kernels for FP16 mostly cast back and forth: the FP16 graph is for GPU providers
-        return entry.get("precision", "fp32") == "fp32" or default_providers()[0] != "CPUExecutionProvider"
+        return entry.precision == "fp32" or default_providers()[0] != "CPUExecutionProvider"
 
     @property
     def device(self) -> str:

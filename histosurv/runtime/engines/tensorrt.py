@@ -13,6 +13,7 @@ import importlib.util
 import numpy as np
 
 from ...errors import InputError
+from ..manifest import EngineEntry
 from ..repository import ModelVersion
 from .base import Engine, EngineUnavailable, register_engine
 
@@ -31,21 +32,22 @@ def gpu_facts() -> tuple[str | None, str | None]:
     return torch.cuda.get_device_name(), f"{major}.{minor}"
 
 
-def plan_incompatibility(entry: dict, tensorrt_version: str | None, gpu: str | None, capability: str | None) -> str | None:
+def plan_incompatibility(entry: EngineEntry, tensorrt_version: str | None, gpu: str | None, capability: str | None) -> str | None:
     """Why a plan described by ``entry`` cannot run with this TensorRT and GPU, or None."""
+    built_for = entry.built_for
     if capability is None:
-        return f"a TensorRT plan for a {entry.get('gpu')} GPU; this machine has no CUDA device"
+        return f"a TensorRT plan for a {built_for.gpu} GPU; this machine has no CUDA device"
     if tensorrt_version is None:
         return "TensorRT is not installed here"
-    built = entry.get("tensorrt")
+    built = built_for.tensorrt
     if built != tensorrt_version:
         return (
             f"built by TensorRT {built}, this is TensorRT {tensorrt_version}; plans run only on the release that "
             "built them (rebuild it here: histosurv export --add-engine tensorrt)"
         )
-    if entry.get("compute_capability") != capability:
+    if built_for.compute_capability != capability:
         return (
-            f"built for GPU compute capability {entry.get('compute_capability')} ({entry.get('gpu')}), this GPU "
+            f"built for GPU compute capability {built_for.compute_capability} ({built_for.gpu}), this GPU "
             f"({gpu}) is {capability}; rebuild it here: histosurv export --add-engine tensorrt"
         )
     return None
@@ -69,7 +71,7 @@ class TensorRTEngine(Engine):
         if self.engine is None:
             raise EngineUnavailable(f"{self.path}: TensorRT could not deserialise the plan (its log says why)")
         self.context = self.engine.create_execution_context()
-        self.profiles = [tuple(p) for p in self.entry["profiles"]]
+        self.profiles = [tuple(p) for p in self.entry.profiles]
         self.stream = torch.cuda.Stream()
         self._profile: int | None = None
         self._dtypes = {
@@ -82,7 +84,7 @@ class TensorRTEngine(Engine):
         return importlib.util.find_spec("tensorrt") is not None and importlib.util.find_spec("torch") is not None
 
     @classmethod
-    def incompatibility(cls, entry: dict) -> str | None:
+    def incompatibility(cls, entry: EngineEntry) -> str | None:
         try:
             import tensorrt as trt
 
@@ -130,4 +132,4 @@ class TensorRTEngine(Engine):
         return {name: t.cpu().numpy() for name, t in outputs.items()}
 
     def describe(self) -> dict:
-        return {**super().describe(), "tensorrt": self.entry.get("tensorrt"), "profiles": self.profiles}
+        return {**super().describe(), "tensorrt": self.entry.built_for.tensorrt, "profiles": self.profiles}

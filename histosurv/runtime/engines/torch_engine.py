@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from ..manifest import EngineEntry
 from ..repository import ModelVersion
 from .base import Engine, register_engine
 
@@ -40,10 +41,10 @@ class TorchEngine(Engine):
         if threads or os.environ.get("HISTOSURV_THREADS"):
             torch.set_num_threads(int(threads or os.environ["HISTOSURV_THREADS"]))
         self._torch = torch
-        self._device = torch.device("cuda" if self.entry.get("device") == "cuda" else "cpu")
+        self._device = torch.device("cuda" if self.entry.device == "cuda" else "cpu")
         # device_index pins a CUDA package to the current device; -1 is the CPU
         index = torch.cuda.current_device() if self._device.type == "cuda" else -1
-        if self.entry.get("kernels") == "cuda":  # the package finds histosurv::* ops through torch's dispatcher
+        if self.entry.kernels == "cuda":  # the package finds histosurv::* ops through torch's dispatcher
             from ...kernels import cuda_ops
 
             if not cuda_ops.available():
@@ -56,25 +57,25 @@ class TorchEngine(Engine):
         return importlib.util.find_spec("torch") is not None
 
     @classmethod
-    def incompatibility(cls, entry: dict) -> str | None:
+    def incompatibility(cls, entry: EngineEntry) -> str | None:
         import torch
 
-        built, here = entry.get("torch", "?"), torch.__version__
+        built, here = entry.built_for.torch or "?", torch.__version__
         if torch_release(built) != torch_release(here):
             return (
                 f"compiled with torch {built}, this is torch {here}; AOTInductor packages run only on the torch "
                 "release that built them (rebuild it here: histosurv export --add-engine torch)"
             )
-        if entry.get("device") == "cuda":
+        if entry.device == "cuda":
             if not torch.cuda.is_available():
                 return "compiled for a CUDA GPU; this machine has none (rebuild it: histosurv export --add-engine torch)"
             major, minor = torch.cuda.get_device_capability()
-            if entry.get("compute_capability") != f"{major}.{minor}":
+            if entry.built_for.compute_capability != f"{major}.{minor}":
                 return (
-                    f"compiled for GPU compute capability {entry.get('compute_capability')}, this GPU "
+                    f"compiled for GPU compute capability {entry.built_for.compute_capability}, this GPU "
                     f"({torch.cuda.get_device_name()}) is {major}.{minor}"
                 )
-        if entry.get("kernels") == "cuda":
+        if entry.kernels == "cuda":
             from ...kernels import cuda_ops
 
             if not cuda_ops.available():
@@ -93,4 +94,4 @@ class TorchEngine(Engine):
         return {name: v.detach().cpu().numpy() for name, v in zip(self._output_names, values)}
 
     def describe(self) -> dict:
-        return {**super().describe(), "torch": self._torch.__version__, "kernels": self.entry.get("kernels")}
+        return {**super().describe(), "torch": self._torch.__version__, "kernels": self.entry.kernels}

@@ -56,7 +56,7 @@ class ServeOptions:
 
 def create_server(
     store: ModelStore,
-    address: str = "127.0.0.1:8001",
+    address: str,
     model_control: str = "none",
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     metrics: ServerMetrics | None = None,
@@ -65,7 +65,7 @@ def create_server(
     tokens: frozenset[str] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A server with the KServe v2 service, the slide service, health and reflection, bound to
-    ``address`` (port 0: any free port); returns it, not yet started, with the bound port. Call it
+    ``address`` ("host:port"; port 0: any free port; ``ServeOptions`` holds the defaults); returns it, not yet started, with the bound port. Call it
     inside the loop that runs it. ``server.health`` is the health servicer (SERVING once ``store`` has
     a model loaded: see :func:`set_serving`), ``server.metrics`` the metrics, ``server.drain`` what
     refuses new calls at shutdown."""

@@ -45,16 +45,17 @@ class _Chunk:
 class DynamicBatcher:
     """``encode(patches) -> features`` run on batches joined across callers.
 
-    ``on_batch(n_patches, n_chunks, queue_ns_per_chunk, run_ns)`` is called after each run (for
-    statistics and metrics)."""
+    The limits have no defaults here: ``ExecutionConfig`` holds them (and ``histosurv serve`` reads
+    them from it). ``on_batch(n_patches, n_chunks, queue_ns_per_chunk, run_ns)`` is called after each
+    run (for statistics and metrics)."""
 
     def __init__(
         self,
         name: str,
         encode: Callable[[np.ndarray], np.ndarray],
-        max_batch: int = 64,
-        max_delay: float = 0.005,
-        max_queue: int = 4096,
+        max_batch: int,
+        max_delay: float,
+        max_queue: int,
         on_batch: Callable[[int, int, list, int], None] | None = None,
     ):
         if max_batch < 1 or max_delay < 0 or max_queue < 1:

@@ -15,9 +15,9 @@ from typing import AsyncIterator
 import grpc
 
 from ... import __version__
-from ...errors import HistosurvError, InputError, MissingInputError
+from ...errors import HistosurvError, InputError, MismatchError, MissingInputError, RepositoryError
 from ..metrics import ServerMetrics
-from ..triton_config import PLATFORMS
+from ..triton_config import PLATFORMS, serving_parameters
 from ._proto import grpc_service_pb2 as pb
 from ._proto import grpc_service_pb2_grpc as pb_grpc
 from .models import LoadedModel, ModelNotFound, ModelStore, check_repository_name
@@ -72,6 +72,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             config.input.add(name=t.name, data_type=_DATA_TYPES[t.datatype], dims=list(t.shape))
         for t in model.version.outputs:
             config.output.add(name=t.name, data_type=_DATA_TYPES[t.datatype], dims=list(t.shape))
+        for key, value in serving_parameters(model.version.info).items():
+            config.parameters[key].string_value = value
         return pb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(self, request, context):
@@ -175,6 +177,8 @@ def failure_status(error: Exception, model: str) -> tuple[grpc.StatusCode, str, 
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "REJECTED", str(error)
     if isinstance(error, MissingInputError):
         return grpc.StatusCode.NOT_FOUND, "OTHER", str(error)
+    if isinstance(error, (MismatchError, RepositoryError)):  # valid request, but this server cannot serve it as asked
+        return grpc.StatusCode.FAILED_PRECONDITION, "OTHER", str(error)
     if isinstance(error, InputError):
         return grpc.StatusCode.INVALID_ARGUMENT, "OTHER", str(error)
     if isinstance(error, PermissionError):

@@ -97,7 +97,7 @@ class LoadedModel:
         self.stats = Statistics()
         self.scheduler = Scheduler(version.name, self.stats, config.instances, config.max_queue)
         self.batcher = None
-        if config.batching and any(t.name == "patches" for t in version.inputs):
+        if config.batching and version.is_encoder:
             self.batcher = DynamicBatcher(
                 version.name, self._encode, config.max_batch, config.max_delay, config.max_queue_patches, self._batched
             )
@@ -112,7 +112,7 @@ class LoadedModel:
 
     @property
     def is_encoder(self) -> bool:
-        return any(t.name == "patches" for t in self.version.inputs)
+        return self.version.is_encoder
 
     def _encode(self, patches):
         return self.engine.run({"patches": patches})["features"]

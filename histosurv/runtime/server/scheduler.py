@@ -36,7 +36,7 @@ class Timed:
 
 
 class Scheduler:
-    def __init__(self, name: str, stats, instances: int = 1, max_queue: int = 64):
+    def __init__(self, name: str, stats, instances: int, max_queue: int):  # limits: see ExecutionConfig
         if instances < 1 or max_queue < 0:
             raise ValueError(f"instances must be >= 1 and max_queue >= 0 (got {instances}, {max_queue})")
         self.name, self.stats = name, stats

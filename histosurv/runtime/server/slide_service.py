@@ -1,8 +1,12 @@
 """``histosurv.v1.SlideService``: a whole slide scored in one call, and bags streamed in chunks.
 
 ScoreSlide runs the same pipeline as ``histosurv predict --slide`` (tissue mask, patch grid, read-ahead
-patch stream, encoder, fusion model) inside the server, so it returns the same risk. The encoder runs
-through its model's dynamic batcher, which joins batches of concurrent slides. At most
+patch stream, encoder, fusion model) inside the server, so it returns the same risk: the encoder and
+the µm/px are chosen among the loaded models by the same rule (``encoder_match``), and a request
+that would feed a model another encoder's features, or patches at another scale, than its training
+bags is refused (FAILED_PRECONDITION) unless it asks for the override, which the result records. The
+encoder runs through its model's dynamic batcher, which joins batches of concurrent slides.
+DescribeModel returns a model's serving facts as typed records. At most
 ``max_active`` slides are read at once and ``max_queued`` more may wait; beyond that a request gets
 RESOURCE_EXHAUSTED at once. A client that cancels, or whose deadline passes, stops its slide at the
 next patch batch, and its queued patches are dropped before they are encoded.
@@ -21,10 +25,12 @@ import grpc
 import numpy as np
 
 from ...data.features import Bag
-from ...errors import InputError
+from ...errors import InputError, MissingInputError
+from ..encoder_match import EncoderChoice, choose_encoder
 from ..metrics import ServerMetrics
 from ..pipeline import PatchEncoder, Ready, SlideConfig, featurize_slide
 from ..predict import FusionPredictor
+from .describe import describe_model
 from ._proto import slide_service_pb2 as spb
 from ._proto import slide_service_pb2_grpc as spb_grpc
 from .kserve import failure_status
@@ -45,6 +51,7 @@ class SlideServiceConfig:
     max_queued: int = 16  # slides waiting for a slot
     top_k: int = 10
     max_bag: int = 1 << 20  # patches a streamed bag may have
+    patch_mpp: float | None = None  # server-wide override: cut every slide at this µm/px (recorded in results)
 
 
 class SlideCancelled(Exception):
@@ -71,11 +78,11 @@ class SlideService(spb_grpc.SlideServiceServicer):
             try:
                 path = self.config.roots.resolve(request.slide_uri)
                 genes = self._genes(fusion, request.genes)
-                encoder_model = self._encoder(held, fusion, request.encoder_name)
+                encoder_model, choice = self._encoder(held, model, request)
                 admitted = await self._admit(model)
                 try:
                     yield _progress("admitted", 0, 0)
-                    async for event in self._featurize(path, encoder_model, request, cancelled):
+                    async for event in self._featurize(path, encoder_model, choice, request, cancelled):
                         if isinstance(event, spb.ScoreSlideEvent):
                             yield event
                         else:
@@ -102,14 +109,17 @@ class SlideService(spb_grpc.SlideServiceServicer):
             response = result.response
             response.stage_seconds.update(seconds)
             response.slide_sha256 = slide.bag.attrs.get("slide_sha256", "")
-            response.encoder = f"{encoder_model.name} v{encoder_model.version.version}"
+            response.encoder = encoder_model.version.label
+            response.patch_mpp = choice.mpp
+            response.overrides.update(choice.overrides)
+            response.notes.extend(choice.notes)
             yield spb.ScoreSlideEvent(result=response)
 
-    async def _featurize(self, path, encoder_model: LoadedModel, request, cancelled: threading.Event):
+    async def _featurize(self, path, encoder_model: LoadedModel, choice: EncoderChoice, request, cancelled: threading.Event):
         """Yields progress events while the slide is featurized in a worker thread, then its features."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        encoder = PatchEncoder(encoder_model.version, encoder_model.engine)
+        encoder = PatchEncoder(encoder_model.version, encoder_model.engine, choice.mpp, choice.overrides)
         submit = self._submit_function(encoder_model, encoder, cancelled)
         config = self.config.slide
         if request.slide_mpp:
@@ -252,29 +262,34 @@ class SlideService(spb_grpc.SlideServiceServicer):
         except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
 
-    def _encoder(self, held: ExitStack, fusion: FusionPredictor, name: str) -> LoadedModel:
-        """The named encoder, or the one loaded encoder whose features the model takes."""
-        if fusion.feature_dim is None:
-            raise InputError(f"model '{fusion.version.name}' takes no image features; it cannot score a slide")
-        if name:
-            candidates = [name]
-        else:
-            candidates = [
-                m.name for m in self.store.loaded()
-                if m.is_encoder and int(next(t.shape[-1] for t in m.version.outputs if t.name == "features")) == fusion.feature_dim
-            ]
-            if len(candidates) != 1:
-                raise InputError(
-                    f"{'no' if not candidates else 'several'} loaded patch encoders give the {fusion.feature_dim}-d features "
-                    f"model '{fusion.version.name}' takes ({', '.join(sorted(candidates)) or 'none'}); name one in encoder_name"
-                )
+    def _encoder(self, held: ExitStack, model: LoadedModel, request) -> tuple[LoadedModel, EncoderChoice]:
+        """The loaded encoder for ``model`` and the scale to cut at, chosen as the CLI chooses them."""
+        loaded = self.store.loaded()
+        if request.encoder_name and request.encoder_name not in {m.name for m in loaded}:
+            raise MissingInputError(
+                f"patch encoder '{request.encoder_name}' is not loaded (encoders: "
+                f"{', '.join(m.name for m in loaded if m.is_encoder) or 'none'})"
+            )
+        choice = choose_encoder(
+            [m.version for m in loaded], model.version, request.encoder_name or None,
+            request.patch_mpp or self.config.patch_mpp, request.allow_encoder_mismatch, where="this server's loaded models",
+        )
         try:
-            encoder = held.enter_context(self.store.lease(candidates[0]))
-        except ModelNotFound as e:
+            encoder = held.enter_context(self.store.lease(choice.encoder.name, str(choice.encoder.version)))
+        except ModelNotFound as e:  # unloaded or replaced since the choice: the client may retry
             raise InputError(str(e)) from None
-        if not encoder.is_encoder:
-            raise InputError(f"model '{encoder.name}' is not a patch encoder")
-        return encoder
+        return encoder, choice
+
+    # --- DescribeModel -------------------------------------------------------------------------
+
+    async def DescribeModel(self, request, context):
+        if not request.model_name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model_name is empty")
+        try:
+            model = self.store.get(request.model_name, request.model_version)
+        except ModelNotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        return describe_model(model.version, model.engine.key)
 
     @staticmethod
     def _genes(fusion: FusionPredictor, genes) -> np.ndarray | None:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreSlideRequest(_message.Message):
-    __slots__ = ("slide_uri", "model_name", "model_version", "genes", "top_k", "encoder_name", "slide_mpp", "id")
+    __slots__ = ("slide_uri", "model_name", "model_version", "genes", "top_k", "encoder_name", "slide_mpp", "id", "allow_encoder_mismatch", "patch_mpp")
     SLIDE_URI_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,8 @@ class ScoreSlideRequest(_message.Message):
     ENCODER_NAME_FIELD_NUMBER: _ClassVar[int]
     SLIDE_MPP_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_ENCODER_MISMATCH_FIELD_NUMBER: _ClassVar[int]
+    PATCH_MPP_FIELD_NUMBER: _ClassVar[int]
     slide_uri: str
     model_name: str
     model_version: str
@@ -25,7 +27,9 @@ class ScoreSlideRequest(_message.Message):
     encoder_name: str
     slide_mpp: float
     id: str
-    def __init__(self, slide_uri: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., genes: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., encoder_name: _Optional[str] = ..., slide_mpp: _Optional[float] = ..., id: _Optional[str] = ...) -> None: ...
+    allow_encoder_mismatch: bool
+    patch_mpp: float
+    def __init__(self, slide_uri: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., genes: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., encoder_name: _Optional[str] = ..., slide_mpp: _Optional[float] = ..., id: _Optional[str] = ..., allow_encoder_mismatch: _Optional[bool] = ..., patch_mpp: _Optional[float] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "done", "total")
@@ -50,7 +54,7 @@ class AttendedPatch(_message.Message):
     def __init__(self, x: _Optional[int] = ..., y: _Optional[int] = ..., attention: _Optional[float] = ..., index: _Optional[int] = ...) -> None: ...
 
 class ScoreResult(_message.Message):
-    __slots__ = ("id", "model_name", "model_version", "risk", "n_patches", "stage_seconds", "top_patches", "slide_sha256", "encoder")
+    __slots__ = ("id", "model_name", "model_version", "risk", "n_patches", "stage_seconds", "top_patches", "slide_sha256", "encoder", "patch_mpp", "overrides", "notes")
     class StageSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +62,13 @@ class ScoreResult(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class OverridesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +78,9 @@ class ScoreResult(_message.Message):
     TOP_PATCHES_FIELD_NUMBER: _ClassVar[int]
     SLIDE_SHA256_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
+    PATCH_MPP_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     model_name: str
     model_version: str
@@ -76,7 +90,10 @@ class ScoreResult(_message.Message):
     top_patches: _containers.RepeatedCompositeFieldContainer[AttendedPatch]
     slide_sha256: str
     encoder: str
-    def __init__(self, id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., risk: _Optional[float] = ..., n_patches: _Optional[int] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., top_patches: _Optional[_Iterable[_Union[AttendedPatch, _Mapping]]] = ..., slide_sha256: _Optional[str] = ..., encoder: _Optional[str] = ...) -> None: ...
+    patch_mpp: float
+    overrides: _containers.ScalarMap[str, str]
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., risk: _Optional[float] = ..., n_patches: _Optional[int] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., top_patches: _Optional[_Iterable[_Union[AttendedPatch, _Mapping]]] = ..., slide_sha256: _Optional[str] = ..., encoder: _Optional[str] = ..., patch_mpp: _Optional[float] = ..., overrides: _Optional[_Mapping[str, str]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreSlideEvent(_message.Message):
     __slots__ = ("progress", "result")
@@ -107,3 +124,104 @@ class FeatureChunk(_message.Message):
     top_k: int
     id: str
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., datatype: _Optional[str] = ..., feature_dim: _Optional[int] = ..., features: _Optional[bytes] = ..., coords: _Optional[bytes] = ..., genes: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., id: _Optional[str] = ...) -> None: ...
+
+class DescribeModelRequest(_message.Message):
+    __slots__ = ("model_name", "model_version")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class Preprocessing(_message.Message):
+    __slots__ = ("resize", "resize_filter", "crop", "mean", "std")
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FILTER_FIELD_NUMBER: _ClassVar[int]
+    CROP_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    resize: int
+    resize_filter: str
+    crop: int
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, resize: _Optional[int] = ..., resize_filter: _Optional[str] = ..., crop: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class WeightsIdentity(_message.Message):
+    __slots__ = ("sha256", "source", "detail")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    source: str
+    detail: str
+    def __init__(self, sha256: _Optional[str] = ..., source: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class EncoderRecord(_message.Message):
+    __slots__ = ("architecture", "feature_dim", "patch_size", "mpp", "input_size", "preprocessing", "feature", "weights", "name", "version")
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
+    PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MPP_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    architecture: str
+    feature_dim: int
+    patch_size: int
+    mpp: float
+    input_size: int
+    preprocessing: Preprocessing
+    feature: str
+    weights: WeightsIdentity
+    name: str
+    version: int
+    def __init__(self, architecture: _Optional[str] = ..., feature_dim: _Optional[int] = ..., patch_size: _Optional[int] = ..., mpp: _Optional[float] = ..., input_size: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., feature: _Optional[str] = ..., weights: _Optional[_Union[WeightsIdentity, _Mapping]] = ..., name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class SurvivalHead(_message.Message):
+    __slots__ = ("kind", "n_bins", "time_bins")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    N_BINS_FIELD_NUMBER: _ClassVar[int]
+    TIME_BINS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    n_bins: int
+    time_bins: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, kind: _Optional[str] = ..., n_bins: _Optional[int] = ..., time_bins: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ModelDescription(_message.Message):
+    __slots__ = ("name", "version", "kind", "architecture", "gene_names", "modalities", "survival", "trained_on", "encoder", "patch_mpp", "engines", "engine")
+    class ModalitiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    GENE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    SURVIVAL_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_ON_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    PATCH_MPP_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    kind: str
+    architecture: str
+    gene_names: _containers.RepeatedScalarFieldContainer[str]
+    modalities: _containers.ScalarMap[str, str]
+    survival: SurvivalHead
+    trained_on: EncoderRecord
+    encoder: EncoderRecord
+    patch_mpp: float
+    engines: _containers.RepeatedScalarFieldContainer[str]
+    engine: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., architecture: _Optional[str] = ..., gene_names: _Optional[_Iterable[str]] = ..., modalities: _Optional[_Mapping[str, str]] = ..., survival: _Optional[_Union[SurvivalHead, _Mapping]] = ..., trained_on: _Optional[_Union[EncoderRecord, _Mapping]] = ..., encoder: _Optional[_Union[EncoderRecord, _Mapping]] = ..., patch_mpp: _Optional[float] = ..., engines: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ...) -> None: ...

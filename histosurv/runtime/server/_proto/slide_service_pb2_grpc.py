@@ -45,6 +45,11 @@ class SlideServiceStub:
                 request_serializer=histosurv_dot_v1_dot_slide__service__pb2.FeatureChunk.SerializeToString,
                 response_deserializer=histosurv_dot_v1_dot_slide__service__pb2.ScoreResult.FromString,
                 _registered_method=True)
+        self.DescribeModel = channel.unary_unary(
+                '/histosurv.v1.SlideService/DescribeModel',
+                request_serializer=histosurv_dot_v1_dot_slide__service__pb2.DescribeModelRequest.SerializeToString,
+                response_deserializer=histosurv_dot_v1_dot_slide__service__pb2.ModelDescription.FromString,
+                _registered_method=True)
 
 
 class SlideServiceServicer:
@@ -62,6 +67,12 @@ class SlideServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SlideServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +85,11 @@ def add_SlideServiceServicer_to_server(servicer, server):
                     servicer.StreamFeatures,
                     request_deserializer=histosurv_dot_v1_dot_slide__service__pb2.FeatureChunk.FromString,
                     response_serializer=histosurv_dot_v1_dot_slide__service__pb2.ScoreResult.SerializeToString,
+            ),
+            'DescribeModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeModel,
+                    request_deserializer=histosurv_dot_v1_dot_slide__service__pb2.DescribeModelRequest.FromString,
+                    response_serializer=histosurv_dot_v1_dot_slide__service__pb2.ModelDescription.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +146,33 @@ class SlideService:
             '/histosurv.v1.SlideService/StreamFeatures',
             histosurv_dot_v1_dot_slide__service__pb2.FeatureChunk.SerializeToString,
             histosurv_dot_v1_dot_slide__service__pb2.ScoreResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/histosurv.v1.SlideService/DescribeModel',
+            histosurv_dot_v1_dot_slide__service__pb2.DescribeModelRequest.SerializeToString,
+            histosurv_dot_v1_dot_slide__service__pb2.ModelDescription.FromString,
             options,
             channel_credentials,
             insecure,
