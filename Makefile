@@ -1,4 +1,5 @@
-# Two entry points, each installing what it needs into ./.venv first:
+# Two entry points, each installing everything into ./.venv first (the CPU torch wheel, then `.[dev]`,
+# which holds the `train` extra: the serving set alone is `pip install .`, without torch):
 #   make demo   - the whole path (synthesise, train, export, verify, predict)
 #   make test   - the whole test suite
 PYTHON ?= python3
