@@ -1,10 +1,16 @@
-"""A real gRPC server on loopback for in-process tests, and a reader of the Prometheus text it serves."""
+"""Real servers on loopback for the tests: in-process (RunningServer), or `histosurv serve` as a process
+(ServeProcess); and a reader of the Prometheus text they serve."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import queue
 import re
+import subprocess
+import sys
 import threading
+import time
 import urllib.request
 
 from histosurv.runtime.server.app import create_server, set_serving
@@ -65,3 +71,43 @@ def parse_samples(text: str) -> dict[tuple[str, frozenset], float]:
 def value(samples: dict, name: str, **labels) -> float:
     """The sample with exactly these labels (0 where absent: a counter not yet created)."""
     return samples.get((name, frozenset((k, str(v)) for k, v in labels.items())), 0.0)
+
+
+class ServeProcess:
+    """``histosurv serve`` as a user starts it, on loopback and free ports, its log read line by line.
+    ``command`` runs another installation's console script (default: this interpreter's histosurv)."""
+
+    def __init__(self, repo, *extra: str, command: list[str] | None = None):
+        self.proc = subprocess.Popen(
+            [*(command or [sys.executable, "-m", "histosurv"]), "serve", "--repo", str(repo), "--host", "127.0.0.1",
+             "--grpc-port", "0", "--metrics-port", "0", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "HISTOSURV_THREADS": "1"},
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.url = self.wait_for("serving KServe v2 ").rsplit(" ", 1)[-1]
+        self.metrics_url = self.wait_for("metrics on ").rsplit(" ", 1)[-1]
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, prefix: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            self.log.append(line)
+            if line.startswith(prefix):
+                return line
+        raise AssertionError(f"no line starting {prefix!r}; server said: {self.log}")
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)

@@ -25,7 +25,6 @@ from histosurv.errors import InputError, MismatchError, RepositoryError
 from histosurv.runtime.encoder_match import check_bag, choose_encoder
 from histosurv.runtime.manifest import (
     EngineEntry,
-    GeneSpec,
     ModelManifest,
     ReferenceWeights,
     SurvivalHead,

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from histosurv.errors import InputError, RepositoryError
+from histosurv.errors import InputError
 from histosurv.export.onnx_export import SingleBag, example_inputs
 from histosurv.export.tensorrt_build import bag_profiles
 from histosurv.export.verify import reference_model, verify_version

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -21,42 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-
-class ServeProcess:
-    def __init__(self, repo, *extra: str):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "histosurv", "serve", "--repo", str(repo), "--host", "127.0.0.1",
-             "--grpc-port", "0", "--metrics-port", "0", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "HISTOSURV_THREADS": "1"},
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.url = self.wait_for("serving KServe v2 ").rsplit(" ", 1)[-1]
-        self.metrics_url = self.wait_for("metrics on ").rsplit(" ", 1)[-1]
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-
-    def wait_for(self, prefix: str, timeout: float = 120) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            self.log.append(line)
-            if line.startswith(prefix):
-                return line
-        raise AssertionError(f"no line starting {prefix!r}; server said: {self.log}")
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(30)
+from .serving import ServeProcess  # noqa: E402
 
 
 @pytest.fixture()

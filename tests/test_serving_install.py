@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import queue
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -35,6 +33,7 @@ from histosurv.runtime.server._proto import slide_service_pb2 as spb  # noqa: E4
 from histosurv.runtime.server._proto import slide_service_pb2_grpc as spb_grpc  # noqa: E402
 
 from .conftest import run_cli  # noqa: E402
+from .serving import ServeProcess  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 8  # patches per encoder call, in the server and in the full install's predict alike
@@ -154,45 +153,6 @@ def test_predict_gives_the_full_install_risk(serving_venv, slide_repo, case):
     assert "on onnxruntime" in served.stdout
 
 
-class _Server:
-    """``histosurv serve`` of the serving venv on loopback, its log read line by line."""
-
-    def __init__(self, venv: Path, repo: Path, *extra: str):
-        self.proc = subprocess.Popen(
-            [str(venv / "bin" / "histosurv"), "serve", "--repo", str(repo), "--host", "127.0.0.1", "--grpc-port", "0",
-             "--metrics-port", "0", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "HISTOSURV_THREADS": "1"},
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.url = self.wait_for("serving KServe v2 ").rsplit(" ", 1)[-1]
-        self.metrics_url = self.wait_for("metrics on ").rsplit(" ", 1)[-1]
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-
-    def wait_for(self, prefix: str, timeout: float = 120) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            self.log.append(line)
-            if line.startswith(prefix):
-                return line
-        raise AssertionError(f"no line starting {prefix!r}; server said: {self.log}")
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(30)
-
-
 def _infer_inputs(arrays: dict[str, np.ndarray]):
     tensors = []
     for name, array in arrays.items():
@@ -205,8 +165,8 @@ def _infer_inputs(arrays: dict[str, np.ndarray]):
 def test_serve_answers_model_infer_and_score_slide_then_stops_on_sigterm(serving_venv, slide_repo, case, cmu_svs):
     repo, cohort_dir, case_id = slide_repo
     features, genes, predictor = case
-    server = _Server(serving_venv, repo, "--slide-root", str(cmu_svs.parent), "--reader", "openslide",
-                     "--no-batching", "--batch-size", str(BATCH), "--grace", "30")
+    server = ServeProcess(repo, "--slide-root", str(cmu_svs.parent), "--reader", "openslide", "--no-batching",
+                          "--batch-size", str(BATCH), "--grace", "30", command=[str(serving_venv / "bin" / "histosurv")])
     try:
         assert any(line.startswith("model ammasurv 1: READY") for line in server.log)
 
