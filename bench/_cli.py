@@ -1,21 +1,35 @@
-"""Pieces the benchmark scripts share; no torch here (the parents must not import it)."""
+"""The benchmark scripts' command lines: argument types, and the arguments as ``--json`` records them.
+
+No torch here, nor in any module a script imports at its top: the parent processes must not load
+it (measurements run in fresh child processes, whose peak RSS starts from their parent's).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
+from pathlib import Path
 
-__all__ = ["int_list", "choice_list", "reset_peak_rss", "run_measurement", "print_aligned"]
+__all__ = ["int_list", "positive_int_list", "choice_list", "pair_list", "args_json"]
 
 
 def int_list(text: str) -> list[int]:
+    """argparse type: integers separated by commas (``--sizes 1024,4096``)."""
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def positive_int_list(text: str) -> list[int]:
+    """argparse type: like :func:`int_list`, for counts, where 0 or nothing would make an empty run."""
+    try:
+        values = int_list(text)
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
 def choice_list(known, what: str):
-    """argparse type: a comma-separated subset of ``known``."""
+    """argparse type: a comma-separated subset of ``known``, which ``choices=`` cannot express."""
 
     def parse(text: str) -> list[str]:
         names = [x.strip() for x in text.split(",") if x.strip()]
@@ -27,46 +41,23 @@ def choice_list(known, what: str):
     return parse
 
 
-def reset_peak_rss() -> bool:
-    """Forgets the peak so far (Linux >= 4.0), so transients while loading (torch's import, ORT's graph
-    optimiser) are not counted as the forward pass's memory. False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
+def pair_list(what: str, example: str):
+    """argparse type: comma-separated ``AxB`` pairs of positive integers (head layouts, cuCIM's
+    workers x batch); ``what`` and ``example`` word the error."""
+
+    def parse(text: str) -> list[tuple[int, int]]:
+        try:
+            pairs = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item.strip()]
+        except ValueError:
+            pairs = [()]
+        if any(len(pair) != 2 or min(pair) < 1 for pair in pairs):
+            raise argparse.ArgumentTypeError(f"expected {what} pairs such as {example}, got {text!r}")
+        return pairs  # type: ignore[return-value]
+
+    return parse
 
 
-def run_measurement(cmd: list[str], threads: int, timeout: float) -> dict:
-    """Runs one measurement in a fresh process; its last stdout line is its JSON result. A crash, a
-    timeout or an out-of-memory kill becomes a row saying so."""
-    # Pin OpenMP/MKL pools before the child imports torch, so no pool is ever sized to every core.
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:  # subprocess.run has already killed the child
-        return {"status": "timeout", "detail": f"timed out after {timeout:g} s"}
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        return {"status": "failed", "detail": _failure(proc)}
-    try:
-        return {"status": "ok", **json.loads(lines[-1])}
-    except json.JSONDecodeError:
-        return {"status": "failed", "detail": f"unreadable result: {lines[-1][:200]}"}
-
-
-def _failure(proc: subprocess.CompletedProcess) -> str:
-    if proc.returncode == -9:
-        return "killed by SIGKILL (out of memory?)"
-    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return f"exit status {proc.returncode}: {last[:300]}"
-
-
-def print_aligned(header: list[str], body: list[list[str]], left: tuple[int, ...]) -> None:
-    """A plain-text table: columns ``left`` (names, notes) left-aligned, numbers right-aligned."""
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    print()
-    for r in [header, ["-" * w for w in widths], *body]:
-        cells = (c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        print("  ".join(cells).rstrip())
+def args_json(args: argparse.Namespace, internal: tuple[str, ...] = ()) -> dict:
+    """The parsed arguments as ``--json`` records them: paths as strings, and without the ``internal``
+    (hidden) flags that only the scripts' own child processes pass."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in internal}

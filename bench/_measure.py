@@ -11,16 +11,13 @@ with ``histosurv.runtime.engines.load_engine`` exactly as ``histosurv predict`` 
 from __future__ import annotations
 
 import gc
-import importlib.metadata
-import resource
 import statistics
-import time
 
-import psutil
 import torch
 from torch import nn
 
-from _cli import reset_peak_rss
+from _isolated import peak_rss_bytes, reset_peak_rss, rss_bytes, time_calls
+from _machine import package_version
 from histosurv.export.models import build_model
 from histosurv.export.models.ammasurv import AMMASurvConfig
 from histosurv.export.onnx_export import example_inputs
@@ -41,8 +38,8 @@ def prepare(repo: str | None, keys: list[str], max_bag: int) -> dict:
     encoder = [m for m in model.layers.modules() if isinstance(m, nn.Linear)]
     facts = {
         "torch": torch.__version__,
-        "onnxruntime": _version("onnxruntime"),
-        "tensorrt": _version("tensorrt"),
+        "onnxruntime": package_version("onnxruntime", missing="not installed"),
+        "tensorrt": package_version("tensorrt", missing="not installed"),
         "config": CONFIG.to_dict(),
         "dim": CONFIG.dim,
         "heads": CONFIG.heads,
@@ -60,16 +57,18 @@ def prepare(repo: str | None, keys: list[str], max_bag: int) -> dict:
         mv = export_model(model, run_config, repo, MODEL, artifacts=artifacts)
         if "tensorrt" in keys:
             mv, _ = add_engine(repo, MODEL, "tensorrt", max_bag=max_bag)
-        facts["engines"] = {k: {f: v for f, v in e.items() if f != "ops"} for k, e in mv.info.engines.items()}
-        facts["onnx_ops"] = mv.info.engines["onnxruntime"]["ops"]
+        facts["engines"] = {k: _engine_facts(e) for k, e in mv.info.engines.items()}
+        facts["onnx_ops"] = mv.info.engines["onnxruntime"].details["ops"]
     return facts
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+def _engine_facts(entry) -> dict:
+    """An engine's manifest entry for the results JSON, without its op counts (reported once, as onnx_ops)."""
+    from histosurv.data.typed_json import to_json_dict
+
+    facts = to_json_dict(entry)
+    facts["details"] = {k: v for k, v in facts["details"].items() if k != "ops"}
+    return facts
 
 
 def worker(engine: str, n: int, repo: str | None, device: str, repeat: int, threads: int, budget_s: float) -> dict:
@@ -109,7 +108,7 @@ def _engine_runner(key: str, n: int, repo: str | None, threads: int):
     del model
     gc.collect()
     mv = ModelRepository(repo).version(MODEL)
-    backend = mv.info.engines[key].get("backend", key)
+    backend = mv.info.engines[key].backend
     options = {"threads": threads} if backend in ("onnxruntime", "torch") else {}
     engine = load_engine(mv, key, **options)
     described = engine.describe()
@@ -123,17 +122,11 @@ def measure(run, repeat: int, budget_s: float, cuda: bool) -> dict:
     peak_reset = reset_peak_rss()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    baseline = psutil.Process().memory_info().rss
+    baseline = rss_bytes()
     gpu_baseline = torch.cuda.memory_allocated() if cuda else 0
     run()  # warm-up: first-call allocations, kernel selection, ORT's lazy initialisation
-    times, started = [], time.perf_counter()
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
-        if time.perf_counter() - started > budget_s:
-            break
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    times = time_calls(run, repeat, budget_s)
+    peak = peak_rss_bytes()
     result = {
         "median_ms": statistics.median(times),
         "times_ms": times,

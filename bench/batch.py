@@ -62,12 +62,9 @@ for it. Timings are only meaningful on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
@@ -85,11 +82,13 @@ import psutil
 SCRIPT = Path(__file__).resolve()
 sys.path.insert(0, str(SCRIPT.parents[1]))  # run from a checkout without installing
 
-MODEL = "ammasurv"
-ENCODER = "resnet18_encoder"
-N_GENES = 200
-# The cohort the model is trained on and whose genes.csv the runs score with: bench/server.py's.
-COHORT = dict(n_patients=60, n_genes=N_GENES, feature_dim=512, min_patches=8, max_patches=24)
+from _cli import args_json  # noqa: E402
+from _fixtures import (  # noqa: E402
+    ENCODER, MODEL, build_repository, ensure_repository, open_model, tissue_slide, write_cohort,
+)
+from _machine import busy_cpu_seconds, format_load_average, host_facts, load_average, now, package_version  # noqa: E402
+from _report import cell, print_aligned, problems_line, write_json  # noqa: E402
+
 SIZE_FACTORS = (0.9, 1.0, 1.1)  # slide i has sides x SIZE_FACTORS[i % 3]
 SLIDES_PER_PATIENT = 2
 RUN_TIMEOUT = 1200.0  # seconds one score run may take before it is killed
@@ -115,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backends", type=_backends, default=list(BACKENDS),
                    help=f"comma-separated subset of: {'; '.join(BACKENDS)} (default: all; '{BASELINE}' is the baseline)")
     p.add_argument("--no-warmup", action="store_true", help="skip the two 1-slide warm-up runs")
-    p.add_argument("--build", metavar="REPO", help=argparse.SUPPRESS)
+    p.add_argument("--build", metavar="REPO", help=argparse.SUPPRESS)  # _fixtures.ensure_repository's child
     args = p.parse_args(argv)
     if args.quick:
         args.slides = min(args.slides, 3)
@@ -142,69 +141,16 @@ def _backends(text: str) -> list[str]:
     return [b for b in BACKENDS if b in out]
 
 
-# --- the repository (built in a child process: torch stays out of this process) ----------------------
-
-
-def build_repository(repo: Path) -> dict:
-    """Synthetic cohort -> 1 epoch of AMMASurv (default config) -> ONNX export, plus the ResNet18 encoder."""
-    import torch
-
-    from histosurv.data.cohort import load_cohort
-    from histosurv.data.synth import SynthConfig, write_synthetic_cohort
-    from histosurv.export.encoder_export import export_encoder
-    from histosurv.export.models.ammasurv import AMMASurvConfig
-    from histosurv.export.repository_writer import export_run
-    from histosurv.export.run import save_run
-    from histosurv.export.training import TrainConfig, train
-
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    work = repo.parent / f".{repo.name}-build"
-    shutil.rmtree(work, ignore_errors=True)
-    seconds = {}
-    t = time.perf_counter()
-    cohort_dir = write_synthetic_cohort(work / "cohort", SynthConfig(**COHORT))
-    cohort = load_cohort(cohort_dir / "clinical.csv", cohort_dir / "genes.csv", cohort_dir / "features")
-    result = train(cohort, MODEL, AMMASurvConfig(n_genes=N_GENES),
-                   TrainConfig(seed=0, max_epochs=1, patience=1, batch_size=16, patches_per_slide=8))
-    seconds["train"] = time.perf_counter() - t
-    t = time.perf_counter()
-    run = save_run(work / "run", result, cohort)
-    export_run(run, repo, MODEL, artifacts=())
-    export_encoder(repo, "resnet18")
-    seconds["export"] = time.perf_counter() - t
-    shutil.rmtree(work, ignore_errors=True)
-    model = getattr(result, "model", None)
-    params = sum(p.numel() for p in model.parameters()) if isinstance(model, torch.nn.Module) else None
-    return {"seconds": seconds, "params": params}
-
-
-def ensure_repository(repo: Path) -> dict:
-    if (repo / MODEL).is_dir() and (repo / ENCODER).is_dir():
-        print(f"reusing the model repository {repo}", flush=True)
-        return {"built": False}
-    print(f"building the model repository in {repo} (1 training epoch + ONNX export, about 30 s) ...", flush=True)
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--build", str(repo)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": str(min(2, os.cpu_count() or 1))})
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"building the repository failed (exit status {proc.returncode})")
-    return {"built": True, **json.loads(lines[-1])}
-
-
 # --- the archive --------------------------------------------------------------------------------------
 
 
 def write_archive(root: Path, args) -> dict:
     """The slides, the gene table (the synthetic cohort's genes.csv) and the manifests."""
-    from histosurv.data.synth import SynthConfig, write_synthetic_cohort
-    from histosurv.data.synthetic_slide import write_synthetic_slide
-
     root.mkdir(parents=True, exist_ok=True)
     cohort_dir = root / "cohort"
     if not (cohort_dir / "genes.csv").is_file():
         shutil.rmtree(cohort_dir, ignore_errors=True)
-        write_synthetic_cohort(cohort_dir, SynthConfig(**COHORT))
+        write_cohort(cohort_dir)
     genes = cohort_dir / "genes.csv"
     cases = pd.read_csv(genes, usecols=["case_id"])["case_id"].astype(str).tolist()
     n_patients = math.ceil(args.slides / SLIDES_PER_PATIENT)
@@ -215,11 +161,9 @@ def write_archive(root: Path, args) -> dict:
         f = SIZE_FACTORS[i % len(SIZE_FACTORS)]
         w, h = _even(args.width * f), _even(args.height * f)
         path = root / "slides" / f"slide_{i:02d}_{w}x{h}_s{i}.tif"
-        if not path.exists():  # the writer is deterministic and atomic: a file under this name is complete
-            path.parent.mkdir(exist_ok=True)
-            t = time.perf_counter()
-            write_synthetic_slide(path, w, h, compression="jpeg", jpeg_quality=90, pattern="tissue", tile=256, seed=i)
-            seconds += time.perf_counter() - t
+        spent = tissue_slide(path, w, h, quality=90, seed=i)  # None: reused (the name fixes size and seed)
+        if spent is not None:
+            seconds += spent
             written += 1
         rows.append({"path": str(path.relative_to(root)), "slide_id": f"S{i:02d}", "case_id": cases[i // SLIDES_PER_PATIENT],
                      "width": w, "height": h, "bytes": path.stat().st_size})
@@ -305,11 +249,6 @@ def _alive(pid: int, created: float) -> bool:
         return False
 
 
-def _machine_busy_seconds() -> float:
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
-
-
 def score_run(label: str, flags: list[str], manifest: Path, out: Path, archive: dict, repo: Path, args) -> dict:
     """One ``python -m histosurv score`` process into a fresh ``out``; its timings and records."""
     shutil.rmtree(out, ignore_errors=True)
@@ -319,7 +258,7 @@ def score_run(label: str, flags: list[str], manifest: Path, out: Path, archive: 
     env.setdefault("RAY_AUTH_MODE", "disabled")
     print(f"  {label} (histosurv score {manifest.name} --batch-size {args.batch_size}{''.join(' ' + f for f in flags)}) ...",
           end="", flush=True)
-    busy, launched, t0 = _machine_busy_seconds(), time.time(), time.perf_counter()
+    busy, launched, t0 = busy_cpu_seconds(), time.time(), time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)  # its own process group, so a timeout can stop Ray's processes too
     tree = TreeCpu(proc.pid)
@@ -333,7 +272,7 @@ def score_run(label: str, flags: list[str], manifest: Path, out: Path, archive: 
     wall = time.perf_counter() - t0
     exited = time.time()
     run_cpu = tree.stop()
-    other_cpu = max(0.0, _machine_busy_seconds() - busy - run_cpu)
+    other_cpu = max(0.0, busy_cpu_seconds() - busy - run_cpu)
     time.sleep(0.5)
     leftovers = tree.alive()
     result = {"label": label, "flags": flags, "command": command, "returncode": proc.returncode, "timed_out": timed_out,
@@ -489,11 +428,11 @@ def main(argv=None) -> int:
         return 0
     facts = machine_facts()
     print_header(facts, args)
-    results: dict = {"facts": facts, "args": _jsonable(args)}
+    results: dict = {"facts": facts, "args": args_json(args, internal=("build",))}
     with tempfile.TemporaryDirectory(prefix="histosurv-bench-batch-") as tmp:
         tmp = Path(tmp)
         repo = (args.repo or tmp / "model_repository").resolve()
-        facts["repository"] = {"path": str(repo), **ensure_repository(repo)}
+        facts["repository"] = {"path": str(repo), **ensure_repository(repo, SCRIPT)}
         facts["model"] = model_facts(repo, facts["repository"].get("params"))
         print_model(facts["model"])
         work = (args.workdir or tmp / "work").resolve()
@@ -523,12 +462,12 @@ def main(argv=None) -> int:
         results["warmups"] = {k: _run_json(v) for k, v in warmups.items()}
         results["runs"] = {k: _run_json(v) for k, v in runs.items()}
     results["parity"] = parity
-    facts["load_average_end"] = _load_average()
+    facts["load_average_end"] = load_average()
     problems = parity["problems"]
-    print(f"\nload average at the end: {_loads(facts['load_average_end'])} (1, 5, 15 min)")
-    print("errors: 0" if not problems else "errors: " + ", ".join(f"{k}: {v}" for k, v in problems.items()))
+    print(f"\nload average at the end: {format_load_average(facts['load_average_end'])} (1, 5, 15 min)")
+    print(problems_line(problems))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_json(args.json, results)
         print(f"figures written to {args.json}")
     return 1 if problems else 0
 
@@ -550,59 +489,22 @@ def _run_json(run: dict) -> dict:
 
 def machine_facts() -> dict:
     return {
-        "cpu": _cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "physical_cpus": psutil.cpu_count(logical=False),
-        "memory_total_bytes": psutil.virtual_memory().total,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "ray": _version("ray"),
-        "onnxruntime": _version("onnxruntime"),
-        "cucim": _version("cucim-cu12") or _version("cucim-cu13") or _version("cucim") or "not installed",
-        "openslide-python": _version("openslide-python") or "not installed",
-        "histosurv": _version("histosurv") or "not installed",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "load_average": _load_average(),
+        **host_facts(),
+        "ray": package_version("ray"),
+        "onnxruntime": package_version("onnxruntime"),
+        "cucim": package_version("cucim-cu12", "cucim-cu13", "cucim", missing="not installed"),
+        "openslide-python": package_version("openslide-python", missing="not installed"),
+        "histosurv": package_version("histosurv", missing="not installed"),
+        "date": now(),
+        "load_average": load_average(),
     }
 
 
 def model_facts(repo: Path, params) -> dict:
-    from histosurv.runtime.repository import ModelRepository
-
-    mv, encoder = ModelRepository(repo).version(MODEL), ModelRepository(repo).version(ENCODER)
+    mv, encoder = open_model(repo)
     return {"name": MODEL, "version": mv.version, "architecture": mv.info.architecture, "config": mv.info.config,
             "artifacts": sorted(mv.info.engines), "params": params, "encoder": f"{ENCODER} v{encoder.version}",
             "encoder_artifacts": sorted(encoder.info.engines)}
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    except OSError:
-        return platform.processor() or "unknown"
-
-
-def _loads(values) -> str:
-    return ", ".join(f"{x:.2f}" for x in values) if values else "unknown"
-
-
-def _f(value, fmt: str = ".1f", suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{fmt}}{suffix}"
 
 
 def print_header(facts: dict, args) -> None:
@@ -610,7 +512,7 @@ def print_header(facts: dict, args) -> None:
     print(f"date    : {facts['date']}")
     print(f"machine : {facts['cpu']}, {facts['logical_cpus']} logical CPUs ({facts['physical_cpus']} physical), "
           f"{facts['memory_total_bytes'] / 1e9:.1f} GB RAM, no GPU used; {facts['platform']}")
-    print(f"load    : {_loads(facts['load_average'])} (1, 5, 15 min) at the start")
+    print(f"load    : {format_load_average(facts['load_average'])} (1, 5, 15 min) at the start")
     print(f"software: python {facts['python']}, ray {facts['ray']}, onnxruntime {facts['onnxruntime']}, "
           f"cucim {facts['cucim']}, openslide-python {facts['openslide-python']}, histosurv {facts['histosurv']}")
     print(f"runs    : {'--quick; ' if args.quick else ''}{args.slides} slides per run; backends: {'; '.join(args.backends)}; "
@@ -624,12 +526,6 @@ def print_model(m: dict) -> None:
           f"{c.get('heads')} heads, depth {c.get('depth')}, {c.get('gene_groups')} gene tokens from {c.get('n_genes')} genes"
           f"{params}; artifacts {', '.join(m['artifacts'])}; encoder {m['encoder']} ({', '.join(m['encoder_artifacts'])})",
           flush=True)
-
-
-def table(header: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,)) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
 
 
 def print_runs(runs: dict, warmups: dict, archive: dict, args, facts: dict) -> None:
@@ -659,14 +555,14 @@ def print_runs(runs: dict, warmups: dict, archive: dict, args, facts: dict) -> N
         workers = "/".join(str(n) for n in sorted(r.get("workers", {}).values(), reverse=True)) or "-"
         lag = f"{r['commit_lag_mean_s']:.1f}/{r['commit_lag_max_s']:.1f}" if r.get("commit_lag_max_s") is not None else "-"
         rows.append([
-            label, f"{r['wall_s']:.1f}", _f(f.get("wall_slides_per_h"), ".0f"), _f(f.get("wall_patches_per_h"), ".0f"),
-            _f(f.get("wall_vs_local"), ".2f", "x"), _f(f.get("steady_slides_per_h"), ".0f"),
-            _f(f.get("steady_patches_per_h"), ".0f"), _f(f.get("steady_vs_local"), ".2f", "x"),
-            _f(r.get("to_first_features_s")), lag, _f(f.get("tail_s")), _f(r.get("cli_per_hour"), ".0f"),
-            _f(r.get("mean_encode_s"), ".2f"), workers,
-            _f(r.get("run_cpu_percent"), ".0f", "%"), _f(r.get("other_cpu_percent"), ".0f", "%"),
+            label, f"{r['wall_s']:.1f}", cell(f.get("wall_slides_per_h"), ".0f"), cell(f.get("wall_patches_per_h"), ".0f"),
+            cell(f.get("wall_vs_local"), ".2f", "x"), cell(f.get("steady_slides_per_h"), ".0f"),
+            cell(f.get("steady_patches_per_h"), ".0f"), cell(f.get("steady_vs_local"), ".2f", "x"),
+            cell(r.get("to_first_features_s")), lag, cell(f.get("tail_s")), cell(r.get("cli_per_hour"), ".0f"),
+            cell(r.get("mean_encode_s"), ".2f"), workers,
+            cell(r.get("run_cpu_percent"), ".0f", "%"), cell(r.get("other_cpu_percent"), ".0f", "%"),
         ])
-    table(header, rows)
+    print_aligned(header, rows)
     print("1st slide s: from launching the process to the first slide's features written (start-up and one slide);\n"
           "commit lag s: mean/max from a slide's features written to its record committed by the driver (journal.log);\n"
           "tail s: from the last commit to the process's exit (tables, Ray shutdown); CLI slides/h: what `histosurv\n"
@@ -713,10 +609,6 @@ def print_parity(parity: dict, runs: dict) -> None:
     print(f"\nparity against {parity['reference']}: slide_ids, case_ids, status and n_patches "
           f"{'identical' if ok else 'see errors'}; largest relative risk difference: {others} "
           f"(tolerance {RISK_REL:g}): {'agree' if parity['max_rel_diff'] <= RISK_REL else 'DIFFER'}")
-
-
-def _jsonable(args: argparse.Namespace) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "build"}
 
 
 if __name__ == "__main__":

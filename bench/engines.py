@@ -42,15 +42,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 import psutil
 
-from _cli import choice_list, int_list, print_aligned, run_measurement
+from _cli import args_json, choice_list, int_list
+from _isolated import run_measurement
+from _machine import cpu_simd_and_clock, host_facts, package_version
+from _report import mb, print_aligned, size, write_json
 
 SCRIPT = Path(__file__).resolve()
 EAGER = ("naive", "sdpa")
@@ -64,21 +65,11 @@ def default_engines(device: str) -> list[str]:
     if device == "cpu":  # the FP16 graph is for GPU providers; ORT's CPU kernels mostly cast it back
         return ["naive", "sdpa", "onnxruntime", "torch"]
     engines = ["naive", "sdpa", "torch_cuda"]
-    if _installed("onnxruntime-gpu"):
+    if package_version("onnxruntime-gpu") is not None:
         engines += ["onnxruntime", "onnxruntime_fp16"]
     if importlib.util.find_spec("tensorrt") is not None:
         engines.append("tensorrt")
     return engines
-
-
-def _installed(distribution: str) -> bool:
-    import importlib.metadata
-
-    try:
-        importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,7 +115,7 @@ def main(argv=None) -> int:
     print_table(rows)
     print_work(facts, args.sizes)
     if args.json:
-        args.json.write_text(json.dumps({"facts": facts, "args": _jsonable(args), "rows": rows}, indent=2) + "\n")
+        write_json(args.json, {"facts": facts, "args": args_json(args, internal=("worker", "prepare")), "rows": rows})
         print(f"\nrows written to {args.json}")
     return 0
 
@@ -174,16 +165,16 @@ def naive_skip_reason(n: int, facts: dict, args: argparse.Namespace) -> str | No
     """Why the naive engine must not run at this N, or None if its score matrices fit."""
     need = naive_attention_bytes(n, facts)
     if args.naive_budget_gb is not None:
-        budget, have = args.naive_budget_gb * 1e9, f"budget {_size(args.naive_budget_gb * 1e9)} (--naive-budget-gb)"
+        budget, have = args.naive_budget_gb * 1e9, f"budget {size(args.naive_budget_gb * 1e9)} (--naive-budget-gb)"
     elif args.device == "cuda":
         return None  # the worker finds out; a CUDA out-of-memory error is reported as such
     else:
         available = psutil.virtual_memory().available  # now, not at start-up: earlier workers may linger
         budget = NAIVE_MEMORY_FRACTION * available
-        have = f"{_size(available)} available (limit {NAIVE_MEMORY_FRACTION:.0%}: {_size(budget)})"
+        have = f"{size(available)} available (limit {NAIVE_MEMORY_FRACTION:.0%}: {size(budget)})"
     if need <= budget:
         return None
-    return f"needs ~{_size(need)} for the score matrices, {have}"
+    return f"needs ~{size(need)} for the score matrices, {have}"
 
 
 def naive_attention_bytes(n: int, facts: dict) -> int:
@@ -194,10 +185,10 @@ def progress_line(row: dict) -> str:
     head = f"{row['engine']} N={row['n']}"
     if row["status"] != "ok":
         return f"{head}: {row['status']}, {row['detail']}"
-    peak, extra = _mb(row["peak_rss_bytes"]), _mb(row["extra_rss_bytes"])
+    peak, extra = mb(row["peak_rss_bytes"]), mb(row["extra_rss_bytes"])
     line = f"{head} on {row.get('device', '?')}: {row['median_ms']:.1f} ms, peak {peak} MB, extra {extra} MB"
     if "gpu_extra_bytes" in row:
-        line += f", GPU (torch allocator) {_mb(row['gpu_extra_bytes'])} MB"
+        line += f", GPU (torch allocator) {mb(row['gpu_extra_bytes'])} MB"
     if row.get("providers"):
         line += f", providers {row['providers']}"
     if not row["peak_reset"]:
@@ -271,49 +262,23 @@ def flop_parts(n: int, facts: dict) -> tuple[float, float]:
 
 
 def machine_facts(threads: int) -> dict:
-    memory = psutil.virtual_memory()
-    lanes, ghz = _cpu_simd_and_clock()
+    host = host_facts(memory_available=True)
+    lanes, ghz = cpu_simd_and_clock()
     return {
-        "cpu": _cpu_model(),
+        "cpu": host.pop("cpu"),
         "fp32_lanes": lanes,
         "clock_ghz": ghz,
         # threads x lanes x 2 FMA units x 2 FLOPs per FMA x clock
         "cpu_peak_gflop_per_s": threads * lanes * 2 * 2 * ghz if lanes and ghz else None,
-        "logical_cpus": os.cpu_count(),
-        "physical_cpus": psutil.cpu_count(logical=False),
-        "memory_total_bytes": memory.total,
-        "memory_available_bytes": memory.available,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        **host,
     }
-
-
-def _cpu_simd_and_clock() -> tuple[int | None, float | None]:
-    """FP32 lanes per vector FMA (16 with AVX-512, 8 with AVX2+FMA) and the clock in GHz, from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return None, None
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    lanes = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 4 if "sse2" in flags else None
-    clocks = [float(line.split(":", 1)[1]) for line in text.splitlines() if line.startswith("cpu MHz")]
-    return lanes, (max(clocks) / 1e3 if clocks else None)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    except OSError:
-        return platform.processor() or "unknown"
 
 
 def print_header(facts: dict, args: argparse.Namespace) -> None:
     m, c = facts["machine"], facts["config"]
     print(f"AMMASurv engines on {'the CPU' if args.device == 'cpu' else facts.get('gpu') or 'a CUDA GPU'}")
     print(f"machine : {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['physical_cpus']} physical), "
-          f"{_size(m['memory_total_bytes'])} RAM, {_size(m['memory_available_bytes'])} available; {m['platform']}")
+          f"{size(m['memory_total_bytes'])} RAM, {size(m['memory_available_bytes'])} available; {m['platform']}")
     if m.get("cpu_peak_gflop_per_s"):
         print(f"CPU peak: {m['cpu_peak_gflop_per_s']:.0f} GFLOP/s FP32 for {args.threads} threads "
               f"({m['fp32_lanes']} lanes x 2 FMA units x 2 x {m['clock_ghz']:.2f} GHz; an estimate)")
@@ -335,6 +300,7 @@ def print_header(facts: dict, args: argparse.Namespace) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
+    print()
     header = ["N", "engine", "device", "median ms", "peak MB", "extra MB", "GPU MB", "attn GFLOP/s", "% peak",
               "speed-up", "memory", "vs sdpa", "baseline"]
     print_aligned(header, [table_cells(row) for row in rows], left=(1, 2, 12))
@@ -350,9 +316,9 @@ def table_cells(row: dict) -> list[str]:
         row["engine"],
         row.get("device", "?"),
         f"{row['median_ms']:.1f}",
-        _mb(row["peak_rss_bytes"]),
-        _mb(row["extra_rss_bytes"]),
-        _mb(row["gpu_extra_bytes"]) if "gpu_extra_bytes" in row else "-",
+        mb(row["peak_rss_bytes"]),
+        mb(row["extra_rss_bytes"]),
+        mb(row["gpu_extra_bytes"]) if "gpu_extra_bytes" in row else "-",
         f"{row['attention_gflop_per_s']:.1f}",
         f"{row['percent_of_cpu_peak']:.0f}%" if "percent_of_cpu_peak" in row else "-",
         f"{speedup:.2f}x" if speedup is not None else "n/a",
@@ -367,20 +333,6 @@ def print_work(facts: dict, sizes: list[int]) -> None:
     for n in sizes:
         attention, linear = (x / 1e9 for x in flop_parts(n, facts))
         print(f"  N={n}: {attention + linear:.2f} GFLOP = {attention:.2f} attention + {linear:.2f} linear layers")
-
-
-def _mb(nbytes: float) -> str:
-    return f"{nbytes / 1e6:.0f}"
-
-
-def _size(nbytes: float) -> str:
-    if nbytes >= 10e9:
-        return f"{nbytes / 1e9:.0f} GB"
-    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
-
-
-def _jsonable(args: argparse.Namespace) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("worker", "prepare")}
 
 
 if __name__ == "__main__":

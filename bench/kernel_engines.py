@@ -23,12 +23,12 @@ Without a GPU the script says so and exits 0.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-from _cli import choice_list, int_list, print_aligned
+from _cli import choice_list, int_list
+from _report import print_aligned, write_json
 from kernels import median_seconds  # bench/kernels.py: CUDA events, L2 flushed before each run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
                 print_row(rows[-1], kinds)
     print_table(rows, kinds)
     if args.json:
-        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=2))
+        write_json(args.json, {"device": torch.cuda.get_device_name(), "rows": rows})
     return 0
 
 
@@ -136,6 +136,7 @@ def print_table(rows: list[dict], kinds: list[str]) -> None:
             line += [f"{r[f'{k}_ms']:.3f}", f"{r[f'{k}_speedup']:.2f}x", f"{r[f'{k}_risk_rel']:.1e}",
                      "-" if attention is None else f"{attention:.1e}"]
         body.append(line)
+    print()
     print_aligned(header, body, left=(0,))
 
 

@@ -30,13 +30,16 @@ the ptxas bundled in the triton wheel and prints registers, spills and shared me
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from _cli import int_list, pair_list
+from _machine import package_version
+from _report import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 FLUSH_BYTES = 256 * 2**20  # > 2x the L2 of an H100 (50 MB) or H200
@@ -49,29 +52,21 @@ PEAK_TB_S = {  # data-sheet HBM bandwidth, used only where the driver reports no
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=_ints, default=[4096, 16384, 65536, 262144], help="bag sizes N, comma-separated")
-    p.add_argument("--queries", type=_ints, default=[6, 16], help="queries M per head, comma-separated")
-    p.add_argument("--layouts", type=_layouts, default=[(8, 64), (8, 68)], help="heads x head dim, e.g. 8x64,8x68")
+    p.add_argument("--sizes", type=int_list, default=[4096, 16384, 65536, 262144], help="bag sizes N, comma-separated")
+    p.add_argument("--queries", type=int_list, default=[6, 16], help="queries M per head, comma-separated")
+    p.add_argument("--layouts", type=pair_list("HEADSxDIM", "8x64,8x68"), default=[(8, 64), (8, 68)], help="heads x head dim, e.g. 8x64,8x68")
     p.add_argument("--repeat", type=int, default=50, help="timed runs per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (Triton compiles on the first)")
     p.add_argument("--cuda-lib", type=Path, help="a built library registering torch.ops.histosurv.few_query_attention")
     p.add_argument("--json", type=Path, help="also write the facts and every row here")
     p.add_argument("--interpret", action="store_true", help="tiny CPU run through TRITON_INTERPRET=1 (smoke test)")
-    p.add_argument("--compile-only", type=_ints, metavar="ARCHS", help="no GPU needed: compile what the run would "
+    p.add_argument("--compile-only", type=int_list, metavar="ARCHS", help="no GPU needed: compile what the run would "
                    "launch for these compute capabilities (e.g. 90 or 80,90) and print ptxas' registers and spills")
     args = p.parse_args(argv)
     if args.interpret:  # before anything imports triton: triton.jit reads it when it decorates
         os.environ["TRITON_INTERPRET"] = "1"
         args.sizes, args.queries, args.layouts, args.repeat, args.warmup = [257], [6], [(2, 64), (2, 68)], 1, 0
     return args
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _layouts(text: str) -> list[tuple[int, int]]:
-    return [tuple(int(v) for v in x.lower().split("x")) for x in text.split(",") if x.strip()]
 
 
 def main(argv=None) -> int:
@@ -99,7 +94,7 @@ def main(argv=None) -> int:
                 print(row_line(rows[-1]), flush=True)
     print_goals(rows)
     if args.json:
-        args.json.write_text(json.dumps({"facts": facts, "rows": rows}, indent=2))
+        write_json(args.json, {"facts": facts, "rows": rows})
         print(f"wrote {args.json}")
     return 0
 
@@ -151,7 +146,7 @@ def machine_facts(device, args) -> dict:
     facts = {
         "device": "CPU (Triton interpreter: timings mean nothing)" if device.type == "cpu" else torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "triton": _version("triton") if triton_available() else None,
+        "triton": package_version("triton") if triton_available() else None,
         "python": platform.python_version(),
         "cuda_op": load_cuda_op(args.cuda_lib),
         "peak_bytes_per_s": None,
@@ -170,15 +165,6 @@ def peak_bandwidth(props) -> tuple[float | None, str]:
         if name in props.name:
             return PEAK_TB_S[name] * 1e12, f"data sheet ({name})"
     return None, "unknown (no memory clock from the driver, no table entry)"
-
-
-def _version(package: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def load_cuda_op(lib: Path | None) -> str | None:

@@ -62,8 +62,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -71,7 +69,11 @@ from pathlib import Path
 
 import psutil
 
-from _cli import choice_list, int_list, print_aligned, reset_peak_rss, run_measurement
+from _cli import args_json, choice_list, int_list
+from _isolated import peak_rss_bytes, reset_peak_rss, rss_bytes, run_measurement, time_calls
+from _machine import host_facts
+from _report import cell, mb, print_aligned, write_json
+from engines import NAIVE_MEMORY_FRACTION, naive_attention_bytes  # AMMASurv's naive attention: engines.py's rule
 
 SCRIPT = Path(__file__).resolve()
 BLCA_OMIC_SIZES = [94, 334, 521, 468, 1495, 479]  # MCAT's and MoME's BLCA signature groups
@@ -89,10 +91,8 @@ CONFIGS = {  # plain dicts: the parent does not import histosurv's models (they 
 }
 KINDS = ("eager", "onnxruntime")
 MOME_MICRO_BATCH = 4096  # the reference trainer's bs_micro
-NAIVE_MEMORY_FRACTION = 0.6
 MIN_CONTENTION_WINDOW_S = 0.5
 CONTENDED_PERCENT = 10  # rows whose timed passes shared the CPUs more than this are flagged
-NAIVE_COPIES = 3  # AMMASurv's naive attention: scores, their softmax, one temporary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     if args.child:
         return child_main(args)
     started = time.perf_counter()
-    facts = {"machine": machine_facts(), "models": {}}
+    facts = {"machine": host_facts(memory_available=True), "models": {}}
     rows = []
     print(f"models {','.join(args.models)}; sizes {','.join(map(str, args.sizes))}; {args.threads} threads; "
           f"1 warm-up + up to {args.repeat} timed passes within {args.budget:g} s per measurement", flush=True)
@@ -157,8 +157,7 @@ def main(argv=None) -> int:
     if missing:
         print(f"note: zoo models without a configuration here, not measured: {', '.join(missing)}")
     if args.json:
-        out = {"facts": facts, "args": _jsonable(args), "rows": rows, "wall_s": wall}
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        write_json(args.json, {"facts": facts, "args": args_json(args, internal=("child",)), "rows": rows, "wall_s": wall})
         print(f"rows written to {args.json}")
     return 0
 
@@ -186,7 +185,7 @@ def naive_skip_reason(n: int, prep: dict) -> str | None:
     """AMMASurv only: why its naive attention must not run at this N (bench/engines.py's rule)."""
     if prep["status"] != "ok":
         return None  # the child finds out
-    need = prep["heads"] * (n + 1 + prep["gene_tokens"]) * (n + 1) * 4 * NAIVE_COPIES
+    need = naive_attention_bytes(n, prep)  # prep has the heads and gene_tokens engines.py reads from its facts
     available = psutil.virtual_memory().available
     if need <= NAIVE_MEMORY_FRACTION * available:
         return None
@@ -198,8 +197,8 @@ def progress_line(row: dict) -> str:
     if row["status"] != "ok":
         return f"{head}: {row['status']}, {row['detail']}"
     line = (f"{head}: {row['median_ms']:.1f} ms ({len(row['times_ms'])} timed), "
-            f"peak {_mb(row['peak_rss_bytes'])} MB, extra {_mb(row['extra_rss_bytes'])} MB, risk {row['risk']:.6f}, "
-            f"others {_percent(row['others_cpu_percent'])} CPU")
+            f"peak {mb(row['peak_rss_bytes'])} MB, extra {mb(row['extra_rss_bytes'])} MB, risk {row['risk']:.6f}, "
+            f"others {cell(row['others_cpu_percent'], '.0f', '%')} CPU")
     if not row["peak_reset"]:
         line += " (peak not reset after loading: extra includes load-time transients)"
     return line
@@ -214,25 +213,6 @@ def add_ratios(rows: list[dict]) -> None:
             continue
         row["speedup"] = base["median_ms"] / row["median_ms"]
         row["memory_ratio"] = row["extra_rss_bytes"] / base["extra_rss_bytes"] if base["extra_rss_bytes"] >= 1e6 else None
-
-
-def machine_facts() -> dict:
-    memory = psutil.virtual_memory()
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        cpu = platform.processor() or cpu
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "physical_cpus": psutil.cpu_count(logical=False),
-        "memory_total_bytes": memory.total,
-        "memory_available_bytes": memory.available,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
 
 
 def print_header(facts: dict, args: argparse.Namespace) -> None:
@@ -264,6 +244,7 @@ def _short(cfg: dict) -> str:
 
 def print_table(rows: list[dict]) -> None:
     header = ["model", "N", "engine", "median ms", "peak MB", "extra MB", "speed-up", "memory", "risk", "others", "note"]
+    print()
     print_aligned(header, [table_cells(row) for row in rows], left=(0, 2, 10))
 
 
@@ -282,26 +263,14 @@ def table_cells(row: dict) -> list[str]:
         str(row["n"]),
         row["engine"],
         f"{row['median_ms']:.1f}",
-        _mb(row["peak_rss_bytes"]),
-        _mb(row["extra_rss_bytes"]),
+        mb(row["peak_rss_bytes"]),
+        mb(row["extra_rss_bytes"]),
         speedup,
         memory,
         f"{row['risk']:.5f}",
-        _percent(row["others_cpu_percent"]),
+        cell(row["others_cpu_percent"], ".0f", "%"),
         row.get("note", ""),
     ]
-
-
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}%"
-
-
-def _mb(nbytes: float) -> str:
-    return f"{nbytes / 1e6:.0f}"
-
-
-def _jsonable(args: argparse.Namespace) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "child"}
 
 
 # --- the children: everything that imports torch ---------------------------------------------------------
@@ -341,7 +310,7 @@ def prepare(name: str, repo: str) -> dict:
     run_config = {"architecture": name, "model": model.cfg.to_dict(), "genes": [f"g{i}" for i in range(n_genes)]}
     started = time.perf_counter()
     mv = export_model(model, run_config, repo, name, artifacts=())
-    ops = mv.info.engines["onnxruntime"]["ops"]
+    ops = mv.info.engines["onnxruntime"].details["ops"]
     facts = {
         "zoo": sorted(MODELS),
         "torch": torch.__version__,
@@ -450,23 +419,17 @@ def measure(run, repeat: int, budget_s: float) -> dict:
     """Median wall time of up to ``repeat`` runs after one warm-up (fewer once ``budget_s`` is spent,
     at least one), and the process's peak RSS around them (bench/_measure.py's procedure)."""
     import gc
-    import resource
     import statistics
 
     gc.collect()
     peak_reset = reset_peak_rss()
-    baseline = psutil.Process().memory_info().rss
+    baseline = rss_bytes()
     risk = run()  # warm-up: first-call allocations, kernel selection, ORT's lazy initialisation
     machine, own = psutil.cpu_times(), psutil.Process().cpu_times()
-    times, started = [], time.perf_counter()
-    for _ in range(max(repeat, 1)):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
-        if time.perf_counter() - started > budget_s:
-            break
+    started = time.perf_counter()
+    times = time_calls(run, repeat, budget_s)
     wall = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss_bytes()
     return {
         "others_cpu_percent": others_cpu_percent(machine, own, wall),
         "median_ms": statistics.median(times),

@@ -55,12 +55,9 @@ errored or a parity or metrics check failed. Timings are only meaningful on an o
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import itertools
 import json
 import os
-import platform
 import queue
 import re
 import shutil
@@ -81,9 +78,13 @@ import psutil
 SCRIPT = Path(__file__).resolve()
 sys.path.insert(0, str(SCRIPT.parents[1]))  # run from a checkout without installing
 
-MODEL = "ammasurv"
-ENCODER = "resnet18_encoder"
-N_GENES = 200
+from _cli import args_json, positive_int_list  # noqa: E402
+from _fixtures import ENCODER, MODEL, build_repository, ensure_repository, open_model  # noqa: E402
+from _machine import (  # noqa: E402
+    busy_cpu_seconds, format_load_average, host_facts, load_average, now, package_version, process_cpu_seconds,
+)
+from _report import cell, plural, print_aligned, problems_line, write_json  # noqa: E402
+
 SERVER_START_TIMEOUT = 300.0
 CALL_TIMEOUT = 900.0  # seconds a client allows one call: 32 queued 4k bags take a minute or more on 2 cores
 HEALTH_KINDS = ("ServerLive", "ServerReady", "grpc.health")
@@ -97,8 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write every figure here")
     p.add_argument("--quick", action="store_true", help="shrink every count for a smoke run (under 3 minutes)")
     p.add_argument("--bag", type=int, default=4096, help="part 1: patches in the ModelInfer bag")
-    p.add_argument("--concurrency", type=_int_list, default=[1, 8, 32], help="part 1: client concurrency levels")
-    p.add_argument("--requests", type=_int_list, default=[24, 48, 64],
+    p.add_argument("--concurrency", type=positive_int_list, default=[1, 8, 32], help="part 1: client concurrency levels")
+    p.add_argument("--requests", type=positive_int_list, default=[24, 48, 64],
                    help="part 1: requests per concurrency level (one number per level, or one for all); the "
                         "in-process baseline makes as many calls as the first level")
     p.add_argument("--slides", type=int, default=8, help="part 2: slides scored per server")
@@ -107,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load-concurrency", type=int, default=16, help="part 3: requests in flight")
     p.add_argument("--load-bag", type=int, default=1024, help="part 3: patches per ModelInfer bag")
     p.add_argument("--health-every", type=int, default=4, help="part 3: every n-th request of a thread is a health check")
-    p.add_argument("--build", metavar="REPO", help=argparse.SUPPRESS)
+    p.add_argument("--build", metavar="REPO", help=argparse.SUPPRESS)  # _fixtures.ensure_repository's child
     args = p.parse_args(argv)
     if len(args.requests) == 1:
         args.requests = args.requests * len(args.concurrency)
@@ -118,68 +119,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.slides = min(args.slides, args.slide_concurrency)
         args.load_seconds = min(args.load_seconds, 5.0)
     return args
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
-    return values
-
-
-# --- the repository (built in a child process: torch stays out of the load generator) ---------------
-
-
-def build_repository(repo: Path) -> dict:
-    """Synthetic cohort -> 1 epoch of AMMASurv (default config) -> ONNX export, plus the ResNet18 encoder."""
-    import torch
-
-    from histosurv.data.cohort import load_cohort
-    from histosurv.data.synth import SynthConfig, write_synthetic_cohort
-    from histosurv.export.encoder_export import export_encoder
-    from histosurv.export.models.ammasurv import AMMASurvConfig
-    from histosurv.export.repository_writer import export_run
-    from histosurv.export.run import save_run
-    from histosurv.export.training import TrainConfig, train
-
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    work = repo.parent / f".{repo.name}-build"
-    shutil.rmtree(work, ignore_errors=True)
-    seconds = {}
-    t = time.perf_counter()
-    cohort_dir = write_synthetic_cohort(
-        work / "cohort", SynthConfig(n_patients=60, n_genes=N_GENES, feature_dim=512, min_patches=8, max_patches=24)
-    )
-    cohort = load_cohort(cohort_dir / "clinical.csv", cohort_dir / "genes.csv", cohort_dir / "features")
-    result = train(cohort, MODEL, AMMASurvConfig(n_genes=N_GENES),
-                   TrainConfig(seed=0, max_epochs=1, patience=1, batch_size=16, patches_per_slide=8))
-    seconds["train"] = time.perf_counter() - t
-    t = time.perf_counter()
-    run = save_run(work / "run", result, cohort)
-    export_run(run, repo, MODEL, artifacts=())  # model.onnx and the opset-23 graph: the FP32 graph "auto" serves here
-    export_encoder(repo, "resnet18")
-    seconds["export"] = time.perf_counter() - t
-    shutil.rmtree(work, ignore_errors=True)
-    model = getattr(result, "model", None)
-    params = sum(p.numel() for p in model.parameters()) if isinstance(model, torch.nn.Module) else None
-    return {"seconds": seconds, "params": params}
-
-
-def ensure_repository(repo: Path) -> dict:
-    if (repo / MODEL).is_dir() and (repo / ENCODER).is_dir():
-        print(f"reusing the model repository {repo}", flush=True)
-        return {"built": False}
-    print(f"building the model repository in {repo} (1 training epoch + ONNX export, about 30 s) ...", flush=True)
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--build", str(repo)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": str(min(2, os.cpu_count() or 1))})
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"building the repository failed (exit status {proc.returncode})")
-    return {"built": True, **json.loads(lines[-1])}
 
 
 # --- the server processes --------------------------------------------------------------------------
@@ -224,7 +163,7 @@ class ServerProcess:
         lines.put(None)
 
     def cpu_seconds(self) -> float:
-        return _process_cpu(self.ps)
+        return process_cpu_seconds(self.ps)
 
     def scrape(self) -> dict:
         with urllib.request.urlopen(self.metrics_url, timeout=30) as response:
@@ -254,12 +193,12 @@ class CpuAccount:
 
     @contextmanager
     def measure(self):
-        wall, busy, srv, own = time.perf_counter(), _machine_busy_seconds(), self.server.cpu_seconds(), _process_cpu(self.me)
+        wall, busy, srv, own = time.perf_counter(), busy_cpu_seconds(), self.server.cpu_seconds(), process_cpu_seconds(self.me)
         try:
             yield
         finally:
-            srv, own = self.server.cpu_seconds() - srv, _process_cpu(self.me) - own
-            self.other += max(0.0, _machine_busy_seconds() - busy - srv - own)
+            srv, own = self.server.cpu_seconds() - srv, process_cpu_seconds(self.me) - own
+            self.other += max(0.0, busy_cpu_seconds() - busy - srv - own)
             self.srv, self.own = self.srv + srv, self.own + own
             self.wall += time.perf_counter() - wall
 
@@ -268,16 +207,6 @@ class CpuAccount:
         """% of one core over the wall time."""
         w = self.wall or float("nan")
         return {"server": 100 * self.srv / w, "client": 100 * self.own / w, "other": 100 * self.other / w}
-
-
-def _process_cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
-
-
-def _machine_busy_seconds() -> float:
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)")
@@ -553,7 +482,7 @@ def part_slides(servers: dict[str, ServerProcess], names: list[str], genes: np.n
     before = {label: server.scrape() for label, server in servers.items()}
     k = args.slide_concurrency
     rounds = [names[i:i + k] for i in range(0, len(names), k)]
-    print(f"[2] ScoreSlide: {_plural(len(rounds), 'round')} of up to {k} slides at once on each server, alternating ...", flush=True)
+    print(f"[2] ScoreSlide: {plural(len(rounds), 'round')} of up to {k} slides at once on each server, alternating ...", flush=True)
     for i, batch in enumerate(rounds):
         for side in (sides.values() if i % 2 == 0 else reversed(list(sides.values()))):
             side.round(batch, genes)
@@ -593,7 +522,7 @@ def part_slides(servers: dict[str, ServerProcess], names: list[str], genes: np.n
         out["unbatched"]["vs_unbatched"] = 1.0
     for label in sides:
         r = out[label]
-        print(f"    {label}: {r['slides_per_s']:.3f} slides/s, average encoder batch {_f(r['avg_encoder_batch'])}, "
+        print(f"    {label}: {r['slides_per_s']:.3f} slides/s, average encoder batch {cell(r['avg_encoder_batch'])}, "
               f"errors {r['errors']}", flush=True)
     return out
 
@@ -686,17 +615,16 @@ def main(argv=None) -> int:
         return 0
     facts = machine_facts()
     print_header(facts, args)
-    results: dict = {"facts": facts, "args": _jsonable(args)}
+    results: dict = {"facts": facts, "args": args_json(args, internal=("build",))}
     with tempfile.TemporaryDirectory(prefix="histosurv-bench-server-") as tmp:
         tmp = Path(tmp)
         repo = (args.repo or tmp / "model_repository").resolve()
-        facts["repository"] = {"path": str(repo), **ensure_repository(repo)}
+        facts["repository"] = {"path": str(repo), **ensure_repository(repo, SCRIPT)}
 
         from histosurv.data.demo_slide import demo_slide
         from histosurv.runtime.predict import FusionPredictor
-        from histosurv.runtime.repository import ModelRepository
 
-        mv, encoder = ModelRepository(repo).version(MODEL), ModelRepository(repo).version(ENCODER)
+        mv, encoder = open_model(repo)
         predictor = FusionPredictor.from_repository(repo, MODEL)
         facts["model"] = {"name": MODEL, "version": mv.version, "architecture": mv.info.architecture,
                           "config": mv.info.config, "artifacts": sorted(mv.info.engines),
@@ -733,11 +661,11 @@ def main(argv=None) -> int:
     print_load(results["load"])
     problems = collect_problems(results)
     results["problems"] = problems
-    facts["load_average_end"] = _load_average()
-    print(f"\nload average at the end: {_loads(facts['load_average_end'])} (1, 5, 15 min)")
-    print("errors: 0" if not problems else "errors: " + ", ".join(f"{k}: {v}" for k, v in problems.items()))
+    facts["load_average_end"] = load_average()
+    print(f"\nload average at the end: {format_load_average(facts['load_average_end'])} (1, 5, 15 min)")
+    print(problems_line(problems))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_json(args.json, results)
         print(f"figures written to {args.json}")
     return 1 if problems else 0
 
@@ -768,41 +696,11 @@ def collect_problems(results: dict) -> dict:
 
 def machine_facts() -> dict:
     return {
-        "cpu": _cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "physical_cpus": psutil.cpu_count(logical=False),
-        "memory_total_bytes": psutil.virtual_memory().total,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "onnxruntime": _version("onnxruntime"),
-        "grpcio": _version("grpcio"),
-        "tritonclient": _version("tritonclient"),
-        "histosurv": _version("histosurv"),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "load_average": _load_average(),
+        **host_facts(),
+        **{p: package_version(p, missing="not installed") for p in ("onnxruntime", "grpcio", "tritonclient", "histosurv")},
+        "date": now(),
+        "load_average": load_average(),
     }
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    except OSError:
-        return platform.processor() or "unknown"
 
 
 def print_header(facts: dict, args) -> None:
@@ -810,7 +708,7 @@ def print_header(facts: dict, args) -> None:
     print(f"date    : {facts['date']}")
     print(f"machine : {facts['cpu']}, {facts['logical_cpus']} logical CPUs ({facts['physical_cpus']} physical), "
           f"{facts['memory_total_bytes'] / 1e9:.1f} GB RAM; {facts['platform']}")
-    print(f"load    : {_loads(facts['load_average'])} (1, 5, 15 min) at the start")
+    print(f"load    : {format_load_average(facts['load_average'])} (1, 5, 15 min) at the start")
     print(f"software: python {facts['python']}, onnxruntime {facts['onnxruntime']}, grpcio {facts['grpcio']}, "
           f"tritonclient {facts['tritonclient']}, histosurv {facts['histosurv']}")
     levels = ", ".join(f"{r} at c={c}" for c, r in zip(args.concurrency, args.requests))
@@ -829,27 +727,9 @@ def print_model(facts: dict) -> None:
     print(f"config  : {json.dumps(c)}\n", flush=True)
 
 
-def table(header: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,)) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
-
-
 def cpu_cells(percent: dict | None) -> list[str]:
     percent = percent or {}
-    return [_f(percent.get(k), ".0f", "%") for k in ("server", "client", "other")]
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _loads(values) -> str:
-    return ", ".join(f"{x:.2f}" for x in values) if values else "unknown"
-
-
-def _f(value, fmt: str = ".1f", suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{fmt}}{suffix}"
+    return [cell(percent.get(k), ".0f", "%") for k in ("server", "client", "other")]
 
 
 def print_infer(part: dict) -> None:
@@ -860,19 +740,19 @@ def print_infer(part: dict) -> None:
     rows = []
     for r in part["rows"]:
         rows.append([
-            r["label"], str(r["requests"]), str(r["errors"]), _f(r.get("p50_ms")), _f(r.get("p95_ms")), _f(r.get("p99_ms")),
-            _f(r.get("req_per_s"), ".3f"), _f(r.get("p50_vs_in_process"), ".3f", "x"),
-            _f(r.get("throughput_vs_in_process"), ".3f", "x"), _f(r.get("engine_ms")), _f(r.get("queue_ms")),
+            r["label"], str(r["requests"]), str(r["errors"]), cell(r.get("p50_ms")), cell(r.get("p95_ms")), cell(r.get("p99_ms")),
+            cell(r.get("req_per_s"), ".3f"), cell(r.get("p50_vs_in_process"), ".3f", "x"),
+            cell(r.get("throughput_vs_in_process"), ".3f", "x"), cell(r.get("engine_ms")), cell(r.get("queue_ms")),
             *cpu_cells(r.get("cpu_percent")),
         ])
-    table(header, rows)
+    print_aligned(header, rows)
     print("engine ms, queue ms: the server's mean compute-infer and queue time per request from /metrics (in-process: "
           "the engine call's mean); CPU: % of one core over the wall time (client = this process)")
 
 
 def print_slides(part: dict, args) -> None:
     print(f"\n2. ScoreSlide, {part['batched']['slides']} cop{'y' if part['batched']['slides'] == 1 else 'ies'} of {part['slide']} ({part['slide_patches']} tissue patches) per "
-          f"server, in {_plural(part['rounds'], 'round')} of up to {args.slide_concurrency} at once alternating between the servers; both "
+          f"server, in {plural(part['rounds'], 'round')} of up to {args.slide_concurrency} at once alternating between the servers; both "
           f"--batch-size {SLIDE_BATCH} --max-active-slides {args.slide_concurrency}")
     header = ["server", "slides/s", "vs unbatched", "mean ms", "p95 ms", "avg enc batch", "chunks/run", "enc runs", "patches/s",
               "encode s", "server CPU", "client CPU", "other CPU", "errors"]
@@ -880,38 +760,34 @@ def print_slides(part: dict, args) -> None:
     for label in ("batched", "unbatched"):
         r = part[label]
         rows.append([
-            f"{label} ({' '.join(r['flags'])})", _f(r["slides_per_s"], ".3f"), _f(r.get("vs_unbatched"), ".2f", "x"),
-            _f(r.get("mean_ms"), ".0f"), _f(r.get("p95_ms"), ".0f"), _f(r["avg_encoder_batch"], ".1f"), _f(r["chunks_per_run"], ".2f"),
-            f"{r['encoder_runs']:.0f}", _f(r["patches_per_s"], ".1f"), _f(r["mean_stage_seconds"].get("encode"), ".2f"),
+            f"{label} ({' '.join(r['flags'])})", cell(r["slides_per_s"], ".3f"), cell(r.get("vs_unbatched"), ".2f", "x"),
+            cell(r.get("mean_ms"), ".0f"), cell(r.get("p95_ms"), ".0f"), cell(r["avg_encoder_batch"], ".1f"), cell(r["chunks_per_run"], ".2f"),
+            f"{r['encoder_runs']:.0f}", cell(r["patches_per_s"], ".1f"), cell(r["mean_stage_seconds"].get("encode"), ".2f"),
             *cpu_cells(r["cpu_percent"]), str(r["errors"]),
         ])
-    table(header, rows)
+    print_aligned(header, rows)
     n = len(part["batched"]["risks"]) + len(part["unbatched"]["risks"])
     print(f"chunks/run: read-ahead chunks joined per encoder run; encode s: the server's mean encode stage per slide. Risks: {n} (warm-ups included), largest relative "
-          f"difference {_f(part['risk_max_rel_diff'], '.1e')}: {'agree' if part['risks_agree'] else 'DIFFER'} at rel 1e-5")
+          f"difference {cell(part['risk_max_rel_diff'], '.1e')}: {'agree' if part['risks_agree'] else 'DIFFER'} at rel 1e-5")
 
 
 def print_load(part: dict) -> None:
     cpu = part["cpu_percent"]
     print(f"\n3. Closed-loop load, {part['concurrency']} in flight for {part['seconds']:g} s ({part['wall_s']:.1f} s with the "
-          f"last replies), {part['bag']}-patch ModelInfer mixed with health checks; CPU: server {_f(cpu['server'], '.0f', '%')}, "
-          f"client {_f(cpu['client'], '.0f', '%')}, other {_f(cpu['other'], '.0f', '%')}")
+          f"last replies), {part['bag']}-patch ModelInfer mixed with health checks; CPU: server {cell(cpu['server'], '.0f', '%')}, "
+          f"client {cell(cpu['client'], '.0f', '%')}, other {cell(cpu['other'], '.0f', '%')}")
     header = ["kind", "issued", "ok", "req/s", "p50 ms", "p99 ms", "max ms"]
-    rows = [["all", str(part["requests"]), str(part["all"].get("n", 0)), _f(part["req_per_s"], ".2f"),
-             _f(part["all"].get("p50_ms")), _f(part["all"].get("p99_ms")), _f(part["all"].get("max_ms"))]]
+    rows = [["all", str(part["requests"]), str(part["all"].get("n", 0)), cell(part["req_per_s"], ".2f"),
+             cell(part["all"].get("p50_ms")), cell(part["all"].get("p99_ms")), cell(part["all"].get("max_ms"))]]
     for kind, k in part["kinds"].items():
-        rows.append([kind, str(k["issued"]), str(k["ok"]), _f(k["req_per_s"], ".2f"), _f(k.get("p50_ms")),
-                     _f(k.get("p99_ms")), _f(k.get("max_ms"))])
-    table(header, rows)
+        rows.append([kind, str(k["issued"]), str(k["ok"]), cell(k["req_per_s"], ".2f"), cell(k.get("p50_ms")),
+                     cell(k.get("p99_ms")), cell(k.get("max_ms"))])
+    print_aligned(header, rows)
     errors = part["error_breakdown"]
     print(f"errors by status: {', '.join(f'{k}: {v}' for k, v in errors.items()) if errors else 'none'}")
     print(f"metrics check: nv_inference_request_success{{model=\"{MODEL}\"}} moved by {part['metrics_success_delta']:.0f}, "
           f"the client counted {part['client_infer_ok']} successful ModelInfer calls: "
           f"{'OK' if part['metrics_check'] else 'MISMATCH'} (failures the server counted: {part['metrics_failure_delta']:.0f})")
-
-
-def _jsonable(args: argparse.Namespace) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "build"}
 
 
 if __name__ == "__main__":

@@ -39,11 +39,7 @@ and, with ``--svs``, a real Aperio slide (e.g. ``cmu_small_region.svs``, 240 px 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -60,13 +56,12 @@ import tiffslide
 from cucim import CuImage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from histosurv.data.synthetic_slide import (  # noqa: E402
-    SyntheticSlide,
-    describe_synthetic_slide,
-    write_synthetic_slide,
-)
+from _cli import args_json, choice_list, pair_list  # noqa: E402
+from _fixtures import SLIDE_TILE, ensure_encoder, tissue_slide  # noqa: E402
+from _machine import host_facts, package_version  # noqa: E402
+from _report import print_rows, write_json  # noqa: E402
 
-WINDOW = 256
+WINDOW = SLIDE_TILE  # one window per tile of the synthetic slide when aligned
 BASELINE = "openslide"
 OPENSLIDE_CACHE_BYTES = 32 * 2**20  # OpenSlide's default tile cache
 PARTS = ("readers", "pipeline")
@@ -76,7 +71,8 @@ Location = tuple[int, int]
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", type=_parts, default=list(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--parts", type=choice_list(PARTS, "parts"), default=list(PARTS),
+                   help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--width", type=int, default=20480, help="synthetic slide width, level-0 px")
     p.add_argument("--height", type=int, default=16384, help="synthetic slide height, level-0 px")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the synthetic slide")
@@ -84,7 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--svs", type=Path, help="also measure this real slide (e.g. cmu_small_region.svs)")
     p.add_argument("--windows", type=int, default=1000, help="windows per set (aligned, unaligned)")
     p.add_argument("--repeat", type=int, default=3, help="timed passes per reader and set; the best is reported")
-    p.add_argument("--batched", type=_batched_list, default=[(1, 16), (2, 16)],
+    p.add_argument("--batched", type=pair_list("WORKERSxBATCH", "1x16,2x16"), default=[(1, 16), (2, 16)],
                    help="cuCIM batched configurations as WORKERSxBATCH, comma-separated (default 1x16,2x16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the window sample")
     p.add_argument("--json", type=Path, help="also write the facts and rows here")
@@ -95,31 +91,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _parts(text: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = sorted(set(names) - set(PARTS))
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
-    return names
-
-
-def _batched_list(text: str) -> list[tuple[int, int]]:
-    try:
-        pairs = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item.strip()]
-    except ValueError:
-        pairs = [()]
-    if any(len(pair) != 2 or min(pair) < 1 for pair in pairs):
-        raise argparse.ArgumentTypeError(f"expected WORKERSxBATCH pairs such as 1x16,2x16, got {text!r}")
-    return pairs  # type: ignore[return-value]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     print_header(args)
     with tempfile.TemporaryDirectory(prefix="histosurv-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
         synthetic = write_bench_slide(workdir, args.width, args.height, quality=args.quality)
-        slides = [("synthetic", synthetic.path)] + ([("svs", args.svs)] if args.svs else [])
+        slides = [("synthetic", synthetic)] + ([("svs", args.svs)] if args.svs else [])
         rows: list[dict] = []
         if "readers" in args.parts:
             for name, path in slides:
@@ -138,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += pipeline_rows
     if args.json:
         facts = software_facts() | machine_facts()
-        args.json.write_text(json.dumps({"facts": facts, "args": _jsonable(args), "rows": rows}, indent=2) + "\n")
+        write_json(args.json, {"facts": facts, "args": args_json(args), "rows": rows})
         print(f"\nrows written to {args.json}")
     return 0
 
@@ -146,18 +124,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --- the slide ------------------------------------------------------------------------------------------
 
 
-def write_bench_slide(workdir: Path, width: int, height: int, *, quality: int = 90, log=print) -> SyntheticSlide:
-    """The synthetic JPEG slide in ``workdir``, written unless it is already there: the writer is
-    deterministic and atomic, so a file under the final name is complete and identical."""
+def write_bench_slide(workdir: Path, width: int, height: int, *, quality: int = 90, log=print) -> Path:
+    """The synthetic JPEG slide in ``workdir``, written unless it is already there (named by its size
+    and quality, so a reused file is the same slide)."""
     path = Path(workdir) / f"synthetic_{width}x{height}_q{quality}.tif"
-    options = dict(compression="jpeg", jpeg_quality=quality, pattern="tissue", tile=WINDOW)
-    if path.exists():
+    seconds = tissue_slide(path, width, height, quality=quality)
+    if seconds is None:
         log(f"reusing {path}")
-        return describe_synthetic_slide(path, width, height, **options)
-    start = time.perf_counter()
-    slide = write_synthetic_slide(path, width, height, **options)
-    log(f"wrote {path.name} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - start:.1f} s")
-    return slide
+    else:
+        log(f"wrote {path.name} ({path.stat().st_size / 1e6:.0f} MB) in {seconds:.1f} s")
+    return path
 
 
 def describe_slide(path: Path) -> str:
@@ -374,15 +350,10 @@ def raw_tile(path: Path, location: Location) -> np.ndarray:
 
 def pipeline_encoder(workdir: Path, name: str):
     """The patch encoder as the runtime loads it: exported once into ``workdir`` (not timed)."""
-    from histosurv.export.encoder_export import export_encoder
     from histosurv.runtime.pipeline import PatchEncoder
-    from histosurv.runtime.repository import ModelRepository
 
     repo = workdir / "bench_repository"
-    model = f"{name}_encoder"
-    if not (repo / model).is_dir() or not ModelRepository(repo).manifest(model).versions:
-        print(f"\nexporting the {name} encoder into {repo} (once, not timed) ...")
-        export_encoder(repo, name)
+    model = ensure_encoder(repo, name, log=lambda message: print(f"\n{message}"))
     return PatchEncoder.from_repository(repo, model)
 
 
@@ -459,7 +430,7 @@ def print_pipeline_table(rows: list[dict]) -> None:
     print("\nslide -> features (256 px patches at 0.5 µm/px), whole path; vs serial = patches/s over the serial "
           "OpenSlide baseline;\nread and encode overlap in histosurv's rows, so they add up to more than the total; "
           "'wait' is the reading\nthe overlap did not hide\n")
-    print_table(rows, [
+    print_rows(rows, [
         ("slide", lambda r: r["slide"]),
         ("method", lambda r: r["method"]),
         ("patches", lambda r: str(r["patches"])),
@@ -477,21 +448,9 @@ def print_pipeline_table(rows: list[dict]) -> None:
 # --- output ---------------------------------------------------------------------------------------------
 
 
-def print_table(
-    rows: list[dict], columns: Sequence[tuple[str, Callable[[dict], str]]], left: Sequence[str] = ()
-) -> None:
-    """One row per dict; ``columns`` are (header, cell formatter); headers in ``left`` are left-aligned."""
-    header = [h for h, _ in columns]
-    body = [[cell(r) for _, cell in columns] for r in rows]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    for line in [header, ["-" * w for w in widths], *body]:
-        cells = (c.ljust(w) if h in left else c.rjust(w) for c, w, h in zip(line, widths, header))
-        print("  ".join(cells).rstrip())
-
-
 def print_reader_table(rows: list[dict]) -> None:
     print("\n256 x 256 windows at level 0, windows/s (best pass); vs openslide = windows/s / OpenSlide's\n")
-    print_table(rows, [
+    print_rows(rows, [
         ("slide", lambda r: r["slide"]),
         ("set", lambda r: r["set"]),
         ("reader", lambda r: r["reader"]),
@@ -504,25 +463,18 @@ def print_reader_table(rows: list[dict]) -> None:
 
 def software_facts() -> dict:
     return {
-        "cucim": _version("cucim-cu12") or _version("cucim-cu13") or "unknown",
+        "cucim": package_version("cucim-cu12", "cucim-cu13", missing="unknown"),
         "openslide-python": openslide.__version__,
         "openslide": openslide.__library_version__,
-        "tiffslide": _version("tiffslide"),
+        "tiffslide": package_version("tiffslide"),
         "tifffile": tifffile.__version__,
-        "imagecodecs": _version("imagecodecs"),
+        "imagecodecs": package_version("imagecodecs"),
         "numpy": np.__version__,
     }
 
 
 def machine_facts() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version()}
+    return {k: v for k, v in host_facts().items() if k in ("cpu", "logical_cpus", "platform", "python")}
 
 
 def print_header(args: argparse.Namespace) -> None:
@@ -533,17 +485,6 @@ def print_header(args: argparse.Namespace) -> None:
     batched = ", ".join(f"{w} worker(s) x batch {b}" for w, b in args.batched)
     print(f"runs    : {args.windows} windows per set, best of {args.repeat} passes (more for small sets), "
           f"fresh handle per pass, seed {args.seed}; cuCIM batched: {batched}")
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _jsonable(args: argparse.Namespace) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
 if __name__ == "__main__":
