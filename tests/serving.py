@@ -111,3 +111,16 @@ class ServeProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(30)
+
+
+def infer_inputs(arrays: dict) -> list:
+    """tritonclient inputs for named arrays, with the KServe datatypes the models take (INT64 coords,
+    FP32 otherwise)."""
+    import tritonclient.grpc as tritonclient
+
+    tensors = []
+    for name, array in arrays.items():
+        tensor = tritonclient.InferInput(name, list(array.shape), "INT64" if name == "coords" else "FP32")
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return tensors

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from .serving import ServeProcess  # noqa: E402
+from .serving import ServeProcess, infer_inputs  # noqa: E402
 
 
 @pytest.fixture()
@@ -35,12 +35,7 @@ def _inputs(n: int, seed: int = 0):
         "coords": (np.stack(np.divmod(np.arange(n), 200), axis=1) * 256).astype(np.int64),
         "genes": rng.standard_normal(24).astype(np.float32),
     }
-    tensors = []
-    for name, array in arrays.items():
-        t = tritonclient.InferInput(name, list(array.shape), "INT64" if name == "coords" else "FP32")
-        t.set_data_from_numpy(array)
-        tensors.append(t)
-    return tensors
+    return infer_inputs(arrays)
 
 
 def test_health_reports_serving_and_reflection_lists_the_services(served):

@@ -33,7 +33,7 @@ from histosurv.runtime.server._proto import slide_service_pb2 as spb  # noqa: E4
 from histosurv.runtime.server._proto import slide_service_pb2_grpc as spb_grpc  # noqa: E402
 
 from .conftest import run_cli  # noqa: E402
-from .serving import ServeProcess  # noqa: E402
+from .serving import ServeProcess, infer_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 8  # patches per encoder call, in the server and in the full install's predict alike
@@ -153,15 +153,6 @@ def test_predict_gives_the_full_install_risk(serving_venv, slide_repo, case):
     assert "on onnxruntime" in served.stdout
 
 
-def _infer_inputs(arrays: dict[str, np.ndarray]):
-    tensors = []
-    for name, array in arrays.items():
-        t = tritonclient.InferInput(name, list(array.shape), "INT64" if name == "coords" else "FP32")
-        t.set_data_from_numpy(array)
-        tensors.append(t)
-    return tensors
-
-
 def test_serve_answers_model_infer_and_score_slide_then_stops_on_sigterm(serving_venv, slide_repo, case, cmu_svs):
     repo, cohort_dir, case_id = slide_repo
     features, genes, predictor = case
@@ -175,7 +166,7 @@ def test_serve_answers_model_infer_and_score_slide_then_stops_on_sigterm(serving
         arrays = {"features": bag.features.astype(np.float32), "coords": bag.coords.astype(np.int64),
                   "genes": np.asarray(genes, dtype=np.float32)}
         with tritonclient.InferenceServerClient(server.url) as client:
-            result = client.infer("ammasurv", _infer_inputs(arrays))
+            result = client.infer("ammasurv", infer_inputs(arrays))
         risk = float(result.as_numpy("risk")[0])
         expected = predictor.slide(bag, genes).risk
         assert math.isfinite(risk) and risk == pytest.approx(expected, rel=1e-5)

@@ -22,9 +22,9 @@ from typing import Sequence
 from ..data.encoder_record import EncoderRecord, record_from_attrs
 from ..data.features import Bag
 from ..errors import InputError, MismatchError, RepositoryError
-from .repository import ModelVersion
+from .repository import ModelRepository, ModelVersion
 
-__all__ = ["DEFAULT_MPP", "EncoderChoice", "choose_encoder", "check_bag", "ALLOW_FLAG"]
+__all__ = ["DEFAULT_MPP", "EncoderChoice", "choose_encoder", "candidates", "check_bag", "ALLOW_FLAG"]
 
 DEFAULT_MPP = 0.5  # 20x, CLAM's and most encoders' scale: used only when nothing records one
 ALLOW_FLAG = "--allow-encoder-mismatch"
@@ -68,6 +68,16 @@ def choose_encoder(
         overrides["mpp"] = f"{mpp:g} µm/px instead of {scale:g}"
         scale = mpp
     return EncoderChoice(encoder, float(scale), tuple(notes), overrides)
+
+
+def candidates(repo: ModelRepository, name: str | None = None, version: int | None = None) -> list[ModelVersion]:
+    """What :func:`choose_encoder` chooses among in a repository: every model's highest version, or
+    the one pinned version of encoder ``name``."""
+    if version is None:
+        return repo.latest_versions()
+    if not name:
+        raise InputError("an encoder version goes with the encoder's name (--encoder)")
+    return [repo.version(name, version, verify=False)]
 
 
 def check_bag(bag: Bag, model: ModelVersion, allow_mismatch: bool = False) -> tuple[list[str], dict[str, str]]:

@@ -22,7 +22,7 @@ from .. import __version__
 from ..data.encoder_record import ATTRIBUTE
 from ..data.features import Bag
 from ..errors import EmptySlideError, InputError, RepositoryError
-from .encoder_match import DEFAULT_MPP, EncoderChoice, choose_encoder
+from .encoder_match import DEFAULT_MPP, EncoderChoice, candidates, choose_encoder
 from .engines import Engine, load_engine
 from .repository import ModelRepository, ModelVersion, sha256_file
 from .slides import open_slide
@@ -100,13 +100,7 @@ def open_encoder(
     loaded, with the choice (its notes are for the user). The one lookup of ``tile``, ``predict`` and
     ``score``; the server makes the same choice among its loaded models."""
     repo = ModelRepository(root)
-    if version is not None:
-        if not name:
-            raise InputError("an encoder version goes with the encoder's name (--encoder)")
-        candidates = [repo.version(name, version, verify=False)]
-    else:
-        candidates = repo.latest_versions()
-    choice = choose_encoder(candidates, model, name, mpp, allow_mismatch, where=str(repo.root))
+    choice = choose_encoder(candidates(repo, name, version), model, name, mpp, allow_mismatch, where=str(repo.root))
     return PatchEncoder.from_choice(choice, engine, **engine_options), choice
 
 

@@ -18,7 +18,7 @@ from ...data.features import Bag, read_bag, write_bag
 from ...data.tables import GeneTable
 from ...errors import HistosurvError, InputError
 from ...data.encoder_record import record_from_attrs
-from ..encoder_match import EncoderChoice, choose_encoder
+from ..encoder_match import EncoderChoice, candidates, choose_encoder
 from ..pipeline import SlideConfig, featurize_slide, open_encoder
 from ..predict import FusionPredictor
 from ..repository import ModelRepository, sha256_file
@@ -56,11 +56,8 @@ class ScoringConfig:
         """The encoder and scale this configuration scores with (its notes are for the user)."""
         repo = ModelRepository(self.repository)
         mv = repo.version(self.model or repo.default_model(), self.version, verify=False)
-        if self.encoder_version is not None:
-            candidates = [repo.version(self.encoder, self.encoder_version, verify=False)] if self.encoder else []
-        else:
-            candidates = repo.latest_versions()
-        return choose_encoder(candidates, mv, self.encoder, self.mpp, self.allow_mismatch, where=str(repo.root))
+        found = candidates(repo, self.encoder, self.encoder_version)
+        return choose_encoder(found, mv, self.encoder, self.mpp, self.allow_mismatch, where=str(repo.root))
 
 
 class SlideScorer:
@@ -71,11 +68,10 @@ class SlideScorer:
         self.predictor = FusionPredictor.from_repository(
             config.repository, config.model, config.version, config.engine, allow_mismatch=config.allow_mismatch
         )
-        self.encoder, choice = open_encoder(
+        self.encoder, _ = open_encoder(
             config.repository, self.predictor.version, config.encoder, config.encoder_version, config.encoder_engine,
             mpp=config.mpp, allow_mismatch=config.allow_mismatch,
         )
-        self.notes = list(choice.notes)
         self.genes = GeneTable.read(config.genes) if config.genes else None
         if "genes" in self.predictor.specs and self.genes is None and not self.predictor.genes_optional:
             raise InputError(f"model {config.model!r} needs a gene table (--genes)")
