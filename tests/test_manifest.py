@@ -82,14 +82,22 @@ def test_a_damaged_or_contradictory_manifest_is_refused_naming_the_field(tiny_re
         ModelRepository(tmp_path).version("ammasurv", verify=False)
 
 
-def test_an_encoder_record_must_agree_with_the_tensors(slide_repo, tmp_path):
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda v: v["encoder"].update(feature_dim=1024), "encoder record says 1024-d features, the 'features' output is \\[-1, 512\\]"),
+        (lambda v: v["encoder"].update(patch_size=224), "encoder record says 224 px patches, the 'patches' input is \\[-1, 256, 256, 3\\]"),
+        (lambda v: v.pop("encoder"), "the model takes 'patches' but the version has no encoder record"),
+    ],
+)
+def test_an_encoder_record_must_be_there_and_agree_with_the_tensors(slide_repo, tmp_path, edit, message):
     repo, _, _ = slide_repo
     shutil.copytree(repo / "resnet18_encoder", tmp_path / "resnet18_encoder")
     path = tmp_path / "resnet18_encoder" / MANIFEST
     d = json.loads(path.read_text())
-    d["versions"]["1"]["encoder"]["feature_dim"] = 1024
+    edit(d["versions"]["1"])
     path.write_text(json.dumps(d))
-    with pytest.raises(RepositoryError, match="encoder record says 1024-d features, the 'features' output is \\[-1, 512\\]"):
+    with pytest.raises(RepositoryError, match=message):
         ModelRepository(tmp_path).version("resnet18_encoder", verify=False)
 
 
