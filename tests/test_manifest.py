@@ -73,13 +73,18 @@ def test_a_manifest_of_another_schema_says_how_to_re_export(tmp_path):
     ],
 )
 def test_a_damaged_or_contradictory_manifest_is_refused_naming_the_field(tiny_repo, tmp_path, edit, message):
-    shutil.copytree(tiny_repo / "ammasurv", tmp_path / "ammasurv")
-    path = tmp_path / "ammasurv" / MANIFEST
+    with pytest.raises(RepositoryError, match=message):
+        _edited_copy(tiny_repo, "ammasurv", tmp_path, edit).version("ammasurv", verify=False)
+
+
+def _edited_copy(repo: Path, model: str, tmp_path: Path, edit) -> ModelRepository:
+    """A copy of ``model`` whose version-1 manifest entry ``edit`` has changed, as a hand edit would."""
+    shutil.copytree(repo / model, tmp_path / model)
+    path = tmp_path / model / MANIFEST
     d = json.loads(path.read_text())
     edit(d["versions"]["1"])
     path.write_text(json.dumps(d))
-    with pytest.raises(RepositoryError, match=message):
-        ModelRepository(tmp_path).version("ammasurv", verify=False)
+    return ModelRepository(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -91,14 +96,8 @@ def test_a_damaged_or_contradictory_manifest_is_refused_naming_the_field(tiny_re
     ],
 )
 def test_an_encoder_record_must_be_there_and_agree_with_the_tensors(slide_repo, tmp_path, edit, message):
-    repo, _, _ = slide_repo
-    shutil.copytree(repo / "resnet18_encoder", tmp_path / "resnet18_encoder")
-    path = tmp_path / "resnet18_encoder" / MANIFEST
-    d = json.loads(path.read_text())
-    edit(d["versions"]["1"])
-    path.write_text(json.dumps(d))
     with pytest.raises(RepositoryError, match=message):
-        ModelRepository(tmp_path).version("resnet18_encoder", verify=False)
+        _edited_copy(slide_repo[0], "resnet18_encoder", tmp_path, edit).version("resnet18_encoder", verify=False)
 
 
 def test_serving_facts_come_from_the_version(slide_repo):
