@@ -22,9 +22,7 @@ from ..errors import InputError
 from ..runtime.manifest import EngineEntry
 from ..runtime.repository import ModelVersion
 
-__all__ = ["Artifact", "BuildContext", "ARTIFACTS", "artifact", "artifact_of_key", "artifacts_for", "default_artifacts", "ROLES"]
-
-ROLES = ("survival", "encoder")
+__all__ = ["Artifact", "BuildContext", "ARTIFACTS", "artifact", "artifact_of_key", "artifacts_for", "default_artifacts"]
 
 
 @dataclass
