@@ -54,7 +54,8 @@ def prepare(repo: str | None, keys: list[str], max_bag: int) -> dict:
 
         artifacts = [a for a in ("onnxruntime_fp16", "torch") if a in keys or (a == "torch" and "torch_cuda" in keys)]
         run_config = {"architecture": "ammasurv", "model": CONFIG.to_dict(), "genes": [f"g{i}" for i in range(200)]}
-        mv = export_model(model, run_config, repo, MODEL, artifacts=artifacts)
+        device = "cuda" if "torch_cuda" in keys else "cpu"  # the package the run measures, not this box's default
+        mv = export_model(model, run_config, repo, MODEL, artifacts=artifacts, options={"device": device})
         if "tensorrt" in keys:
             mv, _ = add_engine(repo, MODEL, "tensorrt", max_bag=max_bag)
         facts["engines"] = {k: _engine_facts(e) for k, e in mv.info.engines.items()}

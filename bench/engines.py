@@ -293,8 +293,8 @@ def print_header(facts: dict, args: argparse.Namespace) -> None:
         print(f"onnx    : {ops.get('com.microsoft::MultiHeadAttention', 0)} com.microsoft.MultiHeadAttention nodes, "
               f"{sum(ops.values())} nodes in all")
     for key, entry in facts.get("engines", {}).items():
-        if "attention_kernels" in entry:
-            print(f"{key:8s}: AOTInductor for {entry['device']}, attention kernels {entry['attention_kernels']}")
+        if "attention_kernels" in entry.get("details", {}):
+            print(f"{key:8s}: AOTInductor for {entry['device']}, attention kernels {entry['details']['attention_kernels']}")
     print(f"runs    : sizes {','.join(map(str, args.sizes))}; engines {','.join(args.engines)}; 1 warm-up + "
           f"{args.repeat} timed per worker, median reported; timeout {args.timeout:g} s per worker\n")
 

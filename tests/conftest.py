@@ -57,7 +57,8 @@ def tiny_run(tiny_cohort, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_repo(tiny_run, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
-    export_run(tiny_run, repo, "ammasurv")
+    # the CPU package on every machine: on a GPU box the default would be model.cuda.pt2 instead
+    export_run(tiny_run, repo, "ammasurv", options={"device": "cpu"})
     return repo
 
 

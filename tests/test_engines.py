@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -145,10 +146,10 @@ def test_artifacts_built_for_another_machine_are_refused_by_name(tiny_repo, tmp_
     repo = tmp_path / "repo"
     for name in ("good", "gpu_only", "damaged"):
         shutil.copytree(tiny_repo / "ammasurv", repo / name)
-    # a repository copied from a GPU box: its compiled-torch package is for CUDA and torch 2.11
-    _edit_manifest(repo / "gpu_only", lambda v: _retarget(v["engines"]["torch"], device="cuda", torch="2.11.0"))
+    # a repository copied from another box: its compiled-torch package is for CUDA and another torch
+    _edit_manifest(repo / "gpu_only", lambda v: _retarget(v["engines"]["torch"], device="cuda", torch="2.9.1"))
     mv = ModelRepository(repo).version("gpu_only")
-    with pytest.raises(EngineUnavailable, match=r"gpu_only/1/model\.pt2: compiled with torch 2\.11\.0, this is torch"):
+    with pytest.raises(EngineUnavailable, match=r"gpu_only/1/model\.pt2: compiled with torch 2\.9\.1, this is torch"):
         load_engine(mv, "torch")
     _edit_manifest(repo / "gpu_only", lambda v: _retarget(v["engines"]["torch"], torch=torch.__version__))
     with pytest.raises(EngineUnavailable, match=r"model\.pt2: compiled for a CUDA GPU; this machine has none"):
@@ -215,13 +216,24 @@ def _cuda():
         pytest.skip("needs a CUDA GPU")
 
 
-def test_tensorrt_plan_matches_pytorch_and_is_recorded(tiny_repo, tmp_path):
+def _gpu_repo(tiny_run, tmp_path) -> Path:
+    """The tiny model with the always-built graphs only: on a GPU box the CPU torch package tiny_repo
+    also holds would cost a compile the GPU tests do not use."""
+    from histosurv.export.repository_writer import export_run
+
+    repo = tmp_path / "repo"
+    export_run(tiny_run, repo, "ammasurv", artifacts=())
+    return repo
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_tensorrt_plan_matches_pytorch_and_is_recorded(tiny_run, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is an optional extra, not installable here")
     _cuda()
     from histosurv.export.repository_writer import add_engine
 
-    repo = tmp_path / "repo"
-    shutil.copytree(tiny_repo / "ammasurv", repo / "ammasurv")
+    repo = _gpu_repo(tiny_run, tmp_path)
     mv, key = add_engine(repo, "ammasurv", "tensorrt", max_bag=4096)
     entry = mv.info.engines[key]
     assert entry.profiles == ((1, 512, 1024), (1025, 2560, 4096)) and entry.built_for.compute_capability
@@ -232,12 +244,12 @@ def test_tensorrt_plan_matches_pytorch_and_is_recorded(tiny_repo, tmp_path):
         engine.run({k: v.numpy() for k, v in example_inputs(reference_model(mv), n=5000).items()})
 
 
-def test_cuda_torch_package_matches_pytorch(tiny_repo, tmp_path):
+@pytest.mark.gpu
+def test_cuda_torch_package_matches_pytorch(tiny_run, tmp_path):
     _cuda()
     from histosurv.export.repository_writer import add_engine
 
-    repo = tmp_path / "repo"
-    shutil.copytree(tiny_repo / "ammasurv", repo / "ammasurv")
+    repo = _gpu_repo(tiny_run, tmp_path)
     mv, key = add_engine(repo, "ammasurv", "torch", device="cuda")
     assert key == "torch_cuda" and mv.info.engines[key].built_for.compute_capability
     reports = verify_version(repo, "ammasurv", sizes=(1, 17, 1000, 16384), engines=[key])

@@ -245,7 +245,7 @@ def test_compiled_engine_with_kernels_verifies_on_a_gpu(tmp_path, name, kernels)
     export_model(model, {"architecture": name, "model": model.cfg.to_dict(), "genes": genes}, tmp_path, name, artifacts=())
     mv, key = add_engine(tmp_path, name, "torch", kernels=kernels)
     entry = mv.info.engines[key]
-    assert entry["kernels"] == kernels and sum(entry["kernel_calls"].values()) == sum(EXPECTED_CALLS[name].values())
+    assert entry.kernels == kernels and sum(entry.details["kernel_calls"].values()) == sum(EXPECTED_CALLS[name].values())
     (report,) = verify_version(tmp_path, name, sizes=(1, 17, 1000, 65536), engines=[key])
     assert report.passed, report.rows
 

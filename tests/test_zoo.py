@@ -60,7 +60,8 @@ def repository(tmp_path_factory):
         # package (about 30 s to compile each) is asked of MoME, which declares it cannot have one, and of
         # G-HANet, whose top-k over a fraction of N once made torch.export specialise N
         artifacts = ("onnxruntime_fp16", "torch") if name in TORCH_PACKAGES else ("onnxruntime_fp16",)
-        export_model(model, {"architecture": name, "model": model.cfg.to_dict(), "genes": genes}, root, name, artifacts=artifacts)
+        export_model(model, {"architecture": name, "model": model.cfg.to_dict(), "genes": genes}, root, name,
+                     artifacts=artifacts, options={"device": "cpu"})
     return root
 
 

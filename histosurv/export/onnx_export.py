@@ -70,7 +70,8 @@ class SingleBag(nn.Module):
 
 
 def example_inputs(model: nn.Module, n: int = EXAMPLE_N, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Plausible unbatched inputs: non-negative features, distinct grid coords, genes near the scaler's mean."""
+    """Plausible unbatched inputs on the CPU (wherever the model is): non-negative features, distinct grid
+    coords, genes near the scaler's mean."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.cfg
     side = max(int(n**0.5) + 1, 1)
@@ -81,7 +82,8 @@ def example_inputs(model: nn.Module, n: int = EXAMPLE_N, seed: int = 0) -> dict[
     }
     if "genes" in model.input_names:
         scaler = model.genes
-        inputs["genes"] = scaler.mean + scaler.scale * torch.randn(cfg.n_genes, generator=g)
+        mean, scale = scaler.mean.detach().cpu(), scaler.scale.detach().cpu()  # the model may be on a GPU
+        inputs["genes"] = mean + scale * torch.randn(cfg.n_genes, generator=g)
     return {k: v for k, v in inputs.items() if k in model.input_names}
 
 

@@ -65,12 +65,14 @@ def export_run(
     version: int | None = None,
     log=lambda _: None,
     artifacts: tuple[str, ...] | None = None,
+    options: dict | None = None,
 ) -> ModelVersion:
     """Exports the run's model as ``repository/name/<version>`` (default name: its architecture;
     version: one above the highest): every ``always`` artifact of the registry, plus ``artifacts``
-    (default: the ``default`` ones)."""
+    (default: the ``default`` ones). ``options`` go to the builders, e.g. ``{"device": "cpu"}`` for a
+    CPU torch package on a GPU box (default: this machine's device)."""
     model, run_config = load_run(run_dir)
-    return export_model(model, run_config, repository, name, version, log, artifacts, run_dir=run_dir)
+    return export_model(model, run_config, repository, name, version, log, artifacts, run_dir=run_dir, options=options)
 
 
 def export_model(
@@ -82,6 +84,7 @@ def export_model(
     log=lambda _: None,
     artifacts: tuple[str, ...] | None = None,
     run_dir: str | os.PathLike | None = None,
+    options: dict | None = None,
 ) -> ModelVersion:
     """``export_run`` for a model in memory; ``run_config`` needs ``architecture``, ``model`` (its
     config) and ``genes`` (names), as a run's config.json has them."""
@@ -95,7 +98,8 @@ def export_model(
     engines, not_built = {}, {}
     unsupported = getattr(model, "unsupported_artifacts", {})
     with atomic_dir(model_dir / str(version)) as tmp:
-        context = BuildContext(tmp, log=log, _model=model)
+        options = {k: v for k, v in (options or {}).items() if v is not None}
+        context = BuildContext(tmp, options=options, log=log, _model=model)
         for entry in artifacts_for("survival"):
             if entry.when == "on_target" or (entry.when == "default" and entry.name not in chosen):
                 continue
@@ -103,7 +107,7 @@ def export_model(
                 not_built[entry.name] = unsupported[entry.name]
                 log(f"not building {entry.name}: {unsupported[entry.name]}")
                 continue
-            key, file = entry.target()
+            key, file = entry.target(options)
             engines[key] = entry.build(context, tmp / file)
         files = write_reference(tmp, model.state_dict())
     info = _version_info(model, run_config, run_dir, engines, files)

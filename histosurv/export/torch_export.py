@@ -20,6 +20,7 @@ package runs (the torch engine does that when the manifest entry says ``kernels:
 from __future__ import annotations
 
 import collections
+import copy
 import os
 import re
 import zipfile
@@ -80,11 +81,12 @@ def export_pt2(
                 os.replace(staged, tmp)
             finally:
                 staged.unlink(missing_ok=True)
-            fused = _attention_kernels(tmp)
+            fused, searched = _attention_kernels(tmp)
             if sum(fused.values()) < sdpa:
                 raise FusedAttentionMissing(
                     f"the compiled package calls fused attention kernels {dict(fused)} fewer times than the "
-                    f"exported graph's {sdpa} SDPA calls; one was decomposed into an N x N matrix"
+                    f"exported graph's {sdpa} SDPA calls; one was decomposed into an N x N matrix "
+                    f"(generated sources searched: {searched or 'none: no *wrapper.cpp in the package'})"
                 )
     capability = cuda_capability(device) if device.type == "cuda" else None
     return EngineEntry(
@@ -103,8 +105,8 @@ def trace_serving(model: nn.Module, device: torch.device, max_bag: int = 1 << 20
     of ``kernels`` in place of SDPA and torch pooling where they apply. Returns the program and its
     kernel calls by op; refuses ``kernels`` for a model that has nothing they take."""
     device = torch.device(device)
-    wrapper = SingleBag(model.eval()).eval().to(device)
     kwargs = {k: v.to(device) for k, v in example_inputs(model, n=EXAMPLE_N).items()}
+    wrapper = SingleBag(copy.deepcopy(model).eval()).eval().to(device)  # the caller's model stays where it is
     bag = torch.export.Dim("N", min=1, max=max_bag)
     dynamic = {name: ({0: bag} if name in ("features", "coords") else None) for name in kwargs}
     with use_kernels(kernels), torch.no_grad():  # inference: the kernel ops have no backward
@@ -122,11 +124,13 @@ def _sdpa_calls(graph: torch.fx.Graph) -> int:
     return sum(1 for n in graph.nodes if n.op == "call_function" and "scaled_dot_product" in str(n.target))
 
 
-def _attention_kernels(package: Path) -> collections.Counter:
-    """Fused-SDPA call sites in the package's generated wrapper source, by kernel."""
-    found = collections.Counter()
+def _attention_kernels(package: Path) -> tuple[collections.Counter, list[str]]:
+    """Fused-SDPA call sites in the package's generated wrapper source, by kernel, and the files read
+    (named in the error if a torch release renames them: the count would then be zero)."""
+    found, searched = collections.Counter(), []
     with zipfile.ZipFile(package) as z:
         for name in z.namelist():
             if name.endswith("wrapper.cpp"):
+                searched.append(name)
                 found.update(m.group(1) for m in _FUSED_SDPA.finditer(z.read(name).decode("utf-8", "replace")))
-    return found
+    return found, searched

@@ -20,7 +20,7 @@ import math
 import os
 import pickle
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from ...errors import InputError
 from .manifest import SlideRow
@@ -116,7 +116,10 @@ def _plan(batch, settings: str):
     try:
         config = _config_from(settings)
         choice = config.choice()
-        plan = plan_slide(row.path, choice.encoder.patch_size, choice.mpp, config.slide)
+        # Ray hides the GPUs from a task that asked for none (CUDA_VISIBLE_DEVICES=""): with --device cuda
+        # the mask is found on the CPU here, and the GPU decodes in the encoder actors
+        on_cpu = replace(config.slide, device="cpu")
+        plan = plan_slide(row.path, choice.encoder.patch_size, choice.mpp, on_cpu)
         # pickled between histosurv's own workers only; nothing a client sent
         planned = {"status": "planned", "tile_seconds": time.perf_counter() - started, "tiler": os.getpid()}
         return _out(batch, planned, pickle.dumps(plan))
