@@ -121,16 +121,18 @@ def ensure_encoder(repo: Path, name: str, log=lambda message: None) -> str:
     return model
 
 
-def tissue_slide(path: Path, width: int, height: int, *, quality: int = 90, seed: int = 0) -> float | None:
-    """A synthetic pyramidal JPEG TIFF of tissue texture (256 px tiles, 0.25 µm/px at level 0) at
-    ``path``, written unless it is there already: the writer is deterministic and atomic, so a file under
-    its final name is complete and identical. Returns the seconds spent writing, None if reused."""
+def tissue_slide(path: Path, width: int, height: int, *, quality: int = 90, seed: int = 0,
+                 compression: str = "jpeg") -> float | None:
+    """A synthetic pyramidal TIFF of tissue texture (256 px tiles, 0.25 µm/px at level 0; JPEG tiles, or
+    deflate where imagecodecs is missing) at ``path``, written unless it is there already: the writer is
+    deterministic and atomic, so a file under its final name is complete and identical. Returns the
+    seconds spent writing, None if reused."""
     from histosurv.data.synthetic_slide import write_synthetic_slide
 
     if path.exists():
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    write_synthetic_slide(path, width, height, compression="jpeg", jpeg_quality=quality, pattern="tissue",
+    write_synthetic_slide(path, width, height, compression=compression, jpeg_quality=quality, pattern="tissue",
                           tile=SLIDE_TILE, seed=seed)
     return time.perf_counter() - t

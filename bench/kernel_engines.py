@@ -9,7 +9,8 @@ N = 4k, 16k, 64k and 256k patch features (FP32, as served), and the script print
   before each (the method of bench/kernels.py);
 * speed-up: the plain package's time / the kernel package's, measured in the same run;
 * the largest relative risk difference and absolute attention difference against the plain package
-  (the engines' tolerance in ``histosurv verify`` is 1e-4 relative risk).
+  (the engines' tolerance in ``histosurv verify`` is 1e-4 relative risk; a package over it makes the run
+  exit 1 after every row is printed).
 
 Models at the references' sizes: ABMIL (1024-d features, gated pooling over the bag), G-HANet (6 tokens
 over the bag, twice, and its gate) and AMMASurv (16 gene queries per layer; its N x N image
@@ -28,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from _cli import choice_list, int_list
-from _report import print_aligned, write_json
+from _report import print_aligned, problems_line, write_json
 from kernels import median_seconds  # bench/kernels.py: CUDA events, L2 flushed before each run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,7 @@ MODELS = {  # the references' widths; AMMASurv at the paper's defaults
     "ammasurv": dict(n_genes=200, feature_dim=512),
 }
 MAX_N = {"ammasurv": 65536}  # its N x N image self-attention: 256k would take minutes per run
+RISK_TOLERANCE = 1e-4  # relative, as histosurv verify allows an FP32 engine (histosurv.export.verify.TOLERANCES)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,9 +75,22 @@ def main(argv=None) -> int:
                 rows.append(measure(name, model, packages, n, args))
                 print_row(rows[-1], kinds)
     print_table(rows, kinds)
+    problems = parity_problems(rows, kinds)
     if args.json:
-        write_json(args.json, {"device": torch.cuda.get_device_name(), "rows": rows})
-    return 0
+        write_json(args.json, {"device": torch.cuda.get_device_name(), "tolerance": RISK_TOLERANCE, "rows": rows,
+                               "problems": problems})
+    print(problems_line(problems))
+    return 1 if problems else 0
+
+
+def parity_problems(rows: list[dict], kinds: list[str]) -> dict[str, int]:
+    """Packages whose risks differ from the plain package's by more than ``histosurv verify`` allows."""
+    problems: dict[str, int] = {}
+    for row in rows:
+        for kind in kinds[1:]:
+            if not row[f"{kind}_risk_rel"] <= RISK_TOLERANCE:  # NaN counts as over
+                problems[f"{kind} over {RISK_TOLERANCE:g}"] = problems.get(f"{kind} over {RISK_TOLERANCE:g}", 0) + 1
+    return problems
 
 
 def compile_packages(name: str, kinds: list[str], workdir: Path):
@@ -90,7 +105,8 @@ def compile_packages(name: str, kinds: list[str], workdir: Path):
     for kind in kinds:
         path = workdir / f"{name}.{kind}.pt2"
         entry = export_pt2(model, path, device="cuda", kernels=None if kind == "plain" else kind)
-        print(f"compiled {name} ({kind}): kernel calls {entry['kernel_calls'] or 'none'}, fused SDPA {entry['attention_kernels']}")
+        details = entry.details
+        print(f"compiled {name} ({kind}): kernel calls {details['kernel_calls'] or 'none'}, fused SDPA {details['attention_kernels']}")
         packages[kind] = torch._inductor.aoti_load_package(str(path), device_index=torch.cuda.current_device())
     return packages, model
 

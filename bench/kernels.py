@@ -13,7 +13,8 @@ AMMASurv's 544 = 8 heads x 68), FP16, one bag, each run of one process prints:
 * speed-up: SDPA time / kernel time, SDPA measured in the same run on the same tensors. SDPA runs
   FlashAttention where it takes the head dim (flash needs d % 8 == 0, so 68 falls to the next backend;
   the column names the one used);
-* parity: max |kernel - SDPA| over the output (FP16 target 1e-3).
+* parity: max |kernel - SDPA| over the output (FP16 tolerance 1e-3). A kernel over it, or one that
+  raises, makes the run exit 1 (after every row is measured and written).
 
 The CUDA C++ column appears when ``histosurv.kernels.cuda_ops`` loads ``torch.ops.histosurv.few_query_attention``
 (built by CMakeLists.txt; ``--cuda-lib`` names another library file). Without a GPU the script says so and exits 0;
@@ -39,7 +40,7 @@ from pathlib import Path
 
 from _cli import int_list, pair_list
 from _machine import package_version
-from _report import write_json
+from _report import problems_line, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 FLUSH_BYTES = 256 * 2**20  # > 2x the L2 of an H100 (50 MB) or H200
@@ -93,10 +94,30 @@ def main(argv=None) -> int:
                 rows.append(measure(heads, head_dim, m, n, device, facts, args))
                 print(row_line(rows[-1]), flush=True)
     print_goals(rows)
+    problems = parity_problems(rows)
     if args.json:
-        write_json(args.json, {"facts": facts, "rows": rows})
+        write_json(args.json, {"facts": facts, "tolerance": PARITY_FP16, "rows": rows, "problems": problems})
         print(f"wrote {args.json}")
-    return 0
+    print(problems_line(problems))
+    return 1 if problems else 0
+
+
+def parity_problems(rows: list[dict]) -> dict[str, int]:
+    """What makes the run fail: a kernel over the parity tolerance, or one that raised."""
+    problems: dict[str, int] = {}
+    for row in rows:
+        for name in ("triton", "cuda"):
+            r = row.get(name)
+            if r is None:
+                continue
+            if "error" in r:
+                kind = f"{name} failed"
+            elif not r["max_abs_diff"] <= PARITY_FP16:  # written so that NaN counts as over
+                kind = f"{name} over {PARITY_FP16:g}"
+            else:
+                continue
+            problems[kind] = problems.get(kind, 0) + 1
+    return problems
 
 
 # ----------------------------------------------------------------------------- compile only
