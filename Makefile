@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 CUCIM_SPEC ?= cucim-cu12==26.10.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench proto clean
+.PHONY: demo test bench proto clean gpu-check gpu-bundle
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,19 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/server.py
 	$(BIN)/python bench/batch.py
 
+# On a GPU box (offline, bare): build the CUDA kernels, run the GPU tests, measure every GPU path, and write
+# gpu-check.json / .md / .log into GPU_CHECK_OUT. It runs on the box's own Python and CUDA torch, never
+# ./.venv, and installs nothing from a network; see bench/gpu_check.py (--dry-run lists the stages).
+GPU_CHECK_OUT ?= gpu-check
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --out "$(GPU_CHECK_OUT)"
+
+# On a networked machine: the wheels and the demo slide the GPU check brings along (.gpu-bundle/, ignored)
+gpu-bundle: $(VENV)/.installed
+	$(BIN)/python bench/gpu_bundle.py
+
 proto: $(VENV)/.installed  # regenerate histosurv/runtime/server/_proto from proto/ (the output is committed)
 	$(BIN)/python proto/generate.py
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) demo_output .pytest_cache build .gpu-bundle gpu-check

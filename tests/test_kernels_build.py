@@ -77,17 +77,23 @@ def test_cmake_builds_the_kernels_and_the_torch_ops(cmake_build):
 
 
 @pytest.fixture(scope="module")
-def ops_loaded(cmake_build):
-    """The freshly built library, loaded into this process through cuda_ops."""
-    build = cmake_build[0]
-    os.environ["HISTOSURV_KERNELS_LIB"] = str(build / cuda_ops.LIBRARY_NAME)
+def ops_loaded(request):
+    """The freshly built library, loaded into this process through cuda_ops: the one
+    ``$HISTOSURV_KERNELS_LIB`` names when it exists (bench/gpu_check.py builds it moments before the GPU
+    tests, for this GPU's architecture), else this module's own CMake build."""
+    given = os.environ.get("HISTOSURV_KERNELS_LIB")
+    library = Path(given) if given and Path(given).is_file() else request.getfixturevalue("cmake_build")[0] / cuda_ops.LIBRARY_NAME
+    os.environ["HISTOSURV_KERNELS_LIB"] = str(library)
     cuda_ops._state.update(loaded=False, error=None, tried=False)
     try:
         if not cuda_ops._load():
             pytest.fail(f"the built library did not load: {cuda_ops.load_error()}")
         yield
     finally:
-        os.environ.pop("HISTOSURV_KERNELS_LIB", None)
+        if given is None:
+            os.environ.pop("HISTOSURV_KERNELS_LIB", None)
+        else:
+            os.environ["HISTOSURV_KERNELS_LIB"] = given
 
 
 def test_ops_are_registered_with_fakes(ops_loaded):

@@ -174,6 +174,26 @@ def test_backends_registered():
     assert {"cucim", "openslide"} <= set(READERS)
 
 
+@pytest.mark.gpu
+def test_gpu_decode_matches_the_cpu_decode(cmu_svs):
+    """nvJPEG's IDCT is not libjpeg-turbo's, so GPU pixels may differ by a few levels, never by more:
+    single windows and the batched path, tile-aligned and not, against cuCIM's CPU decode."""
+    from histosurv.runtime.slides.tissue import gpu_available
+
+    if not gpu_available():
+        pytest.skip("needs cupy, cucim and a CUDA GPU")
+    locations = [(x, y) for x in (0, 240, 1001) for y in (0, 480, 2500)]
+    with open_slide(cmu_svs, "cucim") as cpu, open_slide(cmu_svs, "cucim", device="cuda") as gpu:
+        assert gpu.describe()["device"].startswith("cuda")
+        singles = [(cpu.read_region(loc, (224, 224)), gpu.read_region(loc, (224, 224))) for loc in locations]
+        batched = zip(np.concatenate(list(cpu.read_regions(locations, (224, 224), batch_size=4, num_workers=2))),
+                      np.concatenate(list(gpu.read_regions(locations, (224, 224), batch_size=4, num_workers=2))))
+        for want, got in [*singles, *batched]:
+            assert got.shape == want.shape == (224, 224, 3) and got.dtype == np.uint8
+            diff = np.abs(got.astype(np.int16) - want)
+            assert diff.mean() <= 1.0 and np.percentile(diff, 99.9) <= 16, (diff.mean(), diff.max())
+
+
 def test_gpu_requests_without_a_gpu_are_clear_errors(cmu_svs):
     from histosurv.runtime.slides.tissue import TissueConfig, gpu_available, mask_from_rgb
 
