@@ -233,3 +233,47 @@ def test_weights_identity_is_the_tensors_not_the_file(tmp_path):
     assert digests["pth"] == digests["st"]
     assert digests["seed0"] == digests["seed0_again"]
     assert len({digests["pth"], digests["seed0"], digests["seed1"]}) == 3
+
+
+def test_an_encoder_compiled_with_aotinductor_matches_pytorch_and_is_served_by_name(tmp_path):
+    """The GPU encoder of boxes whose ONNX Runtime has no CUDA provider, checked here as a CPU package."""
+    from histosurv.export.repository_writer import add_engine
+    from histosurv.export.verify import ENCODER_BATCHES, verify_version
+
+    repo = tmp_path / "repo"
+    export_encoder(repo, "resnet18", patch_size=128)
+    with pytest.raises(InputError, match="an FP16 encoder package is for GPUs"):
+        add_engine(repo, "resnet18_encoder", "torch", device="cpu", precision="fp16")
+    with pytest.raises(InputError, match="--kernels do not apply to the torch artifact of a patch encoder \\(it takes --device, --precision\\)"):
+        add_engine(repo, "resnet18_encoder", "torch", kernels="triton")
+    mv, key = add_engine(repo, "resnet18_encoder", "torch", device="cpu")
+    entry = mv.info.engines[key]
+    assert (key, entry.file, entry.precision, entry.device) == ("torch", "model.pt2", "fp32", "cpu")
+    assert entry.built_for.torch == torch.__version__ and entry.details["smoke_features_rel"] <= 1e-3
+    (report,) = verify_version(repo, "resnet18_encoder", engines=["torch"])
+    assert report.passed and [row["n"] for row in report.rows] == list(ENCODER_BATCHES)
+    # auto keeps ONNX Runtime on a CPU; the package is served by name and gives ONNX Runtime's features
+    onnx = PatchEncoder.from_repository(repo, "resnet18_encoder")
+    compiled = PatchEncoder.from_repository(repo, "resnet18_encoder", engine="torch")
+    assert onnx.engine.key == "onnxruntime" and compiled.engine.describe()["backend"] == "torch"
+    patches = example_patches(7, 128, seed=3).numpy()
+    want, got = onnx.encode(patches), compiled.encode(patches)
+    assert got.shape == (7, 512) and np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_an_encoder_package_for_cuda_matches_pytorch(tmp_path, precision):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from histosurv.export.repository_writer import add_engine
+    from histosurv.export.verify import verify_version
+
+    repo = tmp_path / "repo"
+    export_encoder(repo, "resnet50_trunc")
+    mv, key = add_engine(repo, "resnet50_trunc_encoder", "torch", device="cuda", precision=precision)
+    entry = mv.info.engines[key]
+    assert key == {"fp32": "torch_cuda", "fp16": "torch_cuda_fp16"}[precision] and entry.precision == precision
+    assert entry.built_for.compute_capability
+    (report,) = verify_version(repo, "resnet50_trunc_encoder", engines=[key], sizes=(1, 4, 64))
+    assert report.passed and report.device.startswith("cuda") and report.tolerance == {"fp32": 1e-4, "fp16": 1e-2}[precision]

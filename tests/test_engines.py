@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -254,3 +253,19 @@ def test_cuda_torch_package_matches_pytorch(tiny_run, tmp_path):
     assert key == "torch_cuda" and mv.info.engines[key].built_for.compute_capability
     reports = verify_version(repo, "ammasurv", sizes=(1, 17, 1000, 16384), engines=[key])
     assert reports[0].passed and reports[0].device.startswith("cuda")
+
+
+def test_auto_takes_an_artifact_that_computes_on_the_gpu_first_on_a_gpu_box(tiny_repo, tmp_path, monkeypatch):
+    """A GPU box whose ONNX Runtime is the CPU wheel: the CUDA torch package goes before ONNX Runtime."""
+    from histosurv.runtime.engines import base
+    from histosurv.runtime.engines.torch_engine import TorchEngine
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo / "ammasurv", repo / "ammasurv")
+    _edit_manifest(repo / "ammasurv", lambda v: _retarget(v["engines"]["torch"], device="cuda"))
+    monkeypatch.setattr(TorchEngine, "incompatibility", classmethod(lambda cls, entry: None))  # as if built for this GPU
+    mv = ModelRepository(repo).version("ammasurv")
+    monkeypatch.setattr(base, "nvidia_device_present", lambda: False)
+    assert usable_engine_keys(mv) == ["onnxruntime", "torch"]  # no GPU: ONNX Runtime first, by priority
+    monkeypatch.setattr(base, "nvidia_device_present", lambda: True)
+    assert usable_engine_keys(mv) == ["torch", "onnxruntime"]

@@ -40,9 +40,14 @@ class BuildContext:
     @property
     def model(self):
         if self._model is None:
-            from .verify import reference_model
+            if self.version.is_encoder:
+                from .encoder_export import encoder_from_version
 
-            self._model = reference_model(self.version)
+                self._model = encoder_from_version(self.version)
+            else:
+                from .verify import reference_model
+
+                self._model = reference_model(self.version)
         return self._model
 
 
@@ -125,6 +130,20 @@ def _build_encoder_onnx(ctx: BuildContext, path: Path) -> EngineEntry:
     return export_encoder_onnx(ctx.model, path, ctx.options["patch_size"], ctx.log)
 
 
+def _encoder_torch_files(options: dict) -> tuple[str, str]:
+    if _torch_device(options) == "cpu":
+        return "torch", "model.pt2"
+    return ("torch_cuda_fp16", "model.cuda.fp16.pt2") if options.get("precision") == "fp16" else ("torch_cuda", "model.cuda.pt2")
+
+
+def _build_encoder_torch(ctx: BuildContext, path: Path) -> EngineEntry:
+    from .torch_export import export_encoder_pt2
+
+    device, precision = _torch_device(ctx.options), ctx.options.get("precision") or "fp32"
+    ctx.log(f"compiling {path.name} with AOTInductor for {device}, {precision} (a minute or two) ...")
+    return export_encoder_pt2(ctx.model, path, ctx.version.patch_size, device=device, precision=precision)
+
+
 ARTIFACTS: tuple[Artifact, ...] = (
     Artifact("onnxruntime", "survival", "ONNX graph, every attention com.microsoft.MultiHeadAttention, dynamic bag size",
              "always", _build_onnx, _fixed("onnxruntime", "model.onnx")),
@@ -139,6 +158,10 @@ ARTIFACTS: tuple[Artifact, ...] = (
              "on_target", _build_tensorrt, _fixed("tensorrt", "model.plan"), options=("max_bag", "precision")),
     Artifact("onnxruntime", "encoder", "ONNX graph: uint8 patches -> features, preprocessing inside, dynamic batch",
              "always", _build_encoder_onnx, _fixed("onnxruntime", "model.onnx")),
+    Artifact("torch", "encoder", "AOTInductor package of the encoder for this machine's device (model.pt2, model.cuda.pt2; "
+             "model.cuda.fp16.pt2 with --precision fp16): a GPU encoder where ONNX Runtime has no CUDA provider",
+             "on_target", _build_encoder_torch, _encoder_torch_files, options=("device", "precision"),
+             keys=("torch", "torch_cuda", "torch_cuda_fp16")),
 )
 
 

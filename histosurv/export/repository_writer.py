@@ -130,6 +130,11 @@ def add_engine(
     if why:
         raise RepositoryError(f"{mv.path}: no {engine} artifact for {mv.info.architecture}: {why}")
     options = {k: v for k, v in options.items() if v is not None}
+    foreign = sorted(k for k in options if k not in entry.options)
+    if foreign:  # a flag another role's artifact of this name takes (--precision: encoders' torch, not survival's)
+        takes = ", ".join(f"--{o.replace('_', '-')}" for o in entry.options) or "no options"
+        raise InputError(f"{', '.join('--' + k.replace('_', '-') for k in foreign)} do not apply to the {engine} artifact "
+                         f"of {'a patch encoder' if mv.is_encoder else 'a survival model'} (it takes {takes})")
     key, file = entry.target(options)
     if key in mv.info.engines and not replace:
         raise RepositoryError(f"{mv.path / file} already exists (engine {key!r}); pass --replace to rebuild it")

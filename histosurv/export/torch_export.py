@@ -15,6 +15,9 @@ With ``kernels`` ("triton" or "cuda", CUDA packages only) the trace runs inside
 pooling over the bag become calls of histosurv's kernel ops. Triton kernels are compiled into the
 package; the CUDA C++ ops are called by name, so ``libhistosurv_kernels.so`` must be loaded where the
 package runs (the torch engine does that when the manifest entry says ``kernels: cuda``).
+
+Patch encoders get packages too (:func:`export_encoder_pt2`, ``--add-engine torch`` on an encoder): the
+GPU encoder of a box whose ONNX Runtime has no CUDA provider, in FP32 or FP16, dynamic batch.
 """
 
 from __future__ import annotations
@@ -36,9 +39,12 @@ from ..kernels.backends import KERNELS
 from ..kernels.routing import kernel_calls, use_kernels
 from .onnx_export import EXAMPLE_N, FusedAttentionMissing, SingleBag, _quiet_exporter, example_inputs
 
-__all__ = ["export_pt2", "cuda_capability", "PT2_FILE"]
+__all__ = ["export_pt2", "export_encoder_pt2", "cuda_capability", "PT2_FILE"]
 
 PT2_FILE = "model.pt2"
+ENCODER_MAX_BATCH = 4096
+EXAMPLE_BATCH_ENCODER = 3  # any batch >= 2 (torch.export specialises sizes 0 and 1)
+ENCODER_SMOKE_TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}  # gross-error guards; verify measures against 1e-4 and 1e-2
 # a call through the C shim, e.g. aoti_torch_cpu__scaled_dot_product_flash_attention_for_cpu(...)
 _FUSED_SDPA = re.compile(r"aoti_torch_(?:cpu|cuda)_(_scaled_dot_product_(?:flash|efficient|cudnn)_attention\w*)\(")
 
@@ -74,13 +80,7 @@ def export_pt2(
                 f"{model.attention_ops} attentions; one was decomposed into an N x N matrix"
             )
         with atomic_path(path, suffix=".pt2") as tmp:
-            # AOTInductor insists on a name ending in .pt2; atomic_path's ends in .tmp
-            staged = tmp.with_name(tmp.name[: -len(".tmp")])
-            try:
-                torch._inductor.aoti_compile_and_package(program, package_path=str(staged))
-                os.replace(staged, tmp)
-            finally:
-                staged.unlink(missing_ok=True)
+            _compile_package(program, tmp)
             fused, searched = _attention_kernels(tmp)
             if sum(fused.values()) < sdpa:
                 raise FusedAttentionMissing(
@@ -98,6 +98,90 @@ def export_pt2(
         kernels=kernels,
         details={"format": "aotinductor", "attention_kernels": dict(fused), "kernel_calls": dict(calls), "max_bag": max_bag},
     )
+
+
+def export_encoder_pt2(
+    model: nn.Module, path: str | os.PathLike, patch_size: int, device: str = "cpu", precision: str = "fp32",
+    max_batch: int = ENCODER_MAX_BATCH,
+) -> EngineEntry:
+    """The patch encoder as an AOTInductor package at ``path`` (atomically): uint8 ``patches`` [B, H, W, 3]
+    with a dynamic B, FP32 ``features`` [B, D] whatever it computes in. ``precision="fp16"`` runs the
+    encoder in half precision (CUDA only), preprocessing included. The package is run at batch 1 and 3
+    against the FP32 model before it is kept (torch.export treats sizes 0 and 1 specially)."""
+    device = torch.device(device)
+    if precision not in ("fp32", "fp16"):
+        raise InputError(f"precision must be fp32 or fp16, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise InputError("an FP16 encoder package is for GPUs: CPU kernels mostly convert FP16 back and forth "
+                         "(build it with --device cuda on a GPU box, or keep fp32 here)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("an AOTInductor package for CUDA must be compiled on a machine with a CUDA GPU")
+    from .encoder_export import example_patches  # it imports the artifact registry, which imports this module
+
+    encoder = copy.deepcopy(model).eval()
+    wrapper = _FeaturesFP32(encoder.half() if precision == "fp16" else encoder).to(device)
+    example = example_patches(EXAMPLE_BATCH_ENCODER, patch_size).to(device)
+    batch = torch.export.Dim("B", min=1, max=max_batch)
+    with _quiet_exporter(), torch.no_grad():
+        # by name, as the torch engine calls every package
+        program = torch.export.export(wrapper, (), kwargs={"patches": example}, dynamic_shapes={"patches": {0: batch}}, strict=False)
+        with atomic_path(path, suffix=".pt2") as tmp:
+            check = lambda package: _check_encoder_package(package, model, patch_size, device, ENCODER_SMOKE_TOLERANCE[precision])  # noqa: E731
+            worst = _compile_package(program, tmp, check)
+    return EngineEntry(
+        Path(path).name,
+        "torch",
+        precision,
+        device=device.type,
+        built_for=BuiltFor(torch=torch.__version__, compute_capability=cuda_capability(device) if device.type == "cuda" else None),
+        details={"format": "aotinductor", "max_batch": max_batch, "smoke_features_rel": worst},
+    )
+
+
+class _FeaturesFP32(nn.Module):
+    """The served contract: FP32 features, also from an encoder computing in FP16, as a tuple of outputs
+    like every package the torch engine runs."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.encoder(patches).float(),)
+
+
+def _check_encoder_package(path: Path, model: nn.Module, patch_size: int, device: torch.device, tolerance: float) -> float:
+    """Largest relative feature difference of the package against the FP32 model, at batch 1 and 3."""
+    from .encoder_export import EncoderExportError, example_patches
+
+    package = torch._inductor.aoti_load_package(str(path), device_index=torch.cuda.current_device() if device.type == "cuda" else -1)
+    reference = copy.deepcopy(model).float().eval().cpu()
+    worst = 0.0
+    for batch in (1, 3):
+        patches = example_patches(batch, patch_size, seed=200 + batch)
+        with torch.inference_mode():
+            got, want = package(patches=patches.to(device))[0].cpu(), reference(patches)
+        if got.shape != want.shape:
+            raise EncoderExportError(f"{path.name}: features of shape {tuple(got.shape)} at batch {batch}, expected {tuple(want.shape)}")
+        rel = float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))
+        if not rel <= tolerance:  # also catches NaN
+            raise EncoderExportError(f"the compiled encoder's features differ from PyTorch's by {rel:.2e} (relative) at batch {batch}")
+        worst = max(worst, rel)
+    return worst
+
+
+def _compile_package(program, path: Path, check=None):
+    """AOTInductor's package written to ``path``, which the caller made atomic; ``check(package)`` runs
+    on it first (a package loads only from a name ending in .pt2) and its result is returned."""
+    # AOTInductor insists on a name ending in .pt2; atomic_path's ends in .tmp
+    staged = path.with_name(path.name[: -len(".tmp")])
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(staged))
+        result = check(staged) if check is not None else None
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
+    return result
 
 
 def trace_serving(model: nn.Module, device: torch.device, max_bag: int = 1 << 20, kernels: str | None = None):

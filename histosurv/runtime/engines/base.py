@@ -76,6 +76,11 @@ class Engine(abc.ABC):
         """Whether engine="auto" may pick this artifact here (e.g. not an FP16 graph on a CPU)."""
         return True
 
+    @classmethod
+    def runs_on_gpu(cls, entry: EngineEntry) -> bool:
+        """Whether this artifact would compute on a GPU here."""
+        return entry.device == "cuda"
+
     @property
     def inputs(self):
         return self.version.inputs
@@ -101,17 +106,26 @@ class Engine(abc.ABC):
         return {"engine": self.key, "backend": self.name, "device": self.device, "precision": self.precision}
 
 
+def nvidia_device_present() -> bool:
+    """Without importing a framework: a CPU box never loads torch just to rank its engines."""
+    return Path("/dev/nvidia0").exists()
+
+
 def usable_engine_keys(version: ModelVersion, first_only: bool = False) -> list[str]:
     """Manifest keys engine="auto" would try, best first: installed backends, artifacts that suit this
     machine. Machine checks may import a backend's library, so they run in order and, with
     ``first_only``, stop at the first usable artifact (a CPU box choosing ONNX Runtime never imports torch)."""
+    # On a GPU box an artifact that computes on the GPU goes first: its ONNX Runtime may have no CUDA
+    # provider (the CPU wheel) while a compiled torch package does run there.
+    gpu_here = nvidia_device_present()
     candidates = []
     for key, entry in version.info.engines.items():
         cls = ENGINES.get(entry.backend or "")
         if cls is not None and cls.is_installed() and cls.preferred_here(entry):
-            candidates.append((cls.priority, entry.precision != "fp32", key, cls))
+            on_cpu = not (gpu_here and cls.runs_on_gpu(entry))
+            candidates.append((on_cpu, cls.priority, entry.precision != "fp32", key, cls))
     usable = []
-    for *_, key, cls in sorted(candidates, key=lambda c: c[:3]):
+    for *_, key, cls in sorted(candidates, key=lambda c: c[:4]):
         if cls.incompatibility(version.info.engines[key]) is None:
             usable.append(key)
             if first_only:

@@ -82,6 +82,10 @@ class OnnxRuntimeEngine(Engine):
         # ORT's CPU kernels for FP16 mostly cast back and forth: the FP16 graph is for GPU providers
         return entry.precision == "fp32" or default_providers()[0] != "CPUExecutionProvider"
 
+    @classmethod
+    def runs_on_gpu(cls, entry: EngineEntry) -> bool:
+        return default_providers()[0] != "CPUExecutionProvider"
+
     @property
     def device(self) -> str:
         return "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
