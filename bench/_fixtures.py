@@ -121,6 +121,24 @@ def ensure_encoder(repo: Path, name: str, log=lambda message: None) -> str:
     return model
 
 
+ENCODER_PACKAGES = {  # torch engine keys of an encoder -> the --add-engine torch options that build them
+    "torch": {"device": "cpu"},
+    "torch_cuda": {"device": "cuda"},
+    "torch_cuda_fp16": {"device": "cuda", "precision": "fp16"},
+}
+
+
+def ensure_encoder_engine(repo: Path, model: str, key: str, log=lambda message: None) -> None:
+    """Compiles the encoder's AOTInductor package ``key`` into its latest version unless it is there."""
+    from histosurv.export.repository_writer import add_engine
+    from histosurv.runtime.repository import ModelRepository
+
+    if key in ModelRepository(repo).version(model).info.engines:
+        return
+    log(f"compiling the {model} package {key} (once, not timed) ...")
+    add_engine(repo, model, "torch", **ENCODER_PACKAGES[key])
+
+
 def tissue_slide(path: Path, width: int, height: int, *, quality: int = 90, seed: int = 0,
                  compression: str = "jpeg") -> float | None:
     """A synthetic pyramidal TIFF of tissue texture (256 px tiles, 0.25 µm/px at level 0; JPEG tiles, or

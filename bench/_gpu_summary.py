@@ -161,8 +161,9 @@ def _slides(stage: dict) -> list[str]:
     data = stage["figures"]
     rows = [r for r in data.get("rows", []) if r.get("part") == "pipeline"]
     encoder = (data.get("facts") or {}).get("encoder_engine") or {}
-    head = [f"Patch encoder {data.get('args', {}).get('encoder', '?')}: {encoder.get('backend', '?')} on "
-            f"{encoder.get('device', '?')}" + (f" ({', '.join(encoder['providers'])})" if encoder.get("providers") else "")
+    head = [f"Patch encoder {data.get('args', {}).get('encoder', '?')}: engine {encoder.get('engine', '?')} "
+            f"({encoder.get('backend', '?')}, {encoder.get('precision', '?')}) on {encoder.get('device', '?')}"
+            + (f", providers {', '.join(encoder['providers'])}" if encoder.get("providers") else "")
             + "; decode and tissue mask on the GPU in the rows marked (cuda).", ""]
     return head + _table(rows, [
         ("slide", lambda r: r["slide"]),

@@ -65,7 +65,6 @@ MIN_STAGE_SECONDS = 10  # a stage with less left than this is not started
 class Context:
     """What the stages share: the scratch folder, the probe's facts, the children's environment."""
 
-    out: Path
     scratch: Path
     dry_run: bool
     facts: dict = dataclasses.field(default_factory=dict)
@@ -129,11 +128,6 @@ def _openslide(ctx: Context) -> str | None:
         f"OpenSlide does not import ({info.get('error', 'not installed')}): the slide benchmark's serial baseline needs it")
 
 
-def _demo_slide(ctx: Context) -> str | None:
-    return None if demo_slide_path(ctx) else (
-        f"{DEMO_SLIDE} is neither in .gpu-bundle/cache nor in the histosurv cache (no network to fetch it here)")
-
-
 def _bundle_fits(ctx: Context) -> str | None:
     """The carried wheels were downloaded for one Python (bench/gpu_bundle.py --python-version): say so
     here rather than let pip refuse them one by one."""
@@ -152,7 +146,7 @@ def _bundle_fits(ctx: Context) -> str | None:
 REQUIREMENTS: dict[str, Callable[[Context], str | None]] = {
     "bundle_fits": _bundle_fits,
     "gpu": _gpu, "nvcc": _tool("nvcc"), "cmake": _tool("cmake"), "ninja": _tool("ninja"), "triton": _triton,
-    "cucim": _cucim, "openslide": _openslide, "demo_slide": _demo_slide,
+    "cucim": _cucim, "openslide": _openslide,
 }
 
 
@@ -209,6 +203,7 @@ def slides_commands(ctx: Context) -> list[list[str]]:
     # Without imagecodecs (80 MB, more than the bundle can carry) tifffile cannot write JPEG tiles
     compression = "jpeg" if (ctx.facts.get("imagecodecs") or {}).get("version") else "deflate"
     return bench_command(ctx, "slides", "slides.py", "--parts", "pipeline", "--device", "cuda", "--encoder", "resnet50_trunc",
+                         "--encoder-engine", "torch_cuda_fp16",
                          "--width", "12288", "--height", "9216", "--compression", compression, "--batch-size", "64",
                          "--workers", "4", "--workdir", str(ctx.scratch / "slides"), *(["--svs", str(svs)] if svs else []))
 
@@ -219,7 +214,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("build", "libhistosurv_kernels.so for this GPU's architecture, into the package, and loaded", 70,
           ("gpu", "nvcc", "cmake", "ninja"), build_commands),
     Stage("tests", "pytest -m gpu: kernel parity (FP32/FP16/BF16, N up to 256k), CUDA torch packages with and "
-          "without the kernels, GPU decode and tissue mask", 170, ("gpu",), tests_commands,
+          "without the kernels, GPU decode and tissue mask", 160, ("gpu",), tests_commands,
           lambda ctx: read_junit(ctx.scratch / "junit.xml")),
     Stage("kernels", "bench/kernels.py: few-query attention, Triton and CUDA C++ against SDPA", 35, ("gpu", "triton"),
           lambda ctx: bench_command(ctx, "kernels", "kernels.py", "--sizes", "16384,65536,262144", "--queries", "6,16",
@@ -229,12 +224,12 @@ STAGES: tuple[Stage, ...] = (
           lambda ctx: bench_command(ctx, "engines", "engines.py", "--device", "cuda", "--sizes", "16384,65536",
                                     "--repeat", "5", "--budget", "10", "--timeout", "120"),
           lambda ctx: read_json(ctx.json_path("engines"))),
-    Stage("kernel-engines", "bench/kernel_engines.py: AOTInductor packages with the kernels against without", 65,
+    Stage("kernel-engines", "bench/kernel_engines.py: AOTInductor packages with the kernels against without", 60,
           ("gpu", "triton"),
           lambda ctx: bench_command(ctx, "kernel-engines", "kernel_engines.py", "--sizes", "16384,65536",
                                     "--repeat", "10", "--warmup", "2"),
           lambda ctx: read_json(ctx.json_path("kernel-engines"))),
-    Stage("slides", "bench/slides.py: slide to features with GPU decode and mask, ResNet50-trunc", 40,
+    Stage("slides", "bench/slides.py: slide to features with GPU decode and mask, ResNet50-trunc in FP16 on the GPU", 55,
           ("gpu", "cucim", "openslide"), slides_commands, lambda ctx: read_json(ctx.json_path("slides"))),
 )
 
@@ -402,7 +397,7 @@ def child_env(ctx: Context) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "PYTHONUNBUFFERED": "1"}
     if (BUNDLE / "cache" / DEMO_SLIDE).is_file():
         env["HISTOSURV_CACHE"] = str(BUNDLE / "cache")
-    env.pop("HISTOSURV_KERNELS_LIB", None)  # the build stage's library, in the package, is the one tested
+    env.pop("HISTOSURV_KERNELS_LIB", None)  # set once the build stage has built this GPU's library
     return env
 
 
@@ -436,10 +431,13 @@ def run_all(stages: list[Stage], ctx: Context, budget: float, log) -> list[dict]
 
 
 def after_stage(stage: Stage, ctx: Context, result: dict) -> None:
-    """What later stages learn from this one: the probe's facts."""
+    """What later stages learn from this one: the probe's facts; the library just built, which the GPU
+    tests then load instead of building their own (tests/test_kernels_build.py's ops_loaded)."""
     if stage.name == "environment":
         ctx.facts = read_json(ctx.json_path("environment")) or {}
         result["figures"] = ctx.facts
+    if stage.name == "build" and result["status"] == "passed":
+        ctx.env["HISTOSURV_KERNELS_LIB"] = str(ROOT / "histosurv" / "kernels" / "libhistosurv_kernels.so")
 
 
 def dry_run(stages: list[Stage], ctx: Context, budget: float, log) -> list[dict]:
@@ -577,7 +575,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="histosurv-gpu-check-") as scratch:
-        ctx = Context(out=args.out, scratch=Path(scratch), dry_run=args.dry_run)
+        ctx = Context(scratch=Path(scratch), dry_run=args.dry_run)
         ctx.env = child_env(ctx)
         with open(args.out / "gpu-check.log", "w") as log:
             log.write(f"histosurv gpu-check {'dry run ' if args.dry_run else ''}in {ROOT}, python {sys.executable}\n")

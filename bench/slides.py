@@ -61,7 +61,7 @@ from cucim import CuImage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from _cli import args_json, choice_list, pair_list  # noqa: E402
-from _fixtures import SLIDE_TILE, ensure_encoder, tissue_slide  # noqa: E402
+from _fixtures import ENCODER_PACKAGES, SLIDE_TILE, ensure_encoder, ensure_encoder_engine, tissue_slide  # noqa: E402
 from _machine import host_facts, package_version  # noqa: E402
 from _report import print_rows, write_json  # noqa: E402
 
@@ -91,6 +91,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the window sample")
     p.add_argument("--json", type=Path, help="also write the facts and rows here")
     p.add_argument("--encoder", default="resnet18", help="pipeline: patch encoder (resnet18 or resnet50_trunc)")
+    p.add_argument("--encoder-engine", default="auto", choices=["auto", "onnxruntime", *ENCODER_PACKAGES],
+                   help="pipeline: the encoder's engine; a torch package (torch_cuda_fp16: FP16 on the GPU) is "
+                   "compiled into the bench repository first, not timed")
     p.add_argument("--batch-size", type=int, default=32, help="pipeline: patches per encoder call")
     p.add_argument("--workers", type=int, default=2, help="pipeline: cuCIM decode workers")
     p.add_argument("--device", default="cpu", help="pipeline: decode and mask on cpu or cuda (GPU boxes)")
@@ -119,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_reader_table(rows)
         if "pipeline" in args.parts:
             pipeline_rows = []
-            encoder = pipeline_encoder(workdir, args.encoder)
-            encoder_facts = {k: v for k, v in encoder.engine.describe().items() if k != "engine"}
+            encoder = pipeline_encoder(workdir, args.encoder, args.encoder_engine)
+            encoder_facts = encoder.engine.describe()
             print(f"encoder: {args.encoder}, {encoder_facts}")
             for name, path in slides:
                 pipeline_rows += bench_pipeline(path, encoder, name, args.batch_size, args.workers, args.device)
@@ -362,13 +365,16 @@ def raw_tile(path: Path, location: Location) -> np.ndarray:
 # --- part 2: slide -> tissue mask -> patch grid -> patches -> features --------------------------------
 
 
-def pipeline_encoder(workdir: Path, name: str):
+def pipeline_encoder(workdir: Path, name: str, engine: str = "auto"):
     """The patch encoder as the runtime loads it: exported once into ``workdir`` (not timed)."""
     from histosurv.runtime.pipeline import PatchEncoder
 
     repo = workdir / "bench_repository"
-    model = ensure_encoder(repo, name, log=lambda message: print(f"\n{message}"))
-    return PatchEncoder.from_repository(repo, model)
+    log = lambda message: print(f"\n{message}")  # noqa: E731
+    model = ensure_encoder(repo, name, log=log)
+    if engine in ENCODER_PACKAGES:
+        ensure_encoder_engine(repo, model, engine, log=log)
+    return PatchEncoder.from_repository(repo, model, engine=engine)
 
 
 def bench_pipeline(path: Path, encoder, slide_name: str, batch_size: int, workers: int, device: str) -> list[dict]:

@@ -68,7 +68,7 @@ def test_a_hung_stage_is_killed_at_its_budget_with_its_children_and_the_run_goes
     hang = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)', '{marker}']); print('started', flush=True); time.sleep(120)"
     stages = [_stage("hang", 3, hang), _stage("broken", 3, "import sys; print('bad figure'); sys.exit(3)"),
               _stage("after", 3, "print('still ran')")]
-    ctx = gpu_check.Context(out=tmp_path, scratch=tmp_path, dry_run=False)
+    ctx = gpu_check.Context(scratch=tmp_path, dry_run=False)
     ctx.env = gpu_check.child_env(ctx)
     started = time.monotonic()
     with open(tmp_path / "log", "w") as log:
@@ -89,7 +89,7 @@ def test_budget_shares_are_scaled_and_unused_time_passes_to_the_next_stage(tmp_p
     monkeypatch.setattr(gpu_check, "MIN_STAGE_SECONDS", 1)
     stages = [_stage("quick", 10, "pass"), _stage("second", 10, "pass"), _stage("third", 20, "pass")]
     assert gpu_check.plan(stages, 80) == {"quick": 20, "second": 20, "third": 40}
-    ctx = gpu_check.Context(out=tmp_path, scratch=tmp_path, dry_run=False)
+    ctx = gpu_check.Context(scratch=tmp_path, dry_run=False)
     ctx.env = gpu_check.child_env(ctx)
     with open(tmp_path / "log", "w") as log:
         quick, second, third = gpu_check.run_all(stages, ctx, budget=80, log=log)
@@ -144,3 +144,14 @@ def test_the_kernel_benchmark_runs_through_the_interpreter_and_its_figures_rende
               "stages": [{"stage": "kernels", "what": "w", "status": "passed", "seconds": 1.0, "budget_s": 35, "figures": figures}]}
     text = gpu_check.markdown(report)
     assert "| 2x64 | 6 | 257 |" in text and "| 2x68 | 6 | 257 |" in text
+
+
+def test_the_gpu_tests_load_the_library_the_build_stage_made(tmp_path):
+    ctx = gpu_check.Context(scratch=tmp_path, dry_run=False)
+    ctx.env = gpu_check.child_env(ctx)
+    build = next(s for s in gpu_check.STAGES if s.name == "build")
+    assert "HISTOSURV_KERNELS_LIB" not in ctx.env
+    gpu_check.after_stage(build, ctx, {"status": "failed"})
+    assert "HISTOSURV_KERNELS_LIB" not in ctx.env  # a failed build: the tests build their own, or skip
+    gpu_check.after_stage(build, ctx, {"status": "passed"})
+    assert ctx.env["HISTOSURV_KERNELS_LIB"] == str(ROOT / "histosurv" / "kernels" / "libhistosurv_kernels.so")

@@ -9,6 +9,7 @@ import tifffile
 from histosurv.errors import MissingInputError, SlideError
 from histosurv.runtime.slides import open_slide
 from histosurv.runtime.slides.reader import READERS
+from histosurv.runtime.slides.tissue import gpu_available
 
 BACKENDS = ["cucim", "openslide"]
 
@@ -175,13 +176,10 @@ def test_backends_registered():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="needs cupy, cucim and a CUDA GPU")
 def test_gpu_decode_matches_the_cpu_decode(cmu_svs):
     """nvJPEG's IDCT is not libjpeg-turbo's, so GPU pixels may differ by a few levels, never by more:
     single windows and the batched path, tile-aligned and not, against cuCIM's CPU decode."""
-    from histosurv.runtime.slides.tissue import gpu_available
-
-    if not gpu_available():
-        pytest.skip("needs cupy, cucim and a CUDA GPU")
     locations = [(x, y) for x in (0, 240, 1001) for y in (0, 480, 2500)]
     with open_slide(cmu_svs, "cucim") as cpu, open_slide(cmu_svs, "cucim", device="cuda") as gpu:
         assert gpu.describe()["device"].startswith("cuda")
