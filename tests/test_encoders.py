@@ -44,7 +44,7 @@ def torchvision_state_dict(arch: str, seed: int = 1) -> dict[str, torch.Tensor]:
     return sd
 
 
-@pytest.mark.parametrize("name", sorted(ENCODERS))
+@pytest.mark.parametrize("name", sorted(RESNETS))
 def test_torchvision_weights_load_and_are_used(name):
     encoder = build_encoder(name)
     patches = example_patches(2, 64)
@@ -131,7 +131,7 @@ def test_unknown_encoder():
         build_encoder("vit_base")
 
 
-@pytest.fixture(scope="module", params=sorted(ENCODERS))
+@pytest.fixture(scope="module", params=sorted(RESNETS))  # the ViTs: tests/test_vit.py
 def exported(request, tmp_path_factory):
     repo = tmp_path_factory.mktemp("encoders")
     return export_encoder(repo, request.param), repo

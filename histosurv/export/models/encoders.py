@@ -9,7 +9,7 @@ exports any entry; adding an encoder family is adding an entry (see docs/adding-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -17,9 +17,11 @@ from torch import nn
 
 from ...data.encoder_record import IMAGENET_MEAN, IMAGENET_STD, EncoderRecord, Preprocessing, WeightsIdentity
 from ...errors import InputError
+from .encoder_weights import load_strictly, unwrap
 from .resnet import RESNETS, build_resnet, load_torchvision_state_dict
+from .vit import PatchPreprocess, ViTConfig, ViTEncoder
 
-__all__ = ["EncoderFamily", "ENCODERS", "family", "build_encoder"]
+__all__ = ["EncoderFamily", "ENCODERS", "VITS", "family", "build_encoder", "build_vit"]
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,77 @@ def _resnet(name: str, summary: str) -> EncoderFamily:
     )
 
 
+H_OPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)  # Bioptimus' own statistics (model card)
+H_OPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+SWIGLU = dict(mlp="swiglu", init_values=1e-5)
+
+# name -> (architecture, patch side cut from the slide at 0.5 µm/px, preprocessing, summary), as each
+# model's authors build it (timm arguments in tests/golden/make_vit.py; sources in shared/research)
+VITS: dict[str, tuple[ViTConfig, int, Preprocessing, str]] = {
+    "uni": (
+        ViTConfig(patch_size=16, dim=1024, depth=24, heads=16, mlp_hidden=4096),
+        256, Preprocessing(224, "bilinear-antialias", 224),
+        "UNI (Mahmood lab), ViT-L/16 with layer scale; 256 px patches resized to 224; CLS, 1024-d",
+    ),
+    "uni2_h": (
+        ViTConfig(patch_size=14, dim=1536, depth=24, heads=24, mlp_hidden=8192, reg_tokens=8, no_embed_class=True, **SWIGLU),
+        256, Preprocessing(224, "bilinear-antialias", 224),
+        "UNI2-h (Mahmood lab), ViT-H-class /14, 8 registers, SwiGLU; 256 px patches resized to 224; CLS, 1536-d",
+    ),
+    "virchow2": (
+        ViTConfig(patch_size=14, dim=1280, depth=32, heads=16, mlp_hidden=6832, reg_tokens=4, feature="cls+mean", **SWIGLU),
+        224, Preprocessing(),
+        "Virchow2 (Paige), ViT-H/14, 4 registers, SwiGLU; native 224 px tiles; CLS with the mean patch token, 2560-d",
+    ),
+    "h_optimus_0": (
+        ViTConfig(patch_size=14, dim=1536, depth=40, heads=24, mlp_hidden=8192, reg_tokens=4, no_embed_class=True, **SWIGLU),
+        224, Preprocessing(mean=H_OPTIMUS_MEAN, std=H_OPTIMUS_STD),
+        "H-optimus-0 (Bioptimus), ViT-g/14, 4 registers, SwiGLU; native 224 px tiles, its own mean/std; CLS, 1536-d",
+    ),
+    "gigapath": (
+        ViTConfig(patch_size=16, dim=1536, depth=40, heads=24, mlp_hidden=8192, **SWIGLU),
+        256, Preprocessing(256, "bicubic-antialias", 224),
+        "Prov-GigaPath tile encoder, ViT-g/16 (DINOv2 layout), SwiGLU; 256 px patches, centre crop 224; CLS, 1536-d",
+    ),
+}
+
+
+def build_vit(name: str, depth: int | None = None) -> ViTEncoder:
+    """Encoder ``name`` (see ``VITS``); ``depth`` fewer blocks for tests (same code, same key names)."""
+    cfg, _, prep, _ = VITS[name]
+    if depth is not None:
+        cfg = replace(cfg, depth=depth)
+    mode = prep.resize_filter.removesuffix("-antialias") if prep.resize else "bilinear"
+    return ViTEncoder(cfg, PatchPreprocess(prep.resize, prep.crop, mode, prep.mean, prep.std), name).eval()
+
+
+def _load_vit(model: ViTEncoder, state_dict: dict, source: str) -> None:
+    load_strictly(model.trunk, unwrap(state_dict, source), source, f"{model.name} weights (timm layout)")
+
+
+def _vit(name: str) -> EncoderFamily:
+    cfg, patch_size, prep, summary = VITS[name]
+    return EncoderFamily(
+        name=name,
+        summary=summary,
+        feature_dim=cfg.feature_dim,
+        feature="cls+mean-patch" if cfg.feature == "cls+mean" else "cls",
+        mpp=0.5,
+        patch_size=patch_size,
+        preprocessing=prep,
+        build=lambda: build_vit(name),
+        load_weights=_load_vit,
+        weights_of=lambda model: model.trunk.state_dict(),
+        weights_format="timm VisionTransformer state_dict, as the authors publish it (pytorch_model.bin / .safetensors)",
+    )
+
+
 ENCODERS: dict[str, EncoderFamily] = {
     "resnet18": _resnet("resnet18", "torchvision ResNet18, average-pooled layer4 (AMMASurv's backbone), 512-d"),
     "resnet50_trunc": _resnet(
         "resnet50_trunc", "torchvision ResNet50 cut after layer3, average-pooled (CLAM's features), 1024-d"
     ),
+    **{name: _vit(name) for name in VITS},
 }
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ...data.encoder_record import IMAGENET_MEAN, IMAGENET_STD
 from ...errors import InputError, MissingInputError
+from .encoder_weights import load_strictly, unwrap
 
 __all__ = ["RESNETS", "ResNetSpec", "PatchEncoder", "build_resnet", "load_torchvision_state_dict", "read_weights_file"]
 
@@ -161,42 +162,14 @@ def build_resnet(name: str) -> PatchEncoder:
 
 
 def load_torchvision_state_dict(encoder: PatchEncoder, state_dict: dict, source: str = "state_dict") -> None:
-    """Loads torchvision ResNet weights into ``encoder``, strictly.
-
-    Accepts a bare state_dict, one wrapped as ``{"state_dict": ...}`` or ``{"model": ...}``, and
-    DataParallel's ``module.`` prefixes. The prefixes the encoder does not use (``fc.``, and
-    ``layer4.`` for the truncated ResNet50) are dropped; any other missing or unexpected key, or a
-    shape that differs, is an error naming the keys: a half-loaded encoder gives plausible-looking
-    features that no model was trained on."""
-    if not isinstance(state_dict, dict):
-        raise InputError(f"{source}: holds a {type(state_dict).__name__}, not a state_dict")
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    """Loads torchvision ResNet weights into ``encoder``, strictly (see encoder_weights.py): the usual
+    wrappers and DataParallel's ``module.`` are removed, and the prefixes the encoder does not use
+    (``fc.``, and ``layer4.`` for the truncated ResNet50) dropped; any other missing or unexpected key,
+    or a shape that differs, is an error naming the keys."""
+    state_dict = unwrap(state_dict, source)
     dropped = RESNETS[encoder.name].dropped
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(dropped)}
-    own = encoder.trunk.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} keys ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''})")
-    not_tensors = sorted(k for k, v in state_dict.items() if k in own and not isinstance(v, torch.Tensor))
-    if not_tensors:
-        problems.append(f"not tensors ({', '.join(not_tensors[:5])})")
-    shapes = [
-        f"{k}: {tuple(v.shape)} for {tuple(own[k].shape)}"
-        for k, v in state_dict.items()
-        if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
-    ]
-    if shapes:
-        problems.append(f"wrong shapes ({'; '.join(shapes[:3])})")
-    if problems:
-        raise InputError(f"{source}: not torchvision {encoder.name} weights: {'; '.join(problems)}")
-    encoder.trunk.load_state_dict(state_dict, strict=True)
+    load_strictly(encoder.trunk, state_dict, source, f"torchvision {encoder.name} weights")
 
 
 def read_weights_file(path: str | os.PathLike) -> dict:
