@@ -50,6 +50,8 @@ ENCODER_OPSET = 20
 EXAMPLE_BATCH = 3  # any batch >= 2 (torch.export specialises sizes 0 and 1)
 SMOKE_BATCHES = (1, 3)
 SMOKE_TOLERANCE = 1e-3  # a gross-error guard only; verify measures against 1e-4
+# protobuf caps one file at 2 GB: above this the weights go to model.onnx.data (UNI2-h, Virchow2, the ViT-gs)
+EXTERNAL_DATA_ABOVE = 1 << 30
 
 
 class EncoderExportError(HistosurvError, RuntimeError):
@@ -138,10 +140,13 @@ def example_patches(batch: int, patch_size: int, seed: int = 0) -> torch.Tensor:
     return (smooth + noise).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def export_encoder_onnx(model: torch.nn.Module, path: Path, patch_size: int, log=lambda _: None) -> EngineEntry:
-    """The encoder's ONNX graph at ``path``, checked on ONNX Runtime before it is kept."""
+def export_encoder_onnx(
+    model: torch.nn.Module, path: Path, patch_size: int, log=lambda _: None, external_above: int = EXTERNAL_DATA_ABOVE
+) -> EngineEntry:
+    """The encoder's ONNX graph at ``path``, checked on ONNX Runtime before it is kept; weights above
+    ``external_above`` bytes go to ``<path>.data`` beside it."""
     log(f"exporting the ONNX graph of the encoder ({patch_size} px patches) ...")
-    entry = _export_onnx(model, path, patch_size)
+    entry = _export_onnx(model, path, patch_size, external_above)
     log(f"checking the graph in ONNX Runtime at batch {' and '.join(map(str, SMOKE_BATCHES))} ...")
     _check_onnx_runs(model, path, patch_size)
     return entry
@@ -171,8 +176,10 @@ def _check_onnx_runs(model: torch.nn.Module, path: Path, patch_size: int) -> Non
             )
 
 
-def _export_onnx(model: torch.nn.Module, path: Path, patch_size: int) -> EngineEntry:
+def _export_onnx(model: torch.nn.Module, path: Path, patch_size: int, external_above: int = EXTERNAL_DATA_ABOVE) -> EngineEntry:
     import onnx
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
     batch = torch.export.Dim("B", min=1, max=1 << 16)
     with _quiet_exporter(), torch.no_grad():
@@ -187,11 +194,29 @@ def _export_onnx(model: torch.nn.Module, path: Path, patch_size: int) -> EngineE
             optimize=True,
             verbose=False,
         )
-    proto = program.model_proto
+        # a ViT's attentions become com.microsoft.MultiHeadAttention (LayerNorms and GELUs fused too)
+        graph, fusions = optimize_for_ort(program.model)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    external = weights > external_above
+    if external:
+        # model.onnx.data beside the graph, which names it: written in place, since the version folder
+        # being built is itself written atomically (a renamed graph would lose its data file's name)
+        ir.save(graph, path, external_data=f"{path.name}.data")
+        onnx.checker.check_model(str(path))
+    else:
+        with atomic_path(path, suffix=".onnx") as tmp:
+            onnx.save_model(ir.serde.serialize_model(graph), str(tmp))
+            onnx.checker.check_model(str(tmp))
+    proto = onnx.load(str(path), load_external_data=False)
     ops = collections.Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in proto.graph.node)
-    with atomic_path(path, suffix=".onnx") as tmp:
-        onnx.save_model(proto, str(tmp))
-        onnx.checker.check_model(str(tmp))
+    attentions = getattr(model, "attention_ops", 0)
+    if ops["com.microsoft::MultiHeadAttention"] < attentions:
+        path.unlink(missing_ok=True)
+        path.with_name(f"{path.name}.data").unlink(missing_ok=True)
+        raise EncoderExportError(
+            f"{path.name}: {ops['com.microsoft::MultiHeadAttention']} fused attentions for the encoder's {attentions}; "
+            "one was left as MatMul and Softmax"
+        )
     details = {
         "opset": ENCODER_OPSET,
         "ops": dict(sorted(ops.items())),
@@ -199,5 +224,8 @@ def _export_onnx(model: torch.nn.Module, path: Path, patch_size: int) -> EngineE
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "graph_sha256": hashlib.sha256(proto.graph.SerializeToString()).hexdigest()[:16],
+        "external_data": f"{path.name}.data" if external else None,
+        "attention": "com.microsoft.MultiHeadAttention" if attentions else None,
+        "fusions": {k: v for k, v in fusions.items() if v},
     }
     return EngineEntry(path.name, "onnxruntime", "fp32", details=details)
