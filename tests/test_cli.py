@@ -12,6 +12,7 @@ import pytest
 
 from histosurv.cli import main
 from histosurv.data.features import Bag, write_bag
+from histosurv.export.models.encoders import ENCODERS
 
 from .conftest import run_cli
 
@@ -246,7 +247,7 @@ def test_every_flag_says_what_it_does_its_default_and_its_choices():
     assert "Adam learning rate (default: 0.0002)" == train["lr"].help
     serve = {a.dest: a for a in commands["serve"]._actions}
     assert serve["max_batch"].default == 64 and "default: 64" in serve["max_batch"].help  # ExecutionConfig's
-    assert set(commands["export"]._option_string_actions["--encoder"].choices) == {"resnet18", "resnet50_trunc"}
+    assert set(commands["export"]._option_string_actions["--encoder"].choices) == set(ENCODERS) >= {"resnet18", "uni", "virchow2"}
 
 
 def test_an_environment_problem_is_not_blamed_on_the_slide(tiny_repo, tmp_path, capsys):
