@@ -35,23 +35,33 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--engine", action="append", help="manifest key of an engine to check, repeatable (default: every one the version has)")
     p.add_argument("--no-write", action="store_true", help="do not record the figures in the manifest")
+    p.add_argument("--json", action="store_true",
+                   help="print the reports as JSON (per engine: device, criteria, and per size the figures and pass/fail)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
     from ..export.verify import verify_version
     from ..runtime.repository import ModelRepository
 
     model = args.model or ModelRepository(args.repo).default_model()
+    log = (lambda _: None) if args.json else print
     reports = verify_version(
-        args.repo, model, args.version, args.sizes, args.tolerance, args.engine, not args.no_write, log=print
+        args.repo, model, args.version, args.sizes, args.tolerance, args.engine, not args.no_write, log=log
     )
+    if args.json:
+        print(json.dumps({"model": model, "reports": [r.to_dict() for r in reports],
+                          "passed": bool(reports) and all(r.passed for r in reports)}, indent=2))
+        return 0 if reports and all(r.passed for r in reports) else 1
     for r in reports:
         verdict = "PASS" if r.passed else "FAIL"
         if any("features_rel" in row for row in r.rows):  # a patch encoder
+            criteria = f"tolerance {r.tolerance:g}" + (f", cosine >= {r.min_cosine:g} per patch" if r.min_cosine else "")
             print(f"{verdict} {r.engine} on {r.device} {r.providers}: largest relative difference of the features "
-                  f"{r.max_features_rel:.2e} (tolerance {r.tolerance:g})")
-            continue
+                  f"{r.max_features_rel:.2e}, smallest cosine {r.min_features_cosine:.7f} ({criteria})")
+            continue  # the figures of each batch were printed as they were measured
         print(
             f"{verdict} {r.engine} on {r.device}{' ' + str(r.providers) if r.providers else ''}: largest relative difference of the risk "
             f"{r.max_risk_rel:.2e}, of the attention {r.max_attention_rel:.2e} (tolerance {r.tolerance:g})"

@@ -36,6 +36,7 @@ class BuildContext:
     options: dict = field(default_factory=dict)
     log: Callable[[str], None] = lambda _: None
     _model: object = None
+    shared: dict = field(default_factory=dict)  # what builders of one export share (an encoder's reference features)
 
     @property
     def model(self):
@@ -124,10 +125,30 @@ def _build_tensorrt(ctx: BuildContext, path: Path) -> EngineEntry:
     return build_plan(ctx.version, path, log=ctx.log, **options)
 
 
+def _encoder_patch_size(ctx: BuildContext) -> int:
+    return ctx.options.get("patch_size") or ctx.version.patch_size
+
+
 def _build_encoder_onnx(ctx: BuildContext, path: Path) -> EngineEntry:
     from .encoder_export import export_encoder_onnx
 
-    return export_encoder_onnx(ctx.model, path, ctx.options["patch_size"], ctx.log)
+    reference = ctx.shared.setdefault("reference_features", {})
+    return export_encoder_onnx(ctx.model, path, _encoder_patch_size(ctx), ctx.log, reference=reference)
+
+
+def _build_encoder_fp16(ctx: BuildContext, path: Path) -> EngineEntry:
+    from .encoder_export import export_encoder_onnx_fp16
+
+    reference = ctx.shared.setdefault("reference_features", {})
+    return export_encoder_onnx_fp16(ctx.model, ctx.folder / "model.onnx", path, _encoder_patch_size(ctx), ctx.log,
+                                    reference=reference)
+
+
+def _build_encoder_opset23(ctx: BuildContext, path: Path) -> EngineEntry:
+    from .encoder_export import export_encoder_onnx_standard
+
+    reference = ctx.shared.setdefault("reference_features", {})
+    return export_encoder_onnx_standard(ctx.model, path, _encoder_patch_size(ctx), ctx.log, reference=reference)
 
 
 def _encoder_torch_files(options: dict) -> tuple[str, str]:
@@ -158,6 +179,13 @@ ARTIFACTS: tuple[Artifact, ...] = (
              "on_target", _build_tensorrt, _fixed("tensorrt", "model.plan"), options=("max_bag", "precision")),
     Artifact("onnxruntime", "encoder", "ONNX graph: uint8 patches -> features, preprocessing inside, dynamic batch",
              "always", _build_encoder_onnx, _fixed("onnxruntime", "model.onnx")),
+    # default, not always: no histosurv engine is built from the encoder's opset-23 graph yet, and a ViT-g's
+    # is 4.5 GB; it can be left out (export_encoder(artifacts=...)) and added later (--add-engine)
+    Artifact("onnxruntime_fp16", "encoder", "the encoder's ONNX graph in FP16 for GPU providers (uint8 patches in, FP32 "
+             "features out; preprocessing, LayerNorms and the residual stream FP32)",
+             "default", _build_encoder_fp16, _fixed("onnxruntime_fp16", "model.fp16.onnx")),
+    Artifact("onnx_opset23", "encoder", "the encoder at opset 23 with standard Attention nodes: what TensorRT builds from",
+             "default", _build_encoder_opset23, _fixed("onnx_opset23", "model.opset23.onnx"), checked_with="onnxruntime"),
     Artifact("torch", "encoder", "AOTInductor package of the encoder for this machine's device (model.pt2, model.cuda.pt2; "
              "model.cuda.fp16.pt2 with --precision fp16): a GPU encoder where ONNX Runtime has no CUDA provider",
              "on_target", _build_encoder_torch, _encoder_torch_files, options=("device", "precision"),

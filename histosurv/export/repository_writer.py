@@ -143,6 +143,9 @@ def add_engine(
     info = manifest.versions[mv.version]
     info.engines[key] = built
     info.files[file] = sha256_file(mv.path / file)
+    external = (built.details or {}).get("external_data")  # a graph over 1 GiB keeps its weights beside it
+    if external:
+        info.files[external] = sha256_file(mv.path / external)
     info.parity.pop(key, None)  # figures of a replaced artifact no longer hold
     return publish_version(repository, manifest, mv.version, info), key
 

@@ -128,13 +128,22 @@ def export_encoder_pt2(
         with atomic_path(path, suffix=".pt2") as tmp:
             check = lambda package: _check_encoder_package(package, model, patch_size, device, ENCODER_SMOKE_TOLERANCE[precision])  # noqa: E731
             worst = _compile_package(program, tmp, check)
+            # a ViT's attentions must stay fused kernels in the compiled code, as in the survival packages
+            fused, searched = _attention_kernels(tmp)
+            attentions = getattr(model, "attention_ops", 0)
+            if sum(fused.values()) < attentions:
+                raise FusedAttentionMissing(
+                    f"the compiled encoder calls fused attention kernels {dict(fused)} fewer times than its {attentions} "
+                    f"attentions (generated sources searched: {searched or 'none: no *wrapper.cpp in the package'})"
+                )
     return EngineEntry(
         Path(path).name,
         "torch",
         precision,
         device=device.type,
         built_for=BuiltFor(torch=torch.__version__, compute_capability=cuda_capability(device) if device.type == "cuda" else None),
-        details={"format": "aotinductor", "max_batch": max_batch, "smoke_features_rel": worst},
+        details={"format": "aotinductor", "max_batch": max_batch, "smoke_features_rel": worst,
+                 "attention_kernels": dict(fused)},
     )
 
 

@@ -8,12 +8,18 @@ several sizes. Risk agreement is reported as
 
 (the floor keeps a risk that happens to be near 0 from turning float32 rounding into a huge ratio;
 risks are log-hazards of order 1). Attention maps are compared as max |difference| / max |torch|.
-Patch encoders are compared the same way on their features, at several batch sizes of uint8 patches.
-The figures, the providers used and pass/fail are written into the manifest.
+Patch encoders are compared on their features, at batch sizes 1, 4 and 16 of uint8 patches, every
+engine against the same eager features: the largest relative difference (max |difference| / max |torch|)
+and the smallest cosine similarity of a patch's features with PyTorch's. FP32 engines pass within 1e-4
+relative; FP16 engines pass with a cosine of at least 0.999 for every patch and within 1e-2 relative
+(a feature vector that points the same way is what downstream models need; the relative bound is the
+one every FP16 engine is held to). A non-finite feature fails. The figures, per engine and batch, the
+providers used and pass/fail are written into the manifest.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,12 +36,13 @@ from .models import build_model
 from .onnx_export import SingleBag, example_inputs
 from .run import load_weights
 
-__all__ = ["DEFAULT_SIZES", "TOLERANCES", "ParityReport", "verify_version", "RISK_FLOOR"]
+__all__ = ["DEFAULT_SIZES", "ENCODER_BATCHES", "ENCODER_COSINE", "TOLERANCES", "ParityReport", "verify_version", "RISK_FLOOR"]
 
 DEFAULT_SIZES = (1, 17, 1000, 16384)
 ENCODER_BATCHES = (1, 4, 16)
 RISK_FLOOR = 0.01
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2}  # relative, per the precision an engine computes in
+ENCODER_COSINE = 0.999  # FP16 encoder engines: the smallest cosine similarity allowed for any patch's features
 
 
 @dataclass
@@ -45,6 +52,15 @@ class ParityReport:
     providers: list[str]
     tolerance: float
     rows: list[dict] = field(default_factory=list)
+    min_cosine: float | None = None  # FP16 encoder engines: every patch's features at least this close to PyTorch's
+
+    @property
+    def min_features_cosine(self) -> float | None:
+        """The smallest per-patch cosine over the rows (NaN if a feature was not finite; None: not an encoder)."""
+        values = [r["features_cosine_min"] for r in self.rows if "features_cosine_min" in r]
+        if not values:
+            return None
+        return math.nan if any(math.isnan(v) for v in values) else min(values)
 
     @property
     def max_attention_rel(self) -> float:
@@ -52,7 +68,8 @@ class ParityReport:
 
     @property
     def max_features_rel(self) -> float:
-        return max((r.get("features_rel", 0.0) for r in self.rows), default=0.0)
+        values = [r.get("features_rel", 0.0) for r in self.rows]
+        return math.nan if any(math.isnan(v) for v in values) else max(values, default=0.0)
 
     @property
     def max_risk_rel(self) -> float:
@@ -60,8 +77,19 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
+        if any("passed" in r for r in self.rows):  # judged per row (patch encoders)
+            return bool(self.rows) and all(r.get("passed") is True for r in self.rows)
         worst = max(self.max_risk_rel, self.max_attention_rel, self.max_features_rel)
         return bool(self.rows) and worst <= self.tolerance
+
+    def judge(self, row: dict) -> dict:
+        """Marks an encoder row passed or not: within the relative tolerance, and (FP16) every patch's
+        cosine at least ``min_cosine``; NaN fails both."""
+        ok = row["features_rel"] <= self.tolerance
+        if self.min_cosine is not None:
+            ok = ok and row["features_cosine_min"] >= self.min_cosine
+        row["passed"] = bool(ok)
+        return row
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -69,11 +97,23 @@ class ParityReport:
             max_risk_rel=self.max_risk_rel,
             max_attention_rel=self.max_attention_rel,
             max_features_rel=self.max_features_rel,
+            min_features_cosine=self.min_features_cosine,
             passed=self.passed,
             measured=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             risk_floor=RISK_FLOOR,
         )
-        return d
+        return _finite_or_none(d)
+
+
+def _finite_or_none(value):
+    """NaN and infinities as None (JSON null): the manifest and ``verify --json`` stay strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def reference_model(mv: ModelVersion) -> torch.nn.Module:
@@ -103,6 +143,7 @@ def verify_version(
     else:
         model, compare = reference_model(mv), _compare
     reports = []
+    eager: dict = {}  # an encoder's PyTorch features by batch, shared by its engines
     for engine_name in engines or _checkable(mv):
         skip = _skip_reason(mv, engine_name)
         if skip:
@@ -111,12 +152,17 @@ def verify_version(
         engine, checked_sizes = _load_checked(mv, engine_name, sizes)
         limit = tolerance if tolerance is not None else TOLERANCES[engine.precision]
         report = ParityReport(engine_name, engine.device, getattr(engine, "providers", []), limit)
+        if is_encoder and engine.precision == "fp16":
+            report.min_cosine = ENCODER_COSINE
         for n in checked_sizes:
+            if is_encoder:
+                row = report.judge(_compare_encoder(model, engine, n, eager))
+                report.rows.append(row)
+                log(f"{engine_name:16s} batch={n:4d}  features max rel diff {row['features_rel']:.2e}  "
+                    f"min cosine {row['features_cosine_min']:.7f}  {'pass' if row['passed'] else 'FAIL'}")
+                continue
             report.rows.append(compare(model, engine, n))
             row = report.rows[-1]
-            if is_encoder:
-                log(f"{engine_name:16s} batch={n:4d}  features rel diff {row['features_rel']:.2e}")
-                continue
             log(
                 f"{engine_name:16s} N={n:6d}  risk torch {row['risk_torch']:+.6f} engine {row['risk_engine']:+.6f}  "
                 f"rel diff {row['risk_rel']:.2e}  attention rel diff {row.get('attention_rel', 0):.2e}"
@@ -188,21 +234,32 @@ def _compare(model: torch.nn.Module, engine, n: int) -> dict:
     return row
 
 
-def _compare_encoder(model: torch.nn.Module, engine, batch: int) -> dict:
-    from .encoder_export import example_patches
+def _compare_encoder(model: torch.nn.Module, engine, batch: int, eager: dict | None = None) -> dict:
+    from .encoder_export import cosine_per_patch, example_patches
 
     patch_size = engine.version.patch_size
-    patches = example_patches(batch, patch_size, seed=batch)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        expected = model(patches).numpy()
+    if eager is not None and batch in eager:
+        patches, expected, ms_torch = eager[batch]
+    else:
+        patches = example_patches(batch, patch_size, seed=batch)
+        with torch.inference_mode():
+            expected = model(patches).numpy()
+        ms_torch = round((time.perf_counter() - t0) * 1e3, 2)
+        if eager is not None:
+            eager[batch] = (patches, expected, ms_torch)
     t1 = time.perf_counter()
     got = engine.run({"patches": patches.numpy()})["features"]
     t2 = time.perf_counter()
+    if got.shape != expected.shape:
+        raise ValueError(f"{engine.path}: features of shape {got.shape} at batch {batch}, PyTorch's are {expected.shape}")
+    diff = np.abs(got.astype(np.float64) - expected)
+    finite = bool(np.isfinite(got).all())
     return {
         "n": batch,
-        "features_abs": float(np.abs(got - expected).max()),
-        "features_rel": float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-12)),
-        "ms_torch": round((t1 - t0) * 1e3, 2),
+        "features_abs": float(diff.max()) if finite else math.nan,
+        "features_rel": float(diff.max() / max(float(np.abs(expected).max()), 1e-12)) if finite else math.nan,
+        "features_cosine_min": float(np.min(cosine_per_patch(got, expected))),  # NaN if any is
+        "ms_torch": ms_torch,
         "ms_engine": round((t2 - t1) * 1e3, 2),
     }
