@@ -1,13 +1,18 @@
-"""The foundation-model ViTs (UNI, UNI2-h, Virchow2, H-optimus-0, Prov-GigaPath) against timm's own models.
+"""The foundation-model ViTs against their reference implementations: UNI, UNI2-h, Virchow2, H-optimus-0
+and Prov-GigaPath against timm's own models, CONCH v1.5 against TRIDENT's CONCHVisionTower, Phikon-v2
+against transformers' Dinov2Model.
 
-tests/golden/vit.json was written by tests/golden/make_vit.py with timm 1.0.31 (in a venv of its own):
-each model as its authors create it, its full-size key names and shapes, and the features of a 2-block
-copy at weights seeded from the key names. Here histosurv's plain-torch ViT is built the same way,
-loads the same seeded weights strictly, and must give the same features; at full size (on the meta
-device) it must have exactly the published layout, so the authors' files load as they are.
+tests/golden/vit.json was written by tests/golden/make_vit.py with timm 1.0.31 and transformers 5.25.0
+(in a venv of its own): each model as its authors create it, its full-size key names and shapes as
+published, and the features of a 2-block copy at weights seeded from the published key names. Here
+histosurv's plain-torch ViT is built the same way, loads the same seeded weights strictly through its
+family's loader, and must give the same features; at full size (on the meta device) what it would
+store (``weights_of``) must be exactly the published layout, so the authors' files load as they are.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -16,21 +21,29 @@ from PIL import Image
 
 from histosurv.errors import InputError
 from histosurv.export.encoder_export import _check_onnx_runs, export_encoder_onnx
-from histosurv.export.models.encoders import ENCODERS, VITS, build_vit
+from histosurv.export.models.encoders import ENCODERS, LAYOUTS, VITS, build_vit
+from histosurv.export.models.vit_layouts import TIMM
 from histosurv.export.models.resnet import read_weights_file
 from .golden import load_golden, seeded_state_dict, shapes_of
 
 GOLDEN = load_golden("vit")
 NAMES = sorted(VITS)
+# per layout: a key every file has (the last norm's gain) and the position embedding, as the authors name them
+NORM_KEY = {"conch_v1_5": "ln_contrast.weight", "phikon_v2": "layernorm.weight"}
+POS_KEY = {"conch_v1_5": "trunk.pos_embed", "phikon_v2": "embeddings.position_embeddings"}
 
 
 @pytest.fixture(scope="module", params=NAMES)
 def small(request):
     """(name, 2-block encoder with the golden seeded weights, its state_dict)."""
     model = build_vit(request.param, depth=GOLDEN["depth"])
-    weights = seeded_state_dict(shapes_of(model.trunk.state_dict()), GOLDEN["seed"])
+    weights = seeded_state_dict(shapes_of(ENCODERS[request.param].weights_of(model)), GOLDEN["seed"])
     ENCODERS[request.param].load_weights(model, weights, "seeded")
     return request.param, model, weights
+
+
+def _what(name: str) -> str:
+    return re.escape(f"not {name} weights ({LAYOUTS.get(name, TIMM).description}): ")
 
 
 def test_every_golden_encoder_is_registered():
@@ -41,17 +54,18 @@ def test_every_golden_encoder_is_registered():
 def test_full_size_layout_is_the_published_one(name):
     with torch.device("meta"):
         model = build_vit(name)
-    ours = {k: list(v.shape) for k, v in model.trunk.state_dict().items()}
+    ours = {k: list(v.shape) for k, v in ENCODERS[name].weights_of(model).items()}
     assert ours == GOLDEN["models"][name]["layout"]
 
 
-def test_features_match_timm_at_seeded_weights(small):
+def test_features_match_the_reference_at_seeded_weights(small):
     name, model, _ = small
     golden = GOLDEN["models"][name]
     size = golden["image_size"]
+    assert size == model.trunk.cfg.img_size
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(GOLDEN["seed"]))
     with torch.no_grad():
-        got = model.trunk(images)
+        got = model.features(images)
     want = torch.tensor(golden["features"])
     assert got.shape == want.shape == (2, ENCODERS[name].feature_dim)
     assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max()), float((got - want).abs().max())
@@ -61,31 +75,45 @@ def test_published_files_load_as_they_are_and_wrong_ones_are_refused_by_name(sma
     from safetensors.torch import save_file
 
     name, model, weights = small
-    wrapped = {"state_dict": {f"module.{k}": v for k, v in weights.items()}}
+    family = ENCODERS[name]
+    stored = family.weights_of(model)  # what a version's reference file holds: the published layout, bit for bit
+    assert stored.keys() == weights.keys() and all(torch.equal(stored[k], weights[k]) for k in weights)
+    save_file(stored, str(tmp_path / "w.safetensors"))
     other = build_vit(name, depth=GOLDEN["depth"])
-    ENCODERS[name].load_weights(other, wrapped, "wrapped.pth")
-    assert all(torch.equal(a, b) for a, b in zip(other.trunk.state_dict().values(), model.trunk.state_dict().values()))
-    missing = {k: v for k, v in weights.items() if k != "norm.weight"}
-    with pytest.raises(InputError, match=f"missing.pth: not {name} weights \\(timm layout\\): missing 1 keys \\(norm.weight\\)"):
-        ENCODERS[name].load_weights(other, missing, "missing.pth")
-    shaped = {**weights, "pos_embed": weights["pos_embed"][:, :-1]}
-    with pytest.raises(InputError, match="wrong shapes \\(pos_embed: "):
-        ENCODERS[name].load_weights(other, shaped, "shaped.pth")
-    save_file(weights, str(tmp_path / "w.safetensors"))
+    family.load_weights(other, read_weights_file(tmp_path / "w.safetensors"), "w.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in weights.items()}}
+    family.load_weights(other, wrapped, "wrapped.pth")
+    norm, pos = NORM_KEY.get(name, "norm.weight"), POS_KEY.get(name, "pos_embed")
+    missing = {k: v for k, v in weights.items() if k != norm}
+    with pytest.raises(InputError, match=f"missing.pth: {_what(name)}missing 1 keys \\({re.escape(norm)}\\)"):
+        family.load_weights(other, missing, "missing.pth")
+    extra = {**weights, "head.weight": torch.zeros(2, 2)}
+    with pytest.raises(InputError, match=f"extra.pth: {_what(name)}unexpected 1 keys \\(head.weight\\)"):
+        family.load_weights(other, extra, "extra.pth")
+    shaped = {**weights, pos: weights[pos][:, :-1]}
+    with pytest.raises(InputError, match=f"shaped.pth: {_what(name)}wrong shapes \\({re.escape(pos)}: "):
+        family.load_weights(other, shaped, "shaped.pth")
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes((tmp_path / "w.safetensors").read_bytes()[:1000])
     with pytest.raises(InputError, match="truncated.safetensors: not a readable weights file"):
         read_weights_file(truncated)
 
 
-def test_another_encoders_weights_are_refused():
-    uni = build_vit("uni", depth=2)
-    gigapath = build_vit("gigapath", depth=2)
-    with pytest.raises(InputError, match="gigapath.bin: not gigapath weights \\(timm layout\\): wrong shapes"):
-        ENCODERS["gigapath"].load_weights(gigapath, uni.trunk.state_dict(), "gigapath.bin")
+@pytest.mark.parametrize("name, given, problem", [
+    ("gigapath", "uni", "wrong shapes"),  # the same key names, other widths
+    ("conch_v1_5", "uni", "missing 44 keys (attn_pool_contrast.ln_k.bias"),  # a timm trunk without TRIDENT's prefix and pooler
+    ("phikon_v2", "uni", "missing 43 keys (embeddings.cls_token"),  # timm names for transformers'
+    ("uni", "phikon_v2", "missing 34 keys (blocks.0.attn.proj.bias"),
+    ("conch_v1_5", "phikon_v2", "missing 44 keys (attn_pool_contrast.ln_k.bias"),
+])
+def test_another_encoders_weights_are_refused(name, given, problem):
+    source = ENCODERS[given].weights_of(build_vit(given, depth=2))
+    with pytest.raises(InputError, match=f"{name}.bin: {_what(name)}{re.escape(problem)}"):
+        ENCODERS[name].load_weights(build_vit(name, depth=2), source, f"{name}.bin")
 
 
-@pytest.mark.parametrize("name", ["uni", "gigapath"])
+@pytest.mark.parametrize("name", ["uni", "gigapath", "conch_v1_5"])
 def test_resize_and_crop_in_the_graph_are_what_pil_does(name):
     """The authors' torchvision transforms resize with PIL (antialiased); the graph must see the same pixels."""
     family = ENCODERS[name]
@@ -105,16 +133,45 @@ def test_resize_and_crop_in_the_graph_are_what_pil_does(name):
     assert np.abs(got - want).max() <= 1.5 / 255  # PIL rounds to whole levels
 
 
+def test_phikon_v2_takes_its_224_px_tiles_as_cut():
+    """Owkin's tiles are 224 px at 20x, fed as cut (TRIDENT's Resize(224) + CenterCrop(224) is then the
+    identity): the graph only scales to [0, 1] and normalises with ImageNet's mean and std."""
+    model = build_vit("phikon_v2", depth=1)
+    patch = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(ENCODERS["phikon_v2"].preprocessing.mean), torch.tensor(ENCODERS["phikon_v2"].preprocessing.std)
+    want = ((patch.float() / 255 - mean) / std).permute(0, 3, 1, 2)
+    assert torch.allclose(model.preprocess(patch), want, atol=1e-6)
+    assert ENCODERS["phikon_v2"].record(224, 0.5, None).input_size == 224
+
+
+def test_conch_position_embedding_is_resampled_once_when_weights_arrive():
+    """TRIDENT interpolates the 14 x 14 embedding to 28 x 28 on every forward; here it is a buffer,
+    derived when weights are loaded (by any path), never stored, so the published file keeps 14 x 14."""
+    model = build_vit("conch_v1_5", depth=1)
+    assert "trunk.input_pos_embed" not in model.state_dict() and model.trunk.input_pos_embed.shape == (1, 785, 1024)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    weights["trunk.pos_embed"] = torch.randn(1, 197, 1024, generator=torch.Generator().manual_seed(1))
+    model.load_state_dict(weights)
+    grid = weights["trunk.pos_embed"][:, 1:].reshape(1, 14, 14, 1024).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(grid, scale_factor=28.1 / 14, mode="bicubic")
+    assert torch.equal(model.trunk.input_pos_embed[:, 1:], want.permute(0, 2, 3, 1).reshape(1, 784, 1024))
+    assert torch.equal(model.trunk.input_pos_embed[:, :1], weights["trunk.pos_embed"][:, :1])
+    at_28 = torch.nn.functional.interpolate(grid, size=(28, 28), mode="bicubic")  # what a size= resize gives instead
+    assert not torch.allclose(want, at_28, atol=1e-3)
+
+
 def test_a_vit_exports_to_onnx_with_its_preprocessing_and_matches_pytorch(small, tmp_path):
     name, model, _ = small
-    if name not in ("uni", "virchow2"):
-        pytest.skip("one resize family and one native-size family keep the suite short")
+    if name not in ("uni", "virchow2", "conch_v1_5", "phikon_v2"):
+        pytest.skip("resize families, native-size families, the pooled and the transformers-layout one keep the suite short")
     path = tmp_path / "model.onnx"
     # the weights beside the graph, as the ViT-H and ViT-g encoders (over 2 GB) need; runs it at batch 1 and 3
     entry = export_encoder_onnx(model, path, ENCODERS[name].patch_size, external_above=1 << 20)
     assert entry.details["ops"].get("ai.onnx::Resize", 0) == (1 if ENCODERS[name].preprocessing.resize else 0)
     assert entry.details["external_data"] == "model.onnx.data" and (tmp_path / "model.onnx.data").stat().st_size > 1 << 20
-    assert entry.details["ops"]["com.microsoft::MultiHeadAttention"] == GOLDEN["depth"]  # every attention fused
+    # every attention fused: one per block, and CONCH's pooler; the only Resize is the patch's (the position
+    # embedding is a constant)
+    assert entry.details["ops"]["com.microsoft::MultiHeadAttention"] == model.attention_ops == GOLDEN["depth"] + (name == "conch_v1_5")
     assert path.stat().st_size < 1 << 20
     other = build_vit(name, depth=GOLDEN["depth"])  # other weights: the check must notice
     with pytest.raises(Exception, match="differ from PyTorch's"):
@@ -137,8 +194,10 @@ def test_full_size_uni_exports_fused_verifies_and_tiles_the_real_slide(cmu_svs, 
     entry = mv.info.engines["onnxruntime"]
     assert entry.details["ops"]["com.microsoft::MultiHeadAttention"] == 24
     assert entry.details["external_data"] == "model.onnx.data" and "model.onnx.data" in mv.info.files  # 1.2 GB: beside the graph, checksummed
-    (report,) = verify_version(repo, "uni_encoder", sizes=(1, 4))
-    assert report.passed and max(row["features_rel"] for row in report.rows) <= 1e-4
+    reports = {r.engine: r for r in verify_version(repo, "uni_encoder", sizes=(1, 4))}
+    assert set(reports) == {"onnxruntime", "onnxruntime_fp16", "onnx_opset23"} and all(r.passed for r in reports.values())
+    assert reports["onnxruntime"].max_features_rel <= 1e-4 and reports["onnx_opset23"].max_features_rel <= 1e-4
+    assert reports["onnxruntime_fp16"].min_features_cosine >= 0.999
     out = run_cli("tile", cmu_svs, "--repo", repo, "--out", tmp_path / "cmu.h5", "--batch-size", "16")
     assert out.returncode == 0, out.stderr
     with h5py.File(tmp_path / "cmu.h5") as f:

@@ -1,10 +1,23 @@
-"""Writes tests/golden/vit.json from timm's own VisionTransformer, as each foundation model builds it.
+"""Writes tests/golden/vit.json from the reference implementations, as each foundation model's authors build it.
 
     python3 -m venv /tmp/timmvenv && /tmp/timmvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm==1.0.31 safetensors
-    PYTHONPATH=. /tmp/timmvenv/bin/python tests/golden/make_vit.py
+    /tmp/timmvenv/bin/pip install transformers einops einops-exts   # transformers 5.25.0, einops 0.8.2, einops-exts 0.0.4
+    mkdir -p /tmp/ref/TRIDENT && git -C <TRIDENT clone> archive a91fa8490e0210ebbbe58452c3babe009e0ab7ca \
+        trident/patch_encoder_models/model_zoo/conchv1_5 | tar -x -C /tmp/ref/TRIDENT
+    PYTHONPATH=. /tmp/timmvenv/bin/python tests/golden/make_vit.py --trident /tmp/ref/TRIDENT
 
 (timm imports torchvision, which does not import beside the CPU torch the project installs, so this
-runs in a venv of its own; histosurv itself is not imported here.)
+runs in a venv of its own; histosurv itself is not imported here.) The references:
+
+* UNI, UNI2-h, Virchow2, H-optimus-0, Prov-GigaPath: timm's ``VisionTransformer`` (``MODELS``);
+* CONCH v1.5: TRIDENT's own ``CONCHVisionTower`` (mahmoodlab/TRIDENT, model_zoo/conchv1_5/conchv1_5.py
+  at ``TRIDENT_COMMIT``, checked out outside this project): its modified timm ViT re-interpolates the
+  224 px position embedding to 448 px on every forward, and its attentional pooler is lucidrains/CoCa
+  style (``to_q``/``to_kv``/``to_out``), not open_clip's ``AttentionalPooler`` (``attn.in_proj_*``);
+* Phikon-v2: transformers' ``Dinov2Model`` with owkin/phikon-v2's config; the layout is what
+  transformers writes and reads as the published file (its legacy ``attention.attention.query`` names:
+  ``revert_weight_conversion``), and the features come from ``Dinov2Model.from_pretrained`` of a folder
+  holding the seeded weights in that layout, so the key names are proven by transformers' own loader.
 
 For each encoder: the timm model as its authors create it (arguments from their model cards and
 TRIDENT's loaders, see ../shared/research/encoders.md), once at full size on the meta device, for the
@@ -15,8 +28,10 @@ histosurv's plain-torch ViT must give with the same weights.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import timm
@@ -42,6 +57,13 @@ MODELS = {
 GOLDEN_DEPTH = 2
 BATCH = 2
 SEED = 0
+TRIDENT_COMMIT = "a91fa8490e0210ebbbe58452c3babe009e0ab7ca"
+CONCH_V1_5_IMAGE = 448  # TRIDENT's Conchv15InferenceEncoder._build(img_size=448)
+# owkin/phikon-v2 config.json (the Dinov2Config fields that shape the network; the rest are defaults;
+# image_size 224 as the model card's 224 px tiles and the 197-token ViT-L/16 imply, not re-read from the hub)
+PHIKON_V2_CONFIG = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4, patch_size=16,
+                        image_size=224, layer_norm_eps=1e-6, layerscale_value=1.0, hidden_act="gelu", qkv_bias=True,
+                        use_swiglu_ffn=False)
 
 
 def features(model, images: torch.Tensor, rule: str) -> torch.Tensor:
@@ -51,8 +73,63 @@ def features(model, images: torch.Tensor, rule: str) -> torch.Tensor:
     return tokens[:, 0]
 
 
+def seeded_images(size: int) -> torch.Tensor:
+    return torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(SEED))
+
+
+def layout_of(state_dict: dict) -> dict:
+    return {k: list(v.shape) for k, v in state_dict.items()}
+
+
+def conch_v1_5(trident: Path) -> dict:
+    sys.path.insert(0, str(trident / "trident/patch_encoder_models/model_zoo/conchv1_5"))
+    import conchv1_5  # noqa: PLC0415 - the reference checkout, outside this project
+
+    full = conchv1_5.CONCHVisionTower()  # on the CPU: its constructor calls .item(), which meta tensors refuse
+    layout = layout_of(full.state_dict())
+    del full
+    small = conchv1_5.CONCHVisionTower()
+    # vit_large(init_values=1.0) with fewer blocks: the same class and arguments
+    small.trunk = conchv1_5.VisionTransformer(patch_size=16, embed_dim=1024, depth=GOLDEN_DEPTH, num_heads=16, mlp_ratio=4,
+                                             qkv_bias=True, init_values=1.0)
+    small.eval().load_state_dict(seeded_state_dict(shapes_of(small.state_dict()), SEED), strict=True)
+    with torch.no_grad():
+        feats = small(seeded_images(CONCH_V1_5_IMAGE))  # interpolates the 14 x 14 embedding to 28 x 28 on the way
+    return {"reference": f"mahmoodlab/TRIDENT@{TRIDENT_COMMIT} model_zoo/conchv1_5/conchv1_5.py CONCHVisionTower",
+            "feature": "pool", "layout": layout, "image_size": CONCH_V1_5_IMAGE, "features": feats.tolist()}
+
+
+def phikon_v2() -> dict:
+    from safetensors.torch import save_file
+    from transformers import Dinov2Config, Dinov2Model
+    from transformers.core_model_loading import revert_weight_conversion
+
+    with torch.device("meta"):
+        full = Dinov2Model(Dinov2Config(**PHIKON_V2_CONFIG))
+    layout = layout_of(revert_weight_conversion(full, full.state_dict()))
+    config = Dinov2Config(**{**PHIKON_V2_CONFIG, "num_hidden_layers": GOLDEN_DEPTH})
+    blank = Dinov2Model(config)
+    published = seeded_state_dict(shapes_of(revert_weight_conversion(blank, blank.state_dict())), SEED)
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)
+        save_file(published, f"{folder}/model.safetensors", metadata={"format": "pt"})
+        small, info = Dinov2Model.from_pretrained(folder, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v}
+    assert not problems, problems  # every published key used, none missing
+    with torch.no_grad():
+        feats = small.eval()(pixel_values=seeded_images(224)).last_hidden_state[:, 0]
+    return {"reference": "transformers Dinov2Model.from_pretrained (owkin/phikon-v2 config), last_hidden_state[:, 0]",
+            "config": PHIKON_V2_CONFIG, "feature": "cls", "layout": layout, "image_size": 224, "features": feats.tolist()}
+
+
 def main() -> None:
-    out = {"timm": timm.__version__, "torch": torch.__version__, "depth": GOLDEN_DEPTH, "seed": SEED, "models": {}}
+    import transformers
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trident", type=Path, required=True, help=f"mahmoodlab/TRIDENT at {TRIDENT_COMMIT}")
+    args = parser.parse_args()
+    out = {"timm": timm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "depth": GOLDEN_DEPTH, "seed": SEED, "models": {}}
     for name, (arch, kwargs, rule) in MODELS.items():
         with torch.device("meta"):
             full = timm.create_model(arch, pretrained=False, **kwargs)
@@ -75,7 +152,18 @@ def main() -> None:
         }
         print(f"{name}: {arch}, {sum(v.numel() for v in full.state_dict().values()) / 1e6:.0f} M parameters, "
               f"feature {tuple(feats.shape)}")
+    for name, make in (("conch_v1_5", lambda: conch_v1_5(args.trident)), ("phikon_v2", phikon_v2)):
+        out["models"][name] = entry = make()
+        print(f"{name}: {entry['reference']}, {sum(_numel(s) for s in entry['layout'].values()) / 1e6:.0f} M parameters, "
+              f"feature {len(entry['features'])} x {len(entry['features'][0])}")
     (HERE / "vit.json").write_text(json.dumps(out) + "\n")
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from torch import nn
 
 from ...errors import InputError
 
-__all__ = ["unwrap", "load_strictly"]
+__all__ = ["unwrap", "check_layout", "load_strictly"]
 
 WRAPPERS = ("state_dict", "model", "teacher")
 PREFIXES = ("module.", "backbone.")
@@ -34,9 +34,15 @@ def unwrap(state_dict, source: str) -> dict:
 def load_strictly(module: nn.Module, state_dict: dict, source: str, what: str) -> None:
     """``module.load_state_dict(state_dict, strict=True)`` after checking keys, types and shapes, so the
     error names them (``what``: e.g. "torchvision resnet18 weights")."""
+    check_layout(module.state_dict(), state_dict, source, what)
+    module.load_state_dict(state_dict, strict=True)
+
+
+def check_layout(own: dict, state_dict: dict, source: str, what: str) -> None:
+    """Refuses ``state_dict`` unless it has exactly the keys of ``own`` (name -> tensor), every one a
+    tensor of the same shape; the InputError names the file, the keys and the shapes."""
     import torch
 
-    own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     problems = []
@@ -56,7 +62,6 @@ def load_strictly(module: nn.Module, state_dict: dict, source: str, what: str) -
         problems.append(f"wrong shapes ({'; '.join(shapes[:3])})")
     if problems:
         raise InputError(f"{source}: not {what}: {'; '.join(problems)}")
-    module.load_state_dict(state_dict, strict=True)
 
 
 def _few(keys: list[str]) -> str:

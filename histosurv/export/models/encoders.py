@@ -17,11 +17,12 @@ from torch import nn
 
 from ...data.encoder_record import IMAGENET_MEAN, IMAGENET_STD, EncoderRecord, Preprocessing, WeightsIdentity
 from ...errors import InputError
-from .encoder_weights import load_strictly, unwrap
 from .resnet import RESNETS, build_resnet, load_torchvision_state_dict
+from .swin import CTRANSPATH, build_ctranspath, load_ctranspath_state_dict
 from .vit import PatchPreprocess, ViTConfig, ViTEncoder
+from .vit_layouts import HF_DINOV2, TIMM, TRIDENT_CONCH, Layout, load_published
 
-__all__ = ["EncoderFamily", "ENCODERS", "VITS", "family", "build_encoder", "build_vit"]
+__all__ = ["EncoderFamily", "ENCODERS", "VITS", "LAYOUTS", "family", "build_encoder", "build_vit"]
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,27 @@ VITS: dict[str, tuple[ViTConfig, int, Preprocessing, str]] = {
         256, Preprocessing(256, "bicubic-antialias", 224),
         "Prov-GigaPath tile encoder, ViT-g/16 (DINOv2 layout), SwiGLU; 256 px patches, centre crop 224; CLS, 1536-d",
     ),
+    # TRIDENT's CONCHVisionTower (model_zoo/conchv1_5/conchv1_5.py): vit_large(init_values=1.0), trained at
+    # 224 px (14 x 14 position embedding) and run at 448 px; attentional pooler 768-d, 8 heads, 1 query;
+    # Resize(448, BILINEAR) + CenterCrop(448) on PIL images (antialiased), ImageNet mean/std
+    "conch_v1_5": (
+        ViTConfig(img_size=448, patch_size=16, dim=1024, depth=24, heads=16, mlp_hidden=4096, init_values=1.0,
+                  pos_grid=14, feature="pool", pool_dim=768, pool_heads=8),
+        512, Preprocessing(448, "bilinear-antialias", 448),
+        "CONCH v1.5 (Mahmood lab) image tower, ViT-L/16 at 448 px + attentional pooler; 512 px patches resized to 448; 768-d",
+    ),
+    # owkin/phikon-v2 config.json: Dinov2Model, hidden 1024, 24 layers, 16 heads, patch 16, image 224,
+    # layerscale 1.0, layer_norm_eps 1e-6, GELU (exact), qkv bias; feature last_hidden_state[:, 0] (TRIDENT).
+    # (image_size 224 is not confirmed from the hub file here; a file stored for another grid is refused
+    # by name at load, "wrong shapes (embeddings.position_embeddings: ...)", never resampled silently)
+    "phikon_v2": (
+        ViTConfig(patch_size=16, dim=1024, depth=24, heads=16, mlp_hidden=4096, init_values=1.0, mask_token=True),
+        224, Preprocessing(),
+        "Phikon-v2 (Owkin), DINOv2 ViT-L/16; native 224 px tiles; CLS, 1024-d",
+    ),
 }
+# how each publishes its weights (vit_layouts.py); timm's VisionTransformer state_dict unless named here
+LAYOUTS: dict[str, Layout] = {"conch_v1_5": TRIDENT_CONCH, "phikon_v2": HF_DINOV2}
 
 
 def build_vit(name: str, depth: int | None = None) -> ViTEncoder:
@@ -123,24 +144,21 @@ def build_vit(name: str, depth: int | None = None) -> ViTEncoder:
     return ViTEncoder(cfg, PatchPreprocess(prep.resize, prep.crop, mode, prep.mean, prep.std), name).eval()
 
 
-def _load_vit(model: ViTEncoder, state_dict: dict, source: str) -> None:
-    load_strictly(model.trunk, unwrap(state_dict, source), source, f"{model.name} weights (timm layout)")
-
-
 def _vit(name: str) -> EncoderFamily:
     cfg, patch_size, prep, summary = VITS[name]
+    layout = LAYOUTS.get(name, TIMM)
     return EncoderFamily(
         name=name,
         summary=summary,
         feature_dim=cfg.feature_dim,
-        feature="cls+mean-patch" if cfg.feature == "cls+mean" else "cls",
+        feature={"cls+mean": "cls+mean-patch", "pool": "pooled"}.get(cfg.feature, cfg.feature),
         mpp=0.5,
         patch_size=patch_size,
         preprocessing=prep,
         build=lambda: build_vit(name),
-        load_weights=_load_vit,
-        weights_of=lambda model: model.trunk.state_dict(),
-        weights_format="timm VisionTransformer state_dict, as the authors publish it (pytorch_model.bin / .safetensors)",
+        load_weights=lambda model, state_dict, source: load_published(layout, model, state_dict, source),
+        weights_of=layout.reference,
+        weights_format=layout.format,
     )
 
 
@@ -150,6 +168,20 @@ ENCODERS: dict[str, EncoderFamily] = {
         "resnet50_trunc", "torchvision ResNet50 cut after layer3, average-pooled (CLAM's features), 1024-d"
     ),
     **{name: _vit(name) for name in VITS},
+    "ctranspath": EncoderFamily(
+        name="ctranspath",
+        summary="CTransPath (Wang et al. 2022), Swin-T with a conv stem; 256 px patches at 10x resized to 224; "
+        "average-pooled, 768-d",
+        feature_dim=CTRANSPATH.feature_dim,
+        feature="pooled",
+        mpp=1.0,  # 10x, as TRIDENT runs it
+        patch_size=256,
+        preprocessing=Preprocessing(224, "bilinear-antialias"),  # TRIDENT: Resize(224, bilinear, antialias)
+        build=build_ctranspath,
+        load_weights=load_ctranspath_state_dict,
+        weights_of=lambda model: model.trunk.state_dict(),
+        weights_format="CTransPath checkpoint ({'model': state_dict}, timm 0.5.4 Swin layout; timm >= 0.9 layout mapped)",
+    ),
 }
 
 
