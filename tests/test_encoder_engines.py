@@ -28,6 +28,7 @@ from histosurv.export.verify import ENCODER_BATCHES, ENCODER_COSINE, verify_vers
 from histosurv.runtime.engines import EngineUnavailable, load_engine
 from histosurv.runtime.engines.base import usable_engine_keys
 from histosurv.runtime.pipeline import PatchEncoder
+from histosurv.errors import InputError
 from histosurv.runtime.repository import MANIFEST, ModelRepository, sha256_file
 
 from .golden import seeded_state_dict, shapes_of
@@ -243,3 +244,23 @@ def test_a_vit_compiled_with_aotinductor_matches_pytorch_at_each_batch(families,
     assert report.passed and report.device == "cpu"
     assert [row["n"] for row in report.rows] == [1, 4, 16] and report.max_features_rel <= 1e-4
     assert load_engine(mv).key == "onnxruntime"  # the package is served by name only, on a CPU
+
+
+def test_a_bf16_cpu_package_keeps_the_features_and_is_served_by_name_only(families, tmp_path):
+    """--precision bf16 on a CPU: the network in bfloat16 after an FP32 preprocessing (about twice FP32's
+    speed where the CPU has AVX512-BF16; bench/encoders.py), held to cosine >= 0.999 per patch."""
+    from histosurv.export.repository_writer import add_engine
+
+    repo = tmp_path / "repo"
+    name = "h_optimus_0_2blocks"  # SwiGLU, registers and its own mean/std
+    export_encoder(repo, name, weights=families[name], artifacts=())
+    mv, key = add_engine(repo, f"{name}_encoder", "torch", device="cpu", precision="bf16")
+    entry = mv.info.engines[key]
+    assert (key, entry.file, entry.precision, entry.device) == ("torch_bf16", "model.bf16.pt2", "bf16", "cpu")
+    assert sum(entry.details["attention_kernels"].values()) == DEPTH
+    (report,) = verify_version(repo, mv.name, engines=["torch_bf16"])
+    assert report.passed and report.min_cosine == 0.999 and 0.999 <= report.min_features_cosine < 1.0
+    assert 0 < report.max_features_rel <= 5e-2  # computed in bf16, not silently in FP32
+    assert load_engine(mv).key == "onnxruntime"  # lower precision only when asked for
+    with pytest.raises(InputError, match="cpu computes in fp32 or bf16"):
+        add_engine(repo, f"{name}_encoder", "torch", device="cpu", precision="fp16")

@@ -48,8 +48,9 @@ def add_parser(sub) -> None:
     eng = p.add_argument_group("with --add-engine")
     eng.add_argument("--replace", action="store_true", help="rebuild an engine the version already has")
     eng.add_argument("--max-bag", type=int, help=f"tensorrt: largest bag the plan accepts (default: {plan['max_bag'].default})")
-    eng.add_argument("--precision", choices=["fp16", "fp32"], help=f"tensorrt (default: {plan['precision'].default}); "
-                     "torch, for a patch encoder on a GPU (default: fp32)")
+    eng.add_argument("--precision", choices=["fp16", "bf16", "fp32"], help=f"tensorrt: fp16 or fp32 (default: "
+                     f"{plan['precision'].default}); torch, for a patch encoder: fp16 on a GPU, bf16 on a GPU or a CPU "
+                     "with AVX512-BF16/AMX (default: fp32)")
     eng.add_argument("--device", choices=["cpu", "cuda"], help="torch: the package's device (default: this machine's)")
     eng.add_argument(
         "--kernels",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = ["cox_ph_loss", "nll_discrete_loss", "fit_time_bins", "assign_time_bins"]
 

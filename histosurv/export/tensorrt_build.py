@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..data.atomic import atomic_path
-from ..errors import HistosurvError
+from ..errors import HistosurvError, InputError
 from ..runtime.manifest import BuiltFor, EngineEntry
 from ..runtime.repository import ModelVersion
 
@@ -67,7 +67,7 @@ def build_plan(
     from .fp16 import to_fp16
 
     if precision not in ("fp16", "fp32"):
-        raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
+        raise InputError(f"a TensorRT plan is built in fp16 or fp32, not {precision!r}")
     source = version.engine_file(source_key)
     proto = onnx.load(str(source))
     if precision == "fp16":

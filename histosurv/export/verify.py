@@ -41,7 +41,7 @@ __all__ = ["DEFAULT_SIZES", "ENCODER_BATCHES", "ENCODER_COSINE", "TOLERANCES", "
 DEFAULT_SIZES = (1, 17, 1000, 16384)
 ENCODER_BATCHES = (1, 4, 16)
 RISK_FLOOR = 0.01
-TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2}  # relative, per the precision an engine computes in
+TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}  # relative, per the precision an engine computes in
 ENCODER_COSINE = 0.999  # FP16 encoder engines: the smallest cosine similarity allowed for any patch's features
 
 
@@ -152,7 +152,7 @@ def verify_version(
         engine, checked_sizes = _load_checked(mv, engine_name, sizes)
         limit = tolerance if tolerance is not None else TOLERANCES[engine.precision]
         report = ParityReport(engine_name, engine.device, getattr(engine, "providers", []), limit)
-        if is_encoder and engine.precision == "fp16":
+        if is_encoder and engine.precision in ("fp16", "bf16"):
             report.min_cosine = ENCODER_COSINE
         for n in checked_sizes:
             if is_encoder:
