@@ -32,6 +32,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/slides.py --svs "$$($(BIN)/python -c "from histosurv.data.demo_slide import demo_slide; print(demo_slide())")"
 	$(BIN)/python bench/server.py
 	$(BIN)/python bench/batch.py
+	$(BIN)/python bench/encoders.py
 
 # On a GPU box (offline, bare): build the CUDA kernels, run the GPU tests, measure every GPU path, and write
 # gpu-check.json / .md / .log into GPU_CHECK_OUT. It runs on the box's own Python and CUDA torch, never

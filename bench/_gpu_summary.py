@@ -176,6 +176,23 @@ def _slides(stage: dict) -> list[str]:
     ])
 
 
+def _encoders(stage: dict) -> list[str]:
+    data = stage["figures"]
+    rows = data.get("rows", [])
+    return ["Patches per second at the batch shown; vs eager = against the model as TRIDENT runs it (eager, "
+            "autocast) in the same run; cosine = smallest per-patch cosine against the eager FP32 features.", ""] + _table(rows, [
+        ("encoder", lambda r: r["encoder"]),
+        ("engine", lambda r: r["engine"] if r.get("status") == "ok" else f"{r['engine']} ({r.get('status')}: {r.get('detail', '')[:60]})"),
+        ("precision", lambda r: r.get("precision", "-")),
+        ("batch", lambda r: str(r["batch"])),
+        ("patches/s", lambda r: _num(r.get("patches_per_s"), ".0f")),
+        ("vs eager", lambda r: _num(r.get("vs_eager"), ".2f")),
+        ("GPU MB", lambda r: _num(r["gpu_extra_bytes"] / 1e6 if "gpu_extra_bytes" in r else None, ".0f")),
+        ("max rel", lambda r: _num(r.get("max_rel"), ".1e")),
+        ("cosine", lambda r: _num(r.get("min_cosine"), ".5f")),
+    ])
+
+
 def _environment(stage: dict) -> list[str]:
     torch = stage["figures"].get("torch") or {}
     if torch.get("error"):
@@ -185,5 +202,5 @@ def _environment(stage: dict) -> list[str]:
 
 SECTIONS: dict[str, Callable[[dict], list[str]]] = {
     "environment": _environment, "tests": _tests, "kernels": _kernels, "engines": _engines,
-    "kernel-engines": _kernel_engines, "slides": _slides,
+    "kernel-engines": _kernel_engines, "slides": _slides, "encoders": _encoders,
 }

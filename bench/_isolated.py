@@ -60,7 +60,16 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory since the last :func:`reset_peak_rss`."""
+    """This process's peak resident memory since the last :func:`reset_peak_rss`: VmHWM, which
+    clear_refs resets (``ru_maxrss`` is never reset, and starts at the parent's peak), or ``ru_maxrss``
+    where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 

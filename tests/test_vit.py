@@ -206,3 +206,24 @@ def test_full_size_uni_exports_fused_verifies_and_tiles_the_real_slide(cmu_svs, 
     assert features.shape == (34, 1024) and np.isfinite(features).all()  # the demo's 34 tissue patches
     assert (record.architecture, record.feature, record.patch_size, record.input_size) == ("uni", "cls", 256, 224)
     assert record.preprocessing.resize_filter == "bilinear-antialias"
+
+
+def test_export_refuses_another_architectures_file_by_name_and_leaves_the_repository_as_it_was(tmp_path):
+    """`histosurv export --encoder uni --weights` given CTransPath's checkpoint: exit 2 naming the file
+    and the keys, and not one file of the repository added or changed."""
+    from safetensors.torch import save_file
+
+    from histosurv.export.models.swin import build_ctranspath
+
+    from .conftest import run_cli
+
+    weights = tmp_path / "ctranspath.safetensors"
+    save_file(build_ctranspath(depths=(1, 1, 1, 1)).trunk.state_dict(), str(weights))
+    repo = tmp_path / "repo"
+    (repo / "uni_encoder").mkdir(parents=True)
+    (repo / "uni_encoder" / "notes.txt").write_text("a lab's own file\n")
+    before = sorted((p.relative_to(repo), p.read_bytes()) for p in repo.rglob("*") if p.is_file())
+    out = run_cli("export", "--encoder", "uni", "--weights", weights, "--repo", repo)
+    assert out.returncode == 2, out.stderr
+    assert "ctranspath.safetensors: uni weights" in out.stderr and "missing" in out.stderr and "cls_token" in out.stderr
+    assert sorted((p.relative_to(repo), p.read_bytes()) for p in repo.rglob("*") if p.is_file()) == before
