@@ -225,5 +225,6 @@ def test_export_refuses_another_architectures_file_by_name_and_leaves_the_reposi
     before = sorted((p.relative_to(repo), p.read_bytes()) for p in repo.rglob("*") if p.is_file())
     out = run_cli("export", "--encoder", "uni", "--weights", weights, "--repo", repo)
     assert out.returncode == 2, out.stderr
-    assert "ctranspath.safetensors: uni weights" in out.stderr and "missing" in out.stderr and "cls_token" in out.stderr
+    assert "ctranspath.safetensors: not uni weights (timm layout): missing 340 keys (blocks.0.attn.proj.bias" in out.stderr
+    assert "unexpected 81 keys (layers.0.blocks.0.attn.proj.bias" in out.stderr
     assert sorted((p.relative_to(repo), p.read_bytes()) for p in repo.rglob("*") if p.is_file()) == before
