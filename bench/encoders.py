@@ -20,7 +20,7 @@ does the same work from uint8 patches to features.
 
 Engines: ``onnxruntime`` (model.onnx, FP32, fused attention), ``torch`` (AOTInductor package for the
 CPU), ``torch_bf16`` (the same in bfloat16 after an FP32 preprocessing: native on CPUs with AVX512-BF16
-or AMX, emulated and slow on others), and on a GPU ``torch_cuda_fp16`` (AOTInductor, FP16) and
+or AMX; nothing to gain on others), and on a GPU ``torch_cuda_fp16`` (AOTInductor, FP16) and
 ``onnxruntime_fp16`` where ONNX Runtime has its CUDA provider; an engine this machine cannot build or
 run becomes a row saying why. (No TensorRT row: histosurv builds no encoder plan yet; the opset-23
 graph it would be built from is exported and verified.)
