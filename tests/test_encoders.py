@@ -242,7 +242,7 @@ def test_an_encoder_compiled_with_aotinductor_matches_pytorch_and_is_served_by_n
 
     repo = tmp_path / "repo"
     export_encoder(repo, "resnet18", patch_size=128)
-    with pytest.raises(InputError, match="an FP16 encoder package is for GPUs"):
+    with pytest.raises(InputError, match="an encoder package for cpu computes in fp32 or bf16, not .fp16. \\(FP16 is for GPUs"):
         add_engine(repo, "resnet18_encoder", "torch", device="cpu", precision="fp16")
     with pytest.raises(InputError, match="--kernels do not apply to the torch artifact of a patch encoder \\(it takes --device, --precision\\)"):
         add_engine(repo, "resnet18_encoder", "torch", kernels="triton")
