@@ -261,6 +261,27 @@ def test_an_encoder_compiled_with_aotinductor_matches_pytorch_and_is_served_by_n
     assert got.shape == (7, 512) and np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
+def test_tile_through_a_compiled_encoder_writes_its_engine_facts(cmu_svs, tmp_path):
+    """The torch engine's facts (torch's version object, no kernels) must be writable h5 attributes."""
+    import h5py
+
+    from histosurv.export.repository_writer import add_engine
+
+    from .conftest import run_cli
+
+    repo = tmp_path / "repo"
+    export_encoder(repo, "resnet18", patch_size=128, artifacts=())
+    add_engine(repo, "resnet18_encoder", "torch", device="cpu")
+    out = run_cli("tile", cmu_svs, "--repo", repo, "--encoder", "resnet18_encoder", "--encoder-engine", "torch",
+                  "--out", tmp_path / "cmu.h5")
+    assert out.returncode == 0, out.stderr
+    with h5py.File(tmp_path / "cmu.h5") as f:
+        attrs = dict(f.attrs)
+        assert f["features"].shape[1] == 512
+    assert (attrs["encoder_engine"], attrs["encoder_backend"], attrs["encoder_precision"]) == ("torch", "torch", "fp32")
+    assert attrs["encoder_torch"] == torch.__version__ and attrs["encoder_kernels"] == "none"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_an_encoder_package_for_cuda_matches_pytorch(tmp_path, precision):

@@ -131,7 +131,9 @@ def write_bag(path: str | os.PathLike, bag: Bag) -> Path:
             features = f.create_dataset("features", data=bag.features.astype(np.float32), chunks=chunk)
             coords = f.create_dataset("coords", data=bag.coords.astype(np.int64), chunks=(chunk[0], 2))
             for k, v in bag.attrs.items():
-                f.attrs[k] = v
+                if v is None:  # HDF5 has no null: an attribute that is not known is not written
+                    continue
+                f.attrs[k] = str(v) if isinstance(v, str) else v  # str subclasses (torch's version) as str
             for k, v in clam_coords_attrs(bag.attrs, Path(path).stem).items():
                 coords.attrs[k] = v
             if "encoder" in bag.attrs:

@@ -94,4 +94,5 @@ class TorchEngine(Engine):
         return {name: v.detach().cpu().numpy() for name, v in zip(self._output_names, values)}
 
     def describe(self) -> dict:
-        return {**super().describe(), "torch": self._torch.__version__, "kernels": self.entry.kernels}
+        # plain str, not torch's TorchVersion: these facts end up in h5 attributes and JSON
+        return {**super().describe(), "torch": str(self._torch.__version__), "kernels": self.entry.kernels or "none"}
