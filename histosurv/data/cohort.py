@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import InputError
 from .encoder_record import EncoderRecord, record_from_attrs
 from .features import Bag, bag_path, read_bag
-from .tables import GeneTable, Patient, patients_from_clinical, read_clinical
+from .tables import ClinicalColumns, GeneTable, Patient, patients_from_clinical, read_clinical
 
 __all__ = ["BagStore", "Cohort", "load_cohort", "training_encoder", "case_files"]
 
@@ -70,6 +70,7 @@ def load_cohort(
     features_dir: str | os.PathLike | None,
     genes: Sequence[str] | None = None,
     check_bags: bool = True,
+    columns: ClinicalColumns | None = None,
 ) -> Cohort:
     """Reads the three inputs and cross-checks them before any training starts.
 
@@ -78,8 +79,9 @@ def load_cohort(
     now, named, not hours later.
     Without ``features_dir`` the cohort is genes-only (for models that read no patches) and the
     clinical table may have one row per case and no ``slide_id``.
+    ``columns`` names the clinical table's columns where they are not the MCAT ones (see ``ClinicalColumns``).
     """
-    patients = patients_from_clinical(read_clinical(clinical, require_slides=features_dir is not None))
+    patients = patients_from_clinical(read_clinical(clinical, require_slides=features_dir is not None, columns=columns))
     table = GeneTable.read(gene_table)
     names = list(genes) if genes is not None else table.numeric_genes()
     if not names:
