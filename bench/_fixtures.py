@@ -71,7 +71,7 @@ def build_repository(repo: Path) -> dict:
     cohort_dir = write_cohort(work / "cohort", encoder.encoder_record)
     cohort = load_cohort(cohort_dir / "clinical.csv", cohort_dir / "genes.csv", cohort_dir / "features")
     result = train(cohort, MODEL, AMMASurvConfig(n_genes=N_GENES),
-                   TrainConfig(seed=0, max_epochs=1, patience=1, batch_size=16, patches_per_slide=8))
+                   TrainConfig(seed=0, epochs=1, batch_size=16, patches_per_slide=8, baseline=False))
     seconds["train"] = time.perf_counter() - t
     t = time.perf_counter()
     run = save_run(work / "run", result, cohort)

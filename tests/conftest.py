@@ -34,7 +34,7 @@ def tiny_model_config(**overrides) -> AMMASurvConfig:
     return AMMASurvConfig(**values)
 
 
-TINY_TRAIN = TrainConfig(seed=0, max_epochs=2, patience=2, batch_size=16, patches_per_slide=8)
+TINY_TRAIN = TrainConfig(seed=0, epochs=2, batch_size=16, patches_per_slide=8, baseline=False)
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +73,7 @@ def slide_repo(tmp_path_factory):
     cohort_config = dataclasses.replace(TINY_SYNTH, feature_dim=512)
     cohort_dir = write_synthetic_cohort(root / "cohort", cohort_config, encoder_record=encoder.encoder_record)
     cohort = load_cohort(cohort_dir / "clinical.csv", cohort_dir / "genes.csv", cohort_dir / "features")
-    result = train(cohort, "ammasurv", tiny_model_config(feature_dim=512), dataclasses.replace(TINY_TRAIN, max_epochs=1))
+    result = train(cohort, "ammasurv", tiny_model_config(feature_dim=512), dataclasses.replace(TINY_TRAIN, epochs=1))
     run = save_run(root / "run", result, cohort)
     export_run(run, repo, "ammasurv", artifacts=())
     return repo, cohort_dir, cohort.patients[0].case_id

@@ -17,7 +17,7 @@ from histosurv.export.models.encoders import ENCODERS
 from .conftest import run_cli
 
 TINY_MODEL_FLAGS = ["--pos-dim", "8", "--gene-groups", "4", "--heads", "4", "--head-hidden", "16"]
-TINY_TRAIN_FLAGS = ["--max-epochs", "2", "--patience", "2", "--batch-size", "16", "--patches-per-slide", "8"]
+TINY_TRAIN_FLAGS = ["--epochs", "2", "--no-baseline", "--batch-size", "16", "--patches-per-slide", "8"]
 
 
 def test_cli_chain_synth_train_export_verify_predict(tmp_path, capsys):
@@ -244,7 +244,7 @@ def test_every_flag_says_what_it_does_its_default_and_its_choices():
     assert train["modality"].choices == ["both", "image", "genes"]
     assert train["survival_head"].choices == ["cox", "discrete"] and train["fusion"].choices == ["bilinear", "concat"]
     assert "snn 256,256,256,256" in train["hidden"].help and "mome 100,200,300,400,500,600" in train["omic_sizes"].help
-    assert "Adam learning rate (default: 0.0002)" == train["lr"].help
+    assert "peak AdamW learning rate (default: 0.0002)" == train["lr"].help
     serve = {a.dest: a for a in commands["serve"]._actions}
     assert serve["max_batch"].default == 64 and "default: 64" in serve["max_batch"].help  # ExecutionConfig's
     assert set(commands["export"]._option_string_actions["--encoder"].choices) == set(ENCODERS) >= {"resnet18", "uni", "virchow2"}

@@ -29,6 +29,7 @@ CONFIGS = {
     "early_fusion": dict(n_genes=12, feature_dim=32),
     "ghanet": dict(feature_dim=32, dim=64, heads=4, ffn_mult=2, gate_hidden=16, compress_dim=16),
     "mome": dict(omic_sizes=UCEC, feature_dim=64, dim=64, heads=2, num_landmarks=32),
+    "coxnet": dict(n_genes=12, feature_dim=32),
 }
 # Run without genes: nothing (image only) or the documented optional genes
 EXPECTED_GENES = {
@@ -39,6 +40,7 @@ EXPECTED_GENES = {
     "porpoise": "optional",
     "early_fusion": "required",
     "mome": "required",
+    "coxnet": "required",
 }
 
 

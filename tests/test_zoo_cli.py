@@ -15,7 +15,8 @@ GROUPS = "4,4,4,4,4,4"  # the tiny cohort's 24 genes as six signature groups
 OPTIONS = {
     "abmil": [],
     "snn": ["--hidden", "32,32"],
-    "mcat": ["--omic-sizes", GROUPS],
+    "mcat": [],  # no --omic-sizes: the plain gene table's default grouping, six groups in table order
+    "coxnet": [],
     "porpoise": ["--modality-dropout", "0.25"],
     "early_fusion": [],
     "ghanet": ["--dim", "32", "--heads", "4", "--gate-hidden", "16", "--compress-dim", "16", "--recon-sizes", GROUPS],
@@ -29,11 +30,19 @@ def test_train_export_verify_predict(name, tiny_cohort_dir, tmp_path, capsys):
     run, repo = tmp_path / "run", tmp_path / "repo"
     data = ["--clinical", str(d / "clinical.csv"), "--genes", str(d / "genes.csv"), "--features-dir", str(d / "features")]
     train = ["train", "--architecture", name, *data, "--out", str(run), *OPTIONS[name]]
-    assert main(train + ["--max-epochs", "2", "--batch-size", "16", "--patches-per-slide", "8"]) == 0
+    assert main(train + ["--epochs", "2", "--stop", "val_loss", "--batch-size", "16", "--patches-per-slide", "8"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert np.isfinite(metrics["val_c_index"])
-    history = pd.read_csv(run / "history.csv")
-    assert np.isfinite(history["train_loss"]).all()
+    if name == "coxnet":  # no epochs: its penalty is chosen by inner cross-validation, on the validation patients too
+        assert np.isfinite(metrics["test_c_index"])
+    else:
+        assert np.isfinite(metrics["val_c_index"])
+        history = pd.read_csv(run / "history.csv")
+        assert np.isfinite(history["train_loss"]).all()
+        baseline = json.loads((run / "baseline.json").read_text())
+        assert baseline["architecture"] == "coxnet" and baseline["patients"] == metrics["patients"]
+    if name == "mcat":
+        assert json.loads((run / "config.json").read_text())["model"]["omic_sizes"] == [4] * 6
+        assert "the 24 genes are split in table order into 6 groups of 4, 4, 4, 4, 4, 4" in capsys.readouterr().out
 
     assert main(["export", "--run", str(run), "--repo", str(repo), "--name", name, "--artifacts", "none"]) == 0
     assert main(["verify", "--repo", str(repo), "--model", name, "--sizes", "1,17,1000"]) == 0

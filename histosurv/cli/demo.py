@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="demo_output", help="working folder, replaced on each run (default: demo_output)")
     p.add_argument("--patients", type=int, default=400, help="patients in the synthetic cohort (default: 400)")
     p.add_argument("--seed", type=int, default=0, help="draws the cohort and seeds training (default: 0)")
-    p.add_argument("--max-epochs", type=int, default=20, help="training epochs at most (default: 20)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: AMMASurv's recipe)")
     p.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime")
     p.add_argument("--slide", help="slide to score at the end (default: the bundled CMU Aperio SVS, fetched once)")
     p.add_argument("--encoder-weights", help="torchvision ResNet18 state_dict for the patch encoder (default: seeded init)")
@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from ..export.models.ammasurv import AMMASurvConfig
     from ..export.repository_writer import export_run
     from ..export.run import save_run
-    from ..export.training import TrainConfig, train
+    from ..export.cross_validation import baseline_config
+    from ..export.training import recipe, train
     from ..export.verify import verify_version
     from ..data.demo_slide import demo_slide
     from ..data.features import write_bag
@@ -79,11 +80,15 @@ def run(args: argparse.Namespace) -> int:
         n_slides = sum(len(p.slide_ids) for p in cohort.patients)
         print(f"{len(cohort.patients)} patients, {n_slides} slides, {len(cohort.gene_names)} genes -> {cohort_dir}")
 
-    with stage("train AMMASurv"):
+    with stage("train AMMASurv, and the coxnet baseline on the same patients"):
         model_cfg = AMMASurvConfig(n_genes=len(cohort.gene_names), feature_dim=cohort.feature_dim)
-        result = train(cohort, "ammasurv", model_cfg, TrainConfig(seed=args.seed, max_epochs=args.max_epochs), log=print)
-        save_run(out / "run", result, cohort)
-        print(f"best epoch {result.best_epoch}, validation c-index {result.val_c_index:.4f}")
+        epochs = {"epochs": args.epochs} if args.epochs else {}
+        train_cfg = recipe("ammasurv", seed=args.seed, **epochs)
+        result = train(cohort, "ammasurv", model_cfg, train_cfg, log=print)
+        baseline = train(cohort, "coxnet", baseline_config("ammasurv", model_cfg, cohort), train_cfg, splits=result.splits)
+        save_run(out / "run", result, cohort, baseline=baseline)
+        print(f"{len(result.history)} epochs; held-out c-index AMMASurv {result.test_c_index:.4f}, "
+              f"coxnet {baseline.test_c_index:.4f} (penalty {baseline.model.chosen_alpha:.3g})")
 
     with stage("export"):
         mv = export_run(out / "run", out / "model_repository", "ammasurv")
@@ -122,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         slide_risk = predictor.slide(features.bag, predictor.genes_for(gene_table, case.case_id))
         _slide_summary(slide, features, slide_risk, case.case_id, encoder_version, args.encoder_weights)
 
-    _summary(stage, c, len(patients), result, reports, predictor, time.perf_counter() - total)
+    _summary(stage, c, len(patients), result, baseline, reports, predictor, time.perf_counter() - total)
     return 0 if all(r.passed for r in reports) else 1
 
 
@@ -158,10 +163,11 @@ def _slide_summary(slide: Path, features, slide_risk, case_id: str, encoder_vers
     )
 
 
-def _summary(stage: Stages, c, n_held_out: int, result, reports, predictor, total: float) -> None:
+def _summary(stage: Stages, c, n_held_out: int, result, baseline, reports, predictor, total: float) -> None:
     print("\n== summary")
     print(f"held-out c-index (ONNX Runtime, {n_held_out} patients): {c.c_index:.4f}")
     print(f"held-out c-index (PyTorch, same patients, at training):  {result.test_c_index:.4f}")
+    print(f"held-out c-index of coxnet (same patients, linear baseline): {baseline.test_c_index:.4f}")
     for r in reports:
         print(f"parity {r.engine}: largest relative risk difference {r.max_risk_rel:.1e} ({'pass' if r.passed else 'FAIL'})")
     print(f"runtime stages: read {predictor.timings['read']:.2f} s, fuse {predictor.timings['fuse']:.2f} s")

@@ -42,6 +42,8 @@ def add_parser(sub) -> None:
     enc.add_argument("--mpp", type=float, metavar="UM_PER_PX",
                      help="µm/px the encoder's patches are cut at (default: the encoder's, 0.5 for the ResNets)")
     run = p.add_argument_group("with --run")
+    run.add_argument("--fold", type=int, help="a cross-validated run: export fold K's model (folds/K) instead of the "
+                     "model refitted on every patient")
     run.add_argument("--artifacts", type=_artifacts,
                      help=f"artifacts besides model.onnx and the opset-23 graph, comma-separated "
                      f"(default: {','.join(extra)}; none for neither; torch compiles for about a minute)")
@@ -81,6 +83,7 @@ def run_export(args: argparse.Namespace) -> int:
         "--patch-size": args.patch_size is not None and not args.encoder,
         "--mpp": args.mpp is not None and not args.encoder,
         "--artifacts": args.artifacts is not None and not args.run,
+        "--fold": args.fold is not None and not args.run,
         "--replace": args.replace and not args.add_engine,
         "--max-bag": args.max_bag is not None and not args.add_engine,
         "--precision": args.precision is not None and not args.add_engine,
@@ -96,7 +99,10 @@ def run_export(args: argparse.Namespace) -> int:
         return _add_engine(args)
     from ..export.repository_writer import export_run
 
-    mv = export_run(args.run, args.repo, args.name, args.version, log=print, artifacts=args.artifacts)
+    from ..export.run import run_to_export
+
+    mv = export_run(run_to_export(args.run, args.fold), args.repo, args.name, args.version, log=print,
+                    artifacts=args.artifacts)
     onnx = mv.info.engines["onnxruntime"]
     print(
         f"exported {mv.name} version {mv.version} to {mv.path}: model.onnx (opset {onnx.details['opset']}, "
@@ -114,7 +120,7 @@ def _goes_with(flag: str) -> str:
 
     if flag in ("--weights", "--patch-size", "--mpp"):
         return "--encoder"
-    if flag == "--artifacts":
+    if flag in ("--artifacts", "--fold"):
         return "--run"
     option = flag[2:].replace("-", "_")
     owners = sorted({a.name for a in ARTIFACTS if option in a.options})

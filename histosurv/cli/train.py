@@ -6,7 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
-from ._options import add_dataclass_options, add_union_options, dataclass_values, given_values
+from ._options import add_dataclass_options, add_union_options, given_values
 
 # Fields the data decides, not the user.
 DERIVED = ("n_genes", "feature_dim", "pos_scale")
@@ -16,11 +16,16 @@ def add_parser(sub) -> None:
     from ..export.models import MODELS
     from ..export.training import TrainConfig
 
+    from ..export.training import RECIPES
+
     p = sub.add_parser(
         "train",
-        help="train a survival model (seeded; early stopping on a validation split, scored on a test split)",
+        help="train a survival model (seeded; K-fold cross-validation or one split; coxnet baseline beside it)",
         description="Writes a run directory (config, weights, history, splits, metrics) for 'histosurv export'. "
-        "Model options apply to the architectures named in their help; each keeps its own defaults.",
+        "With enough patients (at least 100, and 25 events) it cross-validates 5 folds and refits on every "
+        "patient; --folds 1 trains on one split. Model options apply to the architectures named in their help; "
+        "each keeps its own defaults. Training options default to the architecture's recipe: "
+        + "; ".join(f"{name}: {', '.join(f'{k} {v}' for k, v in r.items()) or 'the defaults'}" for name, r in sorted(RECIPES.items())),
     )
     p.add_argument("--clinical", required=True, help="CSV: case_id, slide_id, survival_months, censorship (1 = censored)")
     p.add_argument("--genes", required=True, help="CSV: case_id and one column per gene")
@@ -38,7 +43,19 @@ def add_parser(sub) -> None:
     configs = {name: spec.config_cls for name, spec in MODELS.items()}
     add_union_options(p, configs, exclude=DERIVED, title="model (each option names the architectures it applies to)",
                       choices=model_choices())
-    add_dataclass_options(p, TrainConfig, title="training")
+    add_dataclass_options(p, TrainConfig, title="training (defaults: the architecture's recipe, see above)")
+    for action in p._actions:  # a flag not given keeps the recipe's value
+        if action.dest in TrainConfig.__dataclass_fields__:
+            action.default = argparse.SUPPRESS
+    cv = p.add_argument_group("cross-validation")
+    cv.add_argument("--folds", type=int, help="K-fold cross-validation at the patient level, stratified by event and "
+                    "time; 1 = a single train/test split (default: 5 with at least 100 patients and 25 events, else 1)")
+    cv.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
+                    help="after cross-validation, train once more on every patient; that model is the run's, and "
+                    "'histosurv export --run RUN' exports it (--no-refit: export a fold, --fold K)")
+    from ._clinical_options import add_clinical_column_options
+
+    add_clinical_column_options(p)
     p.set_defaults(handler=run)
 
 
@@ -67,40 +84,130 @@ def run(args: argparse.Namespace) -> int:
     from ..data.cohort import load_cohort
     from ..errors import InputError
     from ..export.models import MODELS, config_from_dict
-    from ..export.run import save_run
-    from ..export.training import TrainConfig, train
+    from ..export.training import recipe
+    from ._clinical_options import clinical_columns_from_args
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if Path(args.out).exists() and not args.overwrite:
         raise InputError(f"{args.out} already exists; choose another --out or pass --overwrite")
     genes = _gene_list(args.gene_list) if args.gene_list else None
-    cohort = load_cohort(args.clinical, args.genes, args.features_dir, genes=genes)
+    columns = clinical_columns_from_args(args)
+    cohort = load_cohort(args.clinical, args.genes, args.features_dir, genes=genes, columns=columns)
     fields = MODELS[args.architecture].config_cls.__dataclass_fields__
     derived = {"n_genes": len(cohort.gene_names)}
     if cohort.bags is not None:
         derived.update(feature_dim=cohort.feature_dim, pos_scale=_patch_size_level0(cohort))
     try:
         values = dict(model_values(args, args.architecture), **{k: v for k, v in derived.items() if k in fields})
+        values = default_model_values(args.architecture, values)
+        if args.architecture == "coxnet" and cohort.bags is None and "modality" not in values:
+            values["modality"] = "genes"  # no --features-dir: the linear model of the genes
         model_cfg = config_from_dict(args.architecture, values)
-        train_cfg = TrainConfig(**dataclass_values(args, TrainConfig))
+        train_cfg = recipe(args.architecture, **{k: getattr(args, k) for k in _train_fields() if hasattr(args, k)})
     except (ValueError, TypeError) as e:
         raise InputError(f"{args.architecture}: {flag_names(str(e), derived)}") from e
     for note in cohort.encoder_notes:
         print(f"histosurv train: note: {note}")
+    folds = choose_folds(args.folds, cohort)
+    extra = {"clinical_columns": columns.to_dict()}
     what = f"{cohort.feature_dim}-d patch features" if cohort.bags is not None else "no patch features"
-    print(f"training {args.architecture} on {len(cohort.patients)} patients, {len(cohort.gene_names)} genes, {what}")
+    n_events = int(cohort.times_events(range(len(cohort.patients)))[1].sum())
+    print(f"training {args.architecture} on {len(cohort.patients)} patients ({n_events} events), "
+          f"{len(cohort.gene_names)} genes, {what}")
     try:
-        result = train(cohort, args.architecture, model_cfg, train_cfg, log=print)
+        if folds > 1:
+            return _cross_validate(args, cohort, model_cfg, train_cfg, folds, extra)
+        return _single_split(args, cohort, model_cfg, train_cfg, extra)
     except ValueError as e:
         raise InputError(str(e)) from e
-    save_run(args.out, result, cohort, overwrite=args.overwrite)
+
+
+def _train_fields() -> tuple[str, ...]:
+    from ..export.training import TrainConfig
+
+    return tuple(TrainConfig.__dataclass_fields__)
+
+
+def default_model_values(architecture: str, values: dict, quiet: bool = False) -> dict:
+    """What the data cannot decide and the user did not give: MCAT-family gene groups on a plain table."""
+    from ..export.models import MODELS
+    from ..export.models.gene_groups import default_groups
+
+    fields = MODELS[architecture].config_cls.__dataclass_fields__
+    if "omic_sizes" in fields and not values.get("omic_sizes"):
+        values = dict(values, omic_sizes=default_groups(values["n_genes"]))
+        if not quiet:
+            print(f"histosurv train: note: no --omic-sizes given; the {values['n_genes']} genes are split in table order "
+                  f"into {len(values['omic_sizes'])} groups of {', '.join(map(str, values['omic_sizes']))} (see --help)")
+    return values
+
+
+def choose_folds(requested: int | None, cohort) -> int:
+    from ..errors import InputError
+    from ..export.cross_validation import assign_folds
+
+    n = len(cohort.patients)
+    events = int(cohort.times_events(range(n))[1].sum())
+    if requested is None:
+        if n >= 100 and events >= 25:
+            return 5
+        print(f"histosurv train: note: {n} patients and {events} events are too few for 5-fold cross-validation "
+              "(100 and 25 at least); training on one split")
+        return 1
+    if requested < 1:
+        raise InputError(f"--folds must be at least 1, got {requested}")
+    if requested > 1:
+        try:
+            assign_folds(cohort, requested, 0)
+        except ValueError as e:
+            raise InputError(f"--folds {requested}: {e}") from e
+    return requested
+
+
+def _single_split(args, cohort, model_cfg, train_cfg, extra) -> int:
+    from ..export.cross_validation import baseline_config
+    from ..export.run import save_run
+    from ..export.training import split_patients, train
+
+    splits = split_patients(cohort, train_cfg)
+    result = train(cohort, args.architecture, model_cfg, train_cfg, log=print, splits=splits)
+    baseline = None
+    if train_cfg.baseline and args.architecture != "coxnet":
+        baseline = train(cohort, "coxnet", baseline_config(args.architecture, model_cfg, cohort), train_cfg, splits=splits)
+    save_run(args.out, result, cohort, overwrite=args.overwrite, extra_config=extra, baseline=baseline)
+    chosen = f"epoch {result.best_epoch} (best smoothed validation loss)" if train_cfg.uses_validation else \
+        f"the last of {len(result.history)} epochs"
+    if args.architecture == "coxnet":
+        chosen = f"penalty {result.model.chosen_alpha:.4g}"
+    versus = f" vs coxnet {baseline.test_c_index:.4f} on the same patients" if baseline is not None else ""
     print(
-        f"best epoch {result.best_epoch}: validation c-index {result.val_c_index:.4f}, "
-        f"test c-index {result.test_c_index:.4f} ({len(result.splits.test)} held-out patients); "
-        f"{result.seconds:.1f} s; run written to {args.out}"
+        f"{chosen}: test c-index {args.architecture} {result.test_c_index:.4f}{versus} "
+        f"({len(result.splits.test)} held-out patients); {result.seconds:.1f} s; run written to {args.out}"
     )
     return 0
+
+
+def _cross_validate(args, cohort, model_cfg, train_cfg, folds, extra) -> int:
+    from ..export.cross_validation import cross_validate
+    from ..export.run import save_cv_run
+
+    cv = cross_validate(cohort, args.architecture, model_cfg, train_cfg, k=folds, refit=args.refit, log=print)
+    save_cv_run(args.out, cv, cohort, overwrite=args.overwrite, extra_config=extra)
+    s = cv.summary(cohort)
+    line = f"{folds}-fold cross-validation: {args.architecture} {_pm(s['model'])}"
+    if "coxnet" in s:
+        line += f" vs coxnet {_pm(s['coxnet'])} on the same folds"
+    print(line)
+    print(f"pooled out-of-fold c-index: {args.architecture} {s['model']['c_index_pooled']:.4f}"
+          + (f", coxnet {s['coxnet']['c_index_pooled']:.4f}" if "coxnet" in s else ""))
+    model = "the model refitted on every patient" if cv.refit else "no refit (export a fold: --fold K)"
+    print(f"{cv.seconds:.1f} s; run written to {args.out} ({model}; folds in {args.out}/folds)")
+    return 0
+
+
+def _pm(s: dict) -> str:
+    return f"{s['c_index_mean']:.4f} ± {s['c_index_sd']:.4f}"
 
 
 def flag_names(message: str, derived: dict) -> str:

@@ -7,6 +7,12 @@
       history.csv          one row per epoch
       splits.csv           case_id -> train / val / test
       test_predictions.csv held-out risks with outcomes
+      baseline.json        coxnet's c-index on the same patients (when the baseline was fitted)
+
+A cross-validated run (``histosurv train --folds K``) has the same files for the model refitted on
+every patient (its ``test_predictions.csv`` are the out-of-fold risks, its ``splits.csv`` the folds,
+its ``metrics.json`` the cross-validated summary), and one complete run per fold in ``folds/<k>/``,
+each exportable on its own.
 """
 
 from __future__ import annotations
@@ -28,16 +34,30 @@ from ..errors import InputError, MissingInputError
 from .models import build_model
 from .training import TrainResult
 
-__all__ = ["save_run", "load_run", "load_weights", "RUN_CONFIG", "RUN_WEIGHTS"]
+__all__ = ["save_run", "save_cv_run", "run_to_export", "load_run", "load_weights", "RUN_CONFIG", "RUN_WEIGHTS"]
 
 RUN_CONFIG, RUN_WEIGHTS = "config.json", "model.safetensors"
 
 
-def save_run(out_dir: str | os.PathLike, result: TrainResult, cohort: Cohort, overwrite: bool = False) -> Path:
+def save_run(
+    out_dir: str | os.PathLike,
+    result: TrainResult,
+    cohort: Cohort,
+    overwrite: bool = False,
+    extra_config: dict | None = None,
+    baseline: TrainResult | None = None,
+) -> Path:
+    """``extra_config``: more facts of how the run was made (the clinical column mapping), kept in config.json."""
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        _write_run(tmp, _config(result, cohort, extra_config), result, cohort, baseline)
+    return Path(out_dir)
+
+
+def _config(result: TrainResult, cohort: Cohort, extra_config: dict | None) -> dict:
     encoder = cohort.encoder
     if encoder is None and cohort.bags is not None:  # a cohort loaded without checking its bags
         encoder, _ = training_encoder(cohort.bags, [s for p in cohort.patients for s in p.slide_ids])
-    config = {
+    return {
         "histosurv_version": __version__,
         "architecture": result.architecture,
         "model": asdict(result.model_config),
@@ -46,31 +66,72 @@ def save_run(out_dir: str | os.PathLike, result: TrainResult, cohort: Cohort, ov
         # the encoder the training bags came from: export copies it into the manifest (trained_on)
         "trained_on": to_json_dict(encoder) if encoder is not None else None,
         "time_bins": None if result.time_bins is None else result.time_bins.tolist(),
+        **(extra_config or {}),
     }
+
+
+def _write_run(tmp: Path, config: dict, result: TrainResult, cohort: Cohort, baseline: TrainResult | None) -> None:
     names = result.splits.name_of()
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        (tmp / RUN_CONFIG).write_text(json.dumps(config, indent=1))
-        save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, str(tmp / RUN_WEIGHTS))
-        (tmp / "metrics.json").write_text(json.dumps(_metrics(result), indent=1))
-        pd.DataFrame(result.history).to_csv(tmp / "history.csv", index=False)
+    (tmp / RUN_CONFIG).write_text(json.dumps(config, indent=1))
+    save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, str(tmp / RUN_WEIGHTS))
+    (tmp / "metrics.json").write_text(json.dumps(_metrics(result), indent=1))
+    pd.DataFrame(result.history).to_csv(tmp / "history.csv", index=False)
+    pd.DataFrame(
+        {"case_id": [p.case_id for p in cohort.patients], "split": [names[i] for i in range(len(cohort.patients))]}
+    ).to_csv(tmp / "splits.csv", index=False)
+    if result.test_risks is not None:
+        t, e = cohort.times_events(result.splits.test)
         pd.DataFrame(
-            {"case_id": [p.case_id for p in cohort.patients], "split": [names[i] for i in range(len(cohort.patients))]}
-        ).to_csv(tmp / "splits.csv", index=False)
-        if result.test_risks is not None:
-            t, e = cohort.times_events(result.splits.test)
-            pd.DataFrame(
-                {
-                    "case_id": [cohort.patients[i].case_id for i in result.splits.test],
-                    "risk": result.test_risks,
-                    "survival_months": t,
-                    "censorship": (~e).astype(int),
-                }
-            ).to_csv(tmp / "test_predictions.csv", index=False)
+            {
+                "case_id": [cohort.patients[i].case_id for i in result.splits.test],
+                "risk": result.test_risks,
+                "survival_months": t,
+                "censorship": (~e).astype(int),
+            }
+        ).to_csv(tmp / "test_predictions.csv", index=False)
+    if baseline is not None:
+        (tmp / "baseline.json").write_text(json.dumps(_metrics(baseline) | {"architecture": "coxnet",
+                                                                           "model": asdict(baseline.model_config)}, indent=1))
+
+
+def save_cv_run(
+    out_dir: str | os.PathLike,
+    cv,
+    cohort: Cohort,
+    overwrite: bool = False,
+    extra_config: dict | None = None,
+) -> Path:
+    """A cross-validated run: the refit model at the top (when there is one), each fold in folds/<k>."""
+    folds_of = cv.folds_of
+    summary = cv.summary(cohort)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for fold in cv.folds:
+            fold_dir = tmp / "folds" / str(fold.fold)
+            fold_dir.mkdir(parents=True)
+            _write_run(fold_dir, _config(fold.result, cohort, extra_config), fold.result, cohort, fold.baseline)
+        head = cv.refit or cv.folds[0].result
+        config = _config(head, cohort, extra_config) | {"cross_validation": {"folds": cv.k, "refit": cv.refit is not None}}
+        if cv.refit is not None:
+            _write_run(tmp, config, cv.refit, cohort, None)
+        else:  # no model at the top: export names a fold
+            (tmp / RUN_CONFIG).write_text(json.dumps(config, indent=1))
+        (tmp / "metrics.json").write_text(json.dumps(summary | ({"refit": _metrics(cv.refit)} if cv.refit else {}), indent=1))
+        pd.DataFrame({"case_id": [p.case_id for p in cohort.patients], "fold": folds_of}).to_csv(tmp / "splits.csv", index=False)
+        t, e = cohort.times_events(range(len(cohort.patients)))
+        oof = {"case_id": [p.case_id for p in cohort.patients], "fold": folds_of, "risk": cv.oof_risks}
+        if cv.oof_baseline is not None:
+            oof["coxnet_risk"] = cv.oof_baseline
+        pd.DataFrame(oof | {"survival_months": t, "censorship": (~e).astype(int)}).to_csv(
+            tmp / "test_predictions.csv", index=False
+        )
     return Path(out_dir)
 
 
 def _metrics(result: TrainResult) -> dict:
-    return {
+    penalty = getattr(result.model, "chosen_alpha", None)  # coxnet: its penalty, and how it was chosen
+    inner = getattr(result.model, "inner_cv", None)
+    extra = {"penalty": penalty, "inner_cv": inner.to_dict() if inner is not None else None} if penalty is not None else {}
+    return extra | {
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "val_c_index": result.val_c_index,
@@ -78,6 +139,24 @@ def _metrics(result: TrainResult) -> dict:
         "patients": {k: len(getattr(result.splits, k)) for k in ("train", "val", "test")},
         "seconds": round(result.seconds, 2),
     }
+
+
+def run_to_export(run_dir: str | os.PathLike, fold: int | None = None) -> Path:
+    """The directory holding the model to export: the run itself, or one fold of a cross-validated run."""
+    run_dir = Path(run_dir)
+    folds = sorted(int(p.name) for p in (run_dir / "folds").glob("*") if p.name.isdigit())
+    if fold is not None:
+        if not folds:
+            raise InputError(f"{run_dir}: --fold {fold} given, but this run was not cross-validated")
+        if fold not in folds:
+            raise InputError(f"{run_dir}: no fold {fold}; the run has folds {', '.join(map(str, folds))}")
+        return run_dir / "folds" / str(fold)
+    if folds and not (run_dir / RUN_WEIGHTS).is_file():
+        raise InputError(
+            f"{run_dir}: this cross-validated run has no model refitted on every patient (trained with --no-refit); "
+            f"export one of its folds: --fold {folds[0]} .. {folds[-1]}"
+        )
+    return run_dir
 
 
 def load_run(run_dir: str | os.PathLike, attention_impl: str = "sdpa") -> tuple[torch.nn.Module, dict]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .ammasurv import AMMASurv, AMMASurvConfig
 from .abmil import ABMIL, ABMILConfig
+from .coxnet import CoxNet, CoxNetConfig
 from .mcat import MCAT, MCATConfig
 from .snn import SNN, SNNConfig
 from .early_fusion import EarlyFusionConfig, EarlyFusionMIL
@@ -46,6 +47,7 @@ MODELS: dict[str, ModelSpec] = {
     "ghanet": ModelSpec(
         "ghanet", GHANetConfig, GHANet, "genome-informed hyper-attention network, WSI-only inference (TMI 2025)"
     ),
+    "coxnet": ModelSpec("coxnet", CoxNetConfig, CoxNet, "elastic-net Cox on mean-pooled features and genes (linear baseline)"),
 }
 
 
