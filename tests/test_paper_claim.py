@@ -17,7 +17,7 @@ from histosurv.data.cohort import load_cohort
 from histosurv.data.synth import SynthConfig, write_synthetic_cohort
 from histosurv.export.concordance import concordance_index
 from histosurv.export.models.ammasurv import AMMASurvConfig
-from histosurv.export.training import TrainConfig, predict_patients, train
+from histosurv.export.training import predict_patients, recipe, train
 
 
 def _cohort(root, seed, n):
@@ -34,7 +34,7 @@ def test_ammasurv_beats_both_single_modality_ablations(tmp_path, capsys):
     scores = {}
     for modality in ("both", "image", "genes"):
         cfg = AMMASurvConfig(n_genes=len(cohort.gene_names), feature_dim=cohort.feature_dim, modality=modality)
-        result = train(cohort, "ammasurv", cfg, TrainConfig(seed=0))
+        result = train(cohort, "ammasurv", cfg, recipe("ammasurv", seed=0, baseline=False))
         risk = predict_patients(result.model, external, everyone)
         scores[modality] = concordance_index(*external.times_events(everyone), risk).c_index
     with capsys.disabled():  # the figures belong in the CI log, pass or fail

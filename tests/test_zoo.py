@@ -115,3 +115,14 @@ def test_optional_genes_are_fed_as_absent_and_required_genes_are_refused(reposit
     early = FusionPredictor.from_repository(repository, "early_fusion", engine="onnxruntime")
     with pytest.raises(InputError, match="needs 'genes'"):
         early.slide(bag, None)
+
+
+def test_default_gene_groups_cut_the_table_into_six_near_equal_groups():
+    from histosurv.export.models.gene_groups import default_groups
+
+    assert default_groups(24) == (4,) * 6
+    assert default_groups(60) == (10,) * 6
+    assert default_groups(200) == (34, 34, 33, 33, 33, 33) and sum(default_groups(200)) == 200
+    assert default_groups(4) == (1, 1, 1, 1)  # fewer genes than groups: one gene each
+    with pytest.raises(ValueError, match="cannot group 0 genes"):
+        default_groups(0)

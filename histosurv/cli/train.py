@@ -43,7 +43,10 @@ def add_parser(sub) -> None:
     configs = {name: spec.config_cls for name, spec in MODELS.items()}
     add_union_options(p, configs, exclude=DERIVED, title="model (each option names the architectures it applies to)",
                       choices=model_choices())
-    add_dataclass_options(p, TrainConfig, title="training (defaults: the architecture's recipe, see above)")
+    from ..export.training import STOPPING
+
+    add_dataclass_options(p, TrainConfig, title="training (defaults: the architecture's recipe, see above)",
+                          choices={"stop": list(STOPPING)})
     for action in p._actions:  # a flag not given keeps the recipe's value
         if action.dest in TrainConfig.__dataclass_fields__:
             action.default = argparse.SUPPRESS
