@@ -162,6 +162,7 @@ def test_verify_records_parity_in_the_manifest(tiny_repo):
         "onnx_opset23": 1e-4, "onnxruntime": 1e-4, "onnxruntime_fp16": 1e-2, "torch": 1e-4
     }
     assert all(r.passed for r in reports.values())
+    assert reports["onnxruntime"].risk_floor == 0.01 and reports["onnxruntime_fp16"].risk_floor == 0.1
     parity = ModelManifest.load(tiny_repo / "ammasurv" / "histosurv.json").versions[1].parity
     for engine, report in reports.items():
         assert parity[engine]["passed"] and parity[engine]["max_risk_rel"] == report.max_risk_rel
