@@ -31,6 +31,10 @@ def add_parser(sub) -> None:
     one.add_argument("--case-id", help="the case's row in the gene table (--genes)")
     one.add_argument("--features", nargs="+", metavar="H5", help="the case's slide feature files")
     one.add_argument("--slide", nargs="+", metavar="SLIDE", help="the case's slide files (.svs, .tiff, ...)")
+    one.add_argument("--covariate", action="append", default=[], metavar="NAME=VALUE",
+                     help="a clinical covariate of the case, for models trained with covariates (repeat: "
+                     "--covariate age=63 --covariate stage=II); those not given are missing values. With "
+                     "--clinical, the covariates are the table's columns")
     many = p.add_argument_group("a table of cases")
     many.add_argument("--clinical", help="CSV with case_id and slide_id (outcomes optional: then the c-index is printed)")
     many.add_argument("--features-dir", help="folder of <slide_id>.h5")
@@ -56,18 +60,23 @@ def run(args: argparse.Namespace) -> int:
         args.repo, args.model, args.version, args.engine, allow_mismatch=args.allow_encoder_mismatch
     )
     genes = GeneTable.read(args.genes) if args.genes else None
+    if args.covariate and args.clinical:
+        raise InputError("--covariate is for one case; with --clinical the covariates are the table's columns")
     if args.slide:
         return _predict_slides(args, predictor, genes, started)
     if args.features:
         if not args.case_id:
             raise InputError("--features needs --case-id (the row of the gene table to use)")
         cases, table = [(args.case_id, args.features)], None
+        covariates = _covariate_table(args, predictor)
     else:
         if not args.features_dir:
             raise InputError("--clinical needs --features-dir")
         table = read_clinical(args.clinical, require_outcome=False)
+        table.attrs["source"] = args.clinical
         cases = case_files(patients_from_clinical(table), args.features_dir)
-    results = score_cases(predictor, cases, genes)
+        covariates = table
+    results = score_cases(predictor, cases, genes, covariates)
     print_notes("predict", predictor.notes)
     _report(args, predictor, results, table, time.perf_counter() - started)
     return 0
@@ -92,8 +101,9 @@ def _predict_slides(args, predictor, genes, started: float) -> int:
         args.allow_encoder_mismatch,
     )
     print_notes("predict", choice.notes)
+    clinical = predictor.clinical_for(_covariate_table(args, predictor), args.case_id, "--covariate")
     slides = [featurize_slide(s, encoder, config, progress_printer(s)) for s in args.slide]
-    result = predictor.patient(args.case_id, [s.bag for s in slides], vector)
+    result = predictor.patient(args.case_id, [s.bag for s in slides], vector, clinical)
     stages = {k: round(sum(s.seconds[k] for s in slides), 3) for k in ("open", "mask", "grid", "read", "encode", "wait")}
     stages["fuse"] = round(predictor.timings["fuse"], 3)
     stages["total"] = round(time.perf_counter() - started, 3)
@@ -112,6 +122,28 @@ def _predict_slides(args, predictor, genes, started: float) -> int:
         "seconds": stages,
     }, indent=1))
     return 0
+
+
+def _covariate_table(args, predictor):
+    """--covariate NAME=VALUE pairs as a one-row table for ``predictor.clinical_for`` (None: none given)."""
+    import pandas as pd
+
+    from ..errors import InputError
+
+    if not args.covariate:
+        return None
+    spec = predictor.clinical_spec
+    if spec is None:
+        raise InputError(f"model {predictor.version.name!r} takes no clinical covariates; drop --covariate")
+    values = {}
+    for item in args.covariate:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise InputError(f"--covariate takes NAME=VALUE, got {item!r}")
+        if name.strip() not in spec.names:
+            raise InputError(f"--covariate {name.strip()!r}: model {predictor.version.name!r} reads {', '.join(spec.names)}")
+        values[name.strip()] = value.strip()
+    return pd.DataFrame([{"case_id": args.case_id, **values}])
 
 
 def _report(args, predictor, results, table, seconds: float) -> None:

@@ -59,7 +59,23 @@ def add_parser(sub) -> None:
     from ._clinical_options import add_clinical_column_options
 
     add_clinical_column_options(p)
+    cov = p.add_argument_group(
+        "clinical covariates",
+        "columns of the clinical table the model takes as a third input (late fusion: a linear term added to "
+        "its log-hazard; coxnet: more columns of its design); optional at inference",
+    )
+    cov.add_argument("--covariates", metavar="COL,COL", type=_names,
+                     help="e.g. age,sex,stage: numeric columns are standardised, text columns one-hot encoded")
+    cov.add_argument("--categorical", metavar="COL,COL", type=_names, default=(),
+                     help="covariates to one-hot encode even though they hold numbers (e.g. grade)")
     p.set_defaults(handler=run)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one column, comma-separated")
+    return names
 
 
 def model_choices() -> dict[str, list[str]]:
@@ -96,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.out} already exists; choose another --out or pass --overwrite")
     genes = _gene_list(args.gene_list) if args.gene_list else None
     columns = clinical_columns_from_args(args)
-    cohort = load_cohort(args.clinical, args.genes, args.features_dir, genes=genes, columns=columns)
+    covariates = _covariates(args)
+    cohort = load_cohort(args.clinical, args.genes, args.features_dir, genes=genes, columns=columns, covariates=covariates)
     fields = MODELS[args.architecture].config_cls.__dataclass_fields__
     derived = {"n_genes": len(cohort.gene_names)}
     if cohort.bags is not None:
@@ -118,12 +135,25 @@ def run(args: argparse.Namespace) -> int:
     n_events = int(cohort.times_events(range(len(cohort.patients)))[1].sum())
     print(f"training {args.architecture} on {len(cohort.patients)} patients ({n_events} events), "
           f"{len(cohort.gene_names)} genes, {what}")
+    if covariates is not None:
+        print(f"clinical covariates: {cohort.covariate_spec(range(len(cohort.patients))).describe()}")
     try:
         if folds > 1:
             return _cross_validate(args, cohort, model_cfg, train_cfg, folds, extra)
         return _single_split(args, cohort, model_cfg, train_cfg, extra)
     except ValueError as e:
         raise InputError(str(e)) from e
+
+
+def _covariates(args):
+    from ..data.covariates import CovariateRequest
+    from ..errors import InputError
+
+    if not args.covariates:
+        if args.categorical:
+            raise InputError("--categorical names covariates; give them with --covariates too")
+        return None
+    return CovariateRequest(tuple(args.covariates), tuple(args.categorical))
 
 
 def _train_fields() -> tuple[str, ...]:

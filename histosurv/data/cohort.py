@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
 from ..errors import InputError
 from .encoder_record import EncoderRecord, record_from_attrs
 from .features import Bag, bag_path, read_bag
+from .covariates import ClinicalSpec, CovariateRequest, encode_table, fit_covariates
 from .tables import ClinicalColumns, GeneTable, Patient, patients_from_clinical, read_clinical
 
 __all__ = ["BagStore", "Cohort", "load_cohort", "training_encoder", "case_files"]
@@ -53,6 +55,21 @@ class Cohort:
     # the encoder every bag was made with (see training_encoder), and what could not be checked
     encoder: EncoderRecord | None = None
     encoder_notes: list[str] = field(default_factory=list)
+    # the clinical covariates asked for at training, and the clinical table's first row per patient
+    covariates: CovariateRequest | None = None
+    table: pd.DataFrame | None = None
+
+    def covariate_spec(self, train_idx: Sequence[int]) -> ClinicalSpec | None:
+        """The covariates' encoding fitted on the patients ``train_idx`` (None without covariates)."""
+        if self.covariates is None:
+            return None
+        return fit_covariates(self.table, self.covariates, list(train_idx))
+
+    def clinical_values(self, spec: ClinicalSpec | None) -> np.ndarray | None:
+        """(P, C) float32 wire values of every patient for ``spec`` (None without covariates)."""
+        if spec is None:
+            return None
+        return encode_table(spec, self.table, [p.case_id for p in self.patients])
 
     @property
     def feature_dim(self) -> int | None:
@@ -71,6 +88,7 @@ def load_cohort(
     genes: Sequence[str] | None = None,
     check_bags: bool = True,
     columns: ClinicalColumns | None = None,
+    covariates: CovariateRequest | None = None,
 ) -> Cohort:
     """Reads the three inputs and cross-checks them before any training starts.
 
@@ -80,20 +98,38 @@ def load_cohort(
     Without ``features_dir`` the cohort is genes-only (for models that read no patches) and the
     clinical table may have one row per case and no ``slide_id``.
     ``columns`` names the clinical table's columns where they are not the MCAT ones (see ``ClinicalColumns``).
+    ``covariates`` names clinical columns the model takes as a third input (checked here, encoded per
+    training split by :meth:`Cohort.covariate_spec`).
     """
-    patients = patients_from_clinical(read_clinical(clinical, require_slides=features_dir is not None, columns=columns))
+    frame = read_clinical(clinical, require_slides=features_dir is not None, columns=columns)
+    patients = patients_from_clinical(frame)
+    per_patient = frame.drop_duplicates("case_id").reset_index(drop=True)
+    if covariates is not None:
+        fit_covariates(per_patient, covariates, range(len(per_patient)), source=str(clinical))  # names a bad column now
+        _check_constant_per_case(frame, covariates, clinical)
     table = GeneTable.read(gene_table)
     names = list(genes) if genes is not None else table.numeric_genes()
     if not names:
         raise InputError(f"{gene_table}: the gene table has no numeric gene columns")
     vectors = table.vectors([p.case_id for p in patients], names)
+    extra = dict(covariates=covariates, table=per_patient)
     if features_dir is None:
-        return Cohort(patients, vectors, names, None)
+        return Cohort(patients, vectors, names, None, **extra)
     store = BagStore(features_dir)
     if not check_bags:
-        return Cohort(patients, vectors, names, store)
+        return Cohort(patients, vectors, names, store, **extra)
     encoder, notes = training_encoder(store, [s for p in patients for s in p.slide_ids])
-    return Cohort(patients, vectors, names, store, encoder, notes)
+    return Cohort(patients, vectors, names, store, encoder, notes, **extra)
+
+
+def _check_constant_per_case(frame: pd.DataFrame, covariates: CovariateRequest, path) -> None:
+    """A patient's covariates are the patient's: two slides of one case may not disagree on them."""
+    per_case = frame.groupby("case_id")[list(covariates.names)].nunique(dropna=True)
+    varying = per_case[(per_case > 1).any(axis=1)]
+    if len(varying):
+        case = varying.index[0]
+        column = varying.columns[(varying.iloc[0] > 1).to_numpy()][0]
+        raise InputError(f"{path}: case {case!r} has different values of covariate {column!r} on different slides")
 
 
 def case_files(patients: Sequence[Patient], features_dir: str | os.PathLike) -> list[tuple[str, list[Path]]]:

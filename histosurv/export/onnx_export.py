@@ -27,6 +27,7 @@ from ..data.atomic import atomic_path
 from ..errors import HistosurvError
 from ..runtime.manifest import EngineEntry
 from .models import risk_from_logits
+from .models.clinical import clinical_spec_of
 
 __all__ = [
     "SingleBag",
@@ -55,10 +56,9 @@ class SingleBag(nn.Module):
         self.model = model
         self.has_attention = "features" in model.input_names
 
-    def forward(self, features=None, coords=None, genes=None):
-        batched = {
-            name: t[None] for name, t in (("features", features), ("coords", coords), ("genes", genes)) if t is not None
-        }
+    def forward(self, features=None, coords=None, genes=None, clinical=None):
+        given = (("features", features), ("coords", coords), ("genes", genes), ("clinical", clinical))
+        batched = {name: t[None] for name, t in given if t is not None}
         head = self.model.cfg.survival_head
         if self.has_attention:
             logits, attention = self.model(**batched, return_attention=True)
@@ -84,6 +84,13 @@ def example_inputs(model: nn.Module, n: int = EXAMPLE_N, seed: int = 0) -> dict[
         scaler = model.genes
         mean, scale = scaler.mean.detach().cpu(), scaler.scale.detach().cpu()  # the model may be on a GPU
         inputs["genes"] = mean + scale * torch.randn(cfg.n_genes, generator=g)
+    spec = clinical_spec_of(model)
+    if spec is not None:  # a plausible patient: a value near the mean, a seen category
+        inputs["clinical"] = torch.tensor(
+            [c.mean + c.scale * float(torch.randn(1, generator=g)) if c.kind == "numeric"
+             else float(torch.randint(len(c.categories), (1,), generator=g)) for c in spec.covariates],
+            dtype=torch.float32,
+        )
     return {k: v for k, v in inputs.items() if k in model.input_names}
 
 

@@ -27,6 +27,7 @@ from ..runtime.manifest_v1 import upgrade_v1
 from ..runtime.repository import MANIFEST, ModelRepository, ModelVersion, sha256_file
 from ..runtime.triton_config import render_config_pbtxt
 from .artifacts import ARTIFACTS, BuildContext, artifact, artifacts_for, default_artifacts
+from .models.clinical import clinical_spec_of
 from .run import load_run
 
 __all__ = [
@@ -51,6 +52,9 @@ def tensor_specs(model: torch.nn.Module) -> tuple[list[TensorSpec], list[TensorS
         "coords": TensorSpec("coords", "INT64", (-1, 2)),
         "genes": TensorSpec("genes", "FP32", (cfg.n_genes,)),
     }
+    spec = clinical_spec_of(model)
+    if spec is not None:
+        all_inputs["clinical"] = TensorSpec("clinical", "FP32", (len(spec.covariates),))
     inputs = [all_inputs[n] for n in model.input_names]
     outputs = [TensorSpec("risk", "FP32", (1,))]
     if "features" in model.input_names:
@@ -230,6 +234,7 @@ def _version_info(model, run_config: dict, run_dir, engines: dict, files: dict) 
         reference=ReferenceWeights(REFERENCE_WEIGHTS, "safetensors state_dict"),
         trained_on=trained_on(run_config) if "features" in model.input_names else None,
         genes=genes,
+        clinical=clinical_spec_of(model),
         survival=_survival_head(model, run_config),
         modalities=modalities_of(model),
         training=training,

@@ -32,6 +32,7 @@ from ..data.cohort import Cohort, training_encoder
 from ..data.typed_json import to_json_dict
 from ..errors import InputError, MissingInputError
 from .models import build_model
+from .models.clinical import clinical_spec_of
 from .training import TrainResult
 
 __all__ = ["save_run", "save_cv_run", "run_to_export", "load_run", "load_weights", "RUN_CONFIG", "RUN_WEIGHTS"]
@@ -66,6 +67,8 @@ def _config(result: TrainResult, cohort: Cohort, extra_config: dict | None) -> d
         # the encoder the training bags came from: export copies it into the manifest (trained_on)
         "trained_on": to_json_dict(encoder) if encoder is not None else None,
         "time_bins": None if result.time_bins is None else result.time_bins.tolist(),
+        # the clinical covariates the model takes, their encoding fitted on its training patients
+        "clinical": to_json_dict(spec) if (spec := clinical_spec_of(result.model)) is not None else None,
         **(extra_config or {}),
     }
 
@@ -167,7 +170,8 @@ def load_run(run_dir: str | os.PathLike, attention_impl: str = "sdpa") -> tuple[
             raise MissingInputError(f"{run_dir}: no {name}; is this the output directory of 'histosurv train'?")
     try:
         config = json.loads((run_dir / RUN_CONFIG).read_text())
-        model = build_model(config["architecture"], config["model"], attention_impl=attention_impl)
+        model = build_model(config["architecture"], config["model"], attention_impl=attention_impl,
+                            clinical=config.get("clinical"))
     except (json.JSONDecodeError, KeyError, ValueError) as e:
         raise InputError(f"{run_dir / RUN_CONFIG}: unusable run configuration ({e})") from e
     load_weights(model, run_dir / RUN_WEIGHTS)

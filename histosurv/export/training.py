@@ -30,6 +30,7 @@ from ..data.cohort import Cohort
 from .concordance import concordance_index
 from .losses import assign_time_bins, cox_ph_loss, fit_time_bins, nll_discrete_loss
 from .models import build_model, risk_from_logits
+from .models.clinical import clinical_spec_of
 
 __all__ = [
     "TrainConfig",
@@ -68,6 +69,7 @@ class TrainConfig:
     val_fraction: float = 0.15  # patients held out to choose the epoch (val_loss only)
     test_fraction: float = 0.2  # single split: patients held out and scored once, at the end
     alpha: float = 0.0  # discrete-time NLL only: weight of the uncensored term
+    clinical_lr: float = 2e-2  # peak learning rate of the clinical covariates' linear term (models trained with covariates)
     baseline: bool = True  # also fit coxnet on the same patients and report its c-index beside the model's
 
     def __post_init__(self):
@@ -79,6 +81,8 @@ class TrainConfig:
             raise ValueError("validation and test together must leave at least 10% of patients for training")
         if self.batch_size < 2 or self.patches_per_slide < 1 or self.epochs < 1 or self.accumulate < 1:
             raise ValueError("batch_size must be >= 2; patches_per_slide, epochs and accumulate >= 1")
+        if self.lr < 0 or self.clinical_lr < 0:
+            raise ValueError("lr and clinical_lr must be >= 0")
         if not 0 <= self.warmup < 1 or not 0 <= self.smoothing < 1:
             raise ValueError("warmup and smoothing must be in [0, 1)")
 
@@ -200,10 +204,10 @@ def train(
     splits = splits or split_patients(cohort, cfg)
     if architecture == "coxnet":
         return _train_coxnet(cohort, model_config, cfg, splits, started, log)
-    model = build_model(architecture, model_config)
+    fit_idx = list(splits.train)
+    model = build_model(architecture, model_config, clinical=cohort.covariate_spec(fit_idx))
     if reads_patches(model) and cohort.bags is None:
         raise ValueError(f"{architecture} reads patch features, and this cohort has none (a features folder is needed)")
-    fit_idx = list(splits.train)
     mean, scale = _gene_scaler(cohort.genes[fit_idx])
     model.set_gene_scaler(torch.from_numpy(mean).float(), torch.from_numpy(scale).float())
     # standardised genes for models that learn from genes they do not take at inference (G-HANet)
@@ -212,7 +216,7 @@ def train(
     bins = None
     if head == "discrete":
         bins = fit_time_bins(*cohort.times_events(splits.train), n_bins=model.cfg.n_bins)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = _optimizer(model, cfg)
     steps_per_epoch = math.ceil(_passes_per_epoch(len(splits.train), cfg.batch_size) / cfg.accumulate)
     scheduler = warmup_cosine(optimizer, steps_per_epoch * cfg.epochs, cfg.warmup)
     rng = np.random.default_rng(cfg.seed)
@@ -263,13 +267,22 @@ def _train_coxnet(cohort: Cohort, model_config, cfg: TrainConfig, splits: Splits
 
     if model_config.modality != "genes" and cohort.bags is None:
         raise ValueError("coxnet with modality image or both reads patch features, and this cohort has none")
-    model = fit_coxnet_model(cohort, list(splits.train) + list(splits.val), model_config, seed=cfg.seed)
+    fit_idx = list(splits.train) + list(splits.val)
+    model = fit_coxnet_model(cohort, fit_idx, model_config, seed=cfg.seed, clinical=cohort.covariate_spec(fit_idx))
     result = TrainResult(model, "coxnet", model.cfg, cfg, splits)
     how = "fixed" if model.inner_cv is None else f"chosen by {model.cfg.inner_folds}-fold inner cross-validation"
     log(f"coxnet: penalty {model.chosen_alpha:.4g} {how}")
     _score_test(result, cohort)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; a clinical covariates' linear term has its own learning rate (see models.clinical)."""
+    clinical = [p for name, p in model.named_parameters() if name.startswith("clinical_head.")]
+    rest = [p for name, p in model.named_parameters() if not name.startswith("clinical_head.")]
+    groups = [{"params": rest}] + ([{"params": clinical, "lr": cfg.clinical_lr}] if clinical else [])
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def warmup_cosine(optimizer, total_steps: int, warmup: float):
@@ -303,10 +316,11 @@ def _train_epoch(model, cohort: Cohort, train_idx, cfg: TrainConfig, optimizer, 
     order = rng.permutation(np.asarray(train_idx))
     batches = [order[i : i + cfg.batch_size] for i in range(0, order.size, cfg.batch_size)]
     batches = [b for b in batches if b.size >= 2]
+    clinical = cohort.clinical_values(clinical_spec_of(model))
     losses = []
     optimizer.zero_grad(set_to_none=True)
     for k, batch in enumerate(batches):
-        loss = _batch_loss(model, cohort, batch, cfg, rng, bins, gene_targets)
+        loss = _batch_loss(model, cohort, batch, cfg, rng, bins, gene_targets, clinical)
         (loss / cfg.accumulate).backward()
         losses.append(loss.item())
         if (k + 1) % cfg.accumulate == 0 or k + 1 == len(batches):
@@ -316,15 +330,18 @@ def _train_epoch(model, cohort: Cohort, train_idx, cfg: TrainConfig, optimizer, 
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def _batch_loss(model, cohort: Cohort, batch: np.ndarray, cfg: TrainConfig, rng, bins, gene_targets):
+def _batch_loss(model, cohort: Cohort, batch: np.ndarray, cfg: TrainConfig, rng, bins, gene_targets, clinical=None):
     auxiliary = None
+    extra = {} if clinical is None else {"clinical": torch.from_numpy(clinical[batch])}
     if reads_patches(model):
         features, coords, genes, owners, n = _sample_batch(cohort, batch, cfg.patches_per_slide, rng)
         logits = _patient_logits(model, features, coords, genes, owners, n)
         if hasattr(model, "auxiliary_loss"):
             auxiliary = model.auxiliary_loss(features, torch.from_numpy(gene_targets[batch])[owners])
+        if extra:  # the covariates are the patient's: added once to its mean slide logits
+            logits = logits + model.clinical_term(extra["clinical"])
     else:
-        logits = model(genes=torch.from_numpy(cohort.genes[batch]))
+        logits = model(genes=torch.from_numpy(cohort.genes[batch]), **extra)
     loss = _loss(model.cfg.survival_head, logits, cohort, batch, bins, cfg.alpha)
     return loss if auxiliary is None else loss + auxiliary
 
@@ -385,17 +402,20 @@ def _patient_outputs(model, cohort: Cohort, idx: Sequence[int]) -> tuple[torch.T
     of the slides' risks, as inference forms them)."""
     model.eval()
     head = model.cfg.survival_head
+    clinical = cohort.clinical_values(clinical_spec_of(model))
     if not reads_patches(model):
-        logits = model(genes=torch.from_numpy(cohort.genes[list(idx)]))
+        extra = {} if clinical is None else {"clinical": torch.from_numpy(clinical[list(idx)])}
+        logits = model(genes=torch.from_numpy(cohort.genes[list(idx)]), **extra)
         return logits, risk_from_logits(logits, head).numpy().astype(float)
     logits, risks = [], []
     for i in idx:
         p = cohort.patients[i]
         genes = torch.from_numpy(cohort.genes[i])[None]
+        extra = {} if clinical is None else {"clinical": torch.from_numpy(clinical[i])[None]}
         slide_logits = []
         for slide_id in p.slide_ids:
             bag = cohort.bags.get(slide_id)
-            slide_logits.append(model(torch.from_numpy(bag.features)[None], torch.from_numpy(bag.coords)[None], genes))
+            slide_logits.append(model(torch.from_numpy(bag.features)[None], torch.from_numpy(bag.coords)[None], genes, **extra))
         slide_logits = torch.cat(slide_logits)
         logits.append(slide_logits.mean(0))
         risks.append(float(risk_from_logits(slide_logits, head).mean()))

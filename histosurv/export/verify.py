@@ -120,7 +120,8 @@ def _finite_or_none(value):
 
 
 def reference_model(mv: ModelVersion) -> torch.nn.Module:
-    model = build_model(mv.info.architecture, mv.info.config)
+    clinical = mv.info.clinical
+    model = build_model(mv.info.architecture, mv.info.config, clinical=clinical)
     load_weights(model, mv.path / mv.info.reference.file)
     return model.eval()
 

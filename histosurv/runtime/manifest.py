@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.atomic import write_text_atomic
+from ..data.covariates import ClinicalSpec
 from ..data.encoder_record import EncoderRecord
 from ..data.typed_json import FieldError, from_json_dict, to_json_dict
 from ..errors import RepositoryError
@@ -135,6 +136,8 @@ class VersionInfo:
     encoder: EncoderRecord | None = None  # set on patch encoders: what this encoder is
     trained_on: EncoderRecord | None = None  # survival models: the encoder their training bags came from
     genes: GeneSpec | None = None
+    # clinical covariates (the 'clinical' input): names, kinds, scalers and categories, in wire order
+    clinical: ClinicalSpec | None = None
     survival: SurvivalHead | None = None
     # input name -> "required", "optional" (absent genes are fed as an all-NaN vector, which the
     # graph treats as missing) or "not used"
@@ -260,6 +263,11 @@ def consistency_problem(manifest: ModelManifest, info: VersionInfo) -> str | Non
         return f"trained on {info.trained_on.feature_dim}-d features, the 'features' input is {list(features_in.shape)}"
     if genes is not None and len(info.gene_names) != genes.shape[0]:
         return f"{len(info.gene_names)} gene names for a 'genes' input of {list(genes.shape)}"
+    clinical = manifest.input("clinical")
+    if (clinical is None) != (info.clinical is None):
+        return "a 'clinical' input without the covariates' record, or the record without the input"
+    if clinical is not None and len(info.clinical.covariates) != clinical.shape[0]:
+        return f"{len(info.clinical.covariates)} covariates for a 'clinical' input of {list(clinical.shape)}"
     for key, entry in info.engines.items():
         if entry.file not in info.files:
             return f"engine {key!r}: file {entry.file!r} is not among the version's files"

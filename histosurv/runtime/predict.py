@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
+from ..data.covariates import ClinicalSpec, check_wire_values, encode_table
 from ..data.features import Bag, read_bag, validate_bag
 from ..data.tables import GeneTable
 from ..errors import InputError
@@ -94,21 +96,52 @@ class FusionPredictor:
             return None
         return table.vectors([case_id], self.gene_names)[0]
 
-    def slide(self, bag: Bag, genes: np.ndarray | None = None) -> SlideRisk:
-        inputs = self.inputs_for(bag, genes)
+    @property
+    def clinical_spec(self) -> ClinicalSpec | None:
+        """The clinical covariates the model takes (None: it takes none)."""
+        return self.version.info.clinical if "clinical" in self.specs else None
+
+    def clinical_for(self, table: pd.DataFrame | None, case_id: str, source: str = "clinical table") -> np.ndarray | None:
+        """The case's covariates as wire values, from a clinical table (one row per case or per slide); None
+        for a model that takes none. Covariate columns the table lacks are missing values (a note says so)."""
+        spec = self.clinical_spec
+        if spec is None:
+            return None
+        if table is None:
+            self.note(f"model {self.version.name!r} takes clinical covariates ({', '.join(spec.names)}); none were "
+                      "given, so it scores without them")
+            return None
+        absent = [n for n in spec.names if n not in table.columns]
+        if absent:
+            self.note(f"the clinical table has no {', '.join(absent)}: model {self.version.name!r} scores without "
+                      f"{'it' if len(absent) == 1 else 'them'}")
+            table = table.assign(**{n: np.nan for n in absent})
+        return encode_table(spec, table, [case_id], table.attrs.get("source", source))[0]
+
+    def check_clinical(self, clinical: np.ndarray | None) -> np.ndarray:
+        """Wire values checked against the manifest's covariates; None is "no clinical data" (all NaN)."""
+        spec = self.clinical_spec
+        if clinical is None:
+            return np.full(len(spec.covariates), np.nan, np.float32)
+        return check_wire_values(spec, clinical)
+
+    def slide(self, bag: Bag, genes: np.ndarray | None = None, clinical: np.ndarray | None = None) -> SlideRisk:
+        inputs = self.inputs_for(bag, genes, clinical)
         t0 = time.perf_counter()
         out = self.engine.run(inputs)
         self.timings["fuse"] += time.perf_counter() - t0
         return SlideRisk(float(out["risk"].reshape(-1)[0]), len(bag), out.get("attention"), bag.source)
 
-    def patient(self, case_id: str, bags: Sequence[Bag], genes: np.ndarray | None = None) -> PatientRisk:
+    def patient(self, case_id: str, bags: Sequence[Bag], genes: np.ndarray | None = None,
+                clinical: np.ndarray | None = None) -> PatientRisk:
         if not bags:
             raise InputError(f"case {case_id!r}: no slides to score")
-        slides = [self.slide(b, genes) for b in bags]
+        slides = [self.slide(b, genes, clinical) for b in bags]
         return PatientRisk(case_id, float(np.mean([s.risk for s in slides])), slides)
 
-    def inputs_for(self, bag: Bag, genes: np.ndarray | None) -> dict[str, np.ndarray]:
-        """The engine inputs for ``bag`` and ``genes``, checked against the model's tensors (InputError names the one at fault)."""
+    def inputs_for(self, bag: Bag, genes: np.ndarray | None, clinical: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The engine inputs for ``bag``, ``genes`` and ``clinical`` covariates (wire values), checked against
+        the model's tensors (InputError names the one at fault)."""
         inputs = {}
         if "features" in self.specs:
             bag = validate_bag(bag, self.feature_dim)
@@ -117,6 +150,8 @@ class FusionPredictor:
                 inputs["coords"] = bag.coords
         if "genes" in self.specs:
             inputs["genes"] = self.check_genes(genes)
+        if "clinical" in self.specs:
+            inputs["clinical"] = self.check_clinical(clinical)
         for name, array in inputs.items():
             problem = self.specs[name].check(array)
             if problem:
@@ -146,12 +181,17 @@ class FusionPredictor:
 
 
 def score_cases(
-    predictor: FusionPredictor, cases: Sequence[tuple[str, Sequence[str | os.PathLike]]], genes: GeneTable | None
+    predictor: FusionPredictor,
+    cases: Sequence[tuple[str, Sequence[str | os.PathLike]]],
+    genes: GeneTable | None,
+    clinical: pd.DataFrame | None = None,
 ) -> list[PatientRisk]:
-    """Scores (case_id, [h5 paths]) pairs; every gene vector is checked before any bag is read, so a
-    table missing a gene fails at once, not after hours of scoring."""
-    vectors = {}
+    """Scores (case_id, [h5 paths]) pairs; every gene vector and covariate is checked before any bag is
+    read, so a table missing a gene, or a stage the model never saw, fails at once, not after hours of
+    scoring. ``clinical``: the table the covariates come from (models trained with covariates)."""
+    vectors, covariates = {}, {}
     for case_id, _ in cases:
+        covariates[case_id] = predictor.clinical_for(clinical, case_id)
         if "genes" in predictor.specs:
             if genes is None and predictor.genes_optional:
                 vectors[case_id] = None
@@ -164,5 +204,5 @@ def score_cases(
         t0 = time.perf_counter()
         bags = [predictor.check_file_bag(read_bag(p, predictor.feature_dim)) for p in paths]
         predictor.timings["read"] += time.perf_counter() - t0
-        results.append(predictor.patient(case_id, bags, vectors.get(case_id)))
+        results.append(predictor.patient(case_id, bags, vectors.get(case_id), covariates[case_id]))
     return results

@@ -41,6 +41,8 @@ def serving_parameters(info: VersionInfo) -> dict[str, str]:
     }
     if info.genes is not None:
         params["histosurv.gene_names"] = json.dumps(list(info.genes.names))
+    if info.clinical is not None:
+        params["histosurv.clinical"] = json.dumps(to_json_dict(info.clinical), sort_keys=True)
     if info.modalities:
         params["histosurv.modalities"] = json.dumps(info.modalities, sort_keys=True)
     if info.survival is not None:

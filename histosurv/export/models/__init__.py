@@ -14,6 +14,7 @@ from torch import nn
 
 from .ammasurv import AMMASurv, AMMASurvConfig
 from .abmil import ABMIL, ABMILConfig
+from .clinical import with_clinical
 from .coxnet import CoxNet, CoxNetConfig
 from .mcat import MCAT, MCATConfig
 from .snn import SNN, SNNConfig
@@ -67,9 +68,19 @@ def config_from_dict(name: str, values: dict[str, Any]):
     return spec.config_cls(**values)
 
 
-def build_model(name: str, config, attention_impl: str = "sdpa") -> nn.Module:
-    """Builds architecture ``name`` from a config object or a dict of its fields."""
+def build_model(name: str, config, attention_impl: str = "sdpa", clinical=None) -> nn.Module:
+    """Builds architecture ``name`` from a config object or a dict of its fields; with ``clinical`` (a
+    :class:`~histosurv.data.covariates.ClinicalSpec` or its JSON dict) the model takes clinical
+    covariates too (:class:`.clinical.WithClinical`)."""
     spec = _spec(name)
     if isinstance(config, dict):
         config = config_from_dict(name, config)
-    return spec.model_cls(config, attention_impl=attention_impl)
+    model = spec.model_cls(config, attention_impl=attention_impl)
+    if clinical is None:
+        return model
+    if isinstance(clinical, dict):
+        from ...data.covariates import ClinicalSpec
+        from ...data.typed_json import from_json_dict
+
+        clinical = from_json_dict(ClinicalSpec, clinical, "clinical")
+    return with_clinical(model, clinical)

@@ -637,16 +637,29 @@ def _scaler(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, scale
 
 
-def fit_coxnet_model(cohort, train_idx: Sequence[int], cfg: CoxNetConfig, seed: int = 0) -> CoxNet:
+def fit_coxnet_model(cohort, train_idx: Sequence[int], cfg: CoxNetConfig, seed: int = 0, clinical=None):
     """A fitted :class:`CoxNet` (eval mode) on the patients ``train_idx`` of ``cohort``.
+
+    With ``clinical`` (a :class:`~histosurv.data.covariates.ClinicalSpec`) the covariates, encoded as the
+    graph encodes them, are columns of the same design, penalised like the others; the result is then a
+    :class:`~.clinical.WithClinical` whose linear term holds their coefficients.
 
     Standardises the design on those patients (the scalers become the model's buffers), takes
     ``cfg.fixed_alpha`` or chooses alpha by inner cross-validation on those patients only (folds fixed by
     ``seed``), and fits the path on all of them. ``model.chosen_alpha`` records the penalty and
     ``model.inner_cv`` the cross-validation (None with a fixed alpha).
     """
+    from .clinical import WithClinical
+
     train_idx = list(train_idx)
     X = patient_design(cohort, train_idx, cfg)
+    encoded = None
+    if clinical is not None:
+        wrapped = WithClinical(CoxNet(cfg), clinical)
+        values = torch.from_numpy(cohort.clinical_values(clinical)[train_idx])
+        with torch.no_grad():
+            encoded = wrapped.clinical(values).double().numpy()
+        X = np.concatenate([X, encoded], axis=1)
     if not np.isfinite(X).all():
         raise ValueError("coxnet needs finite features and genes for every training patient")
     time, event = cohort.times_events(train_idx)
@@ -666,12 +679,20 @@ def fit_coxnet_model(cohort, train_idx: Sequence[int], cfg: CoxNetConfig, seed: 
         coef = coxnet_path(Xs, time, event, cv.alphas[: cv.best + 1], cfg.l1_ratio)[:, -1]
     model = CoxNet(cfg)
     d = cfg.feature_dim if cfg.uses_image else 0
+    n = cfg.n_inputs
     with torch.no_grad():
         if cfg.uses_image:
             model.set_feature_scaler(torch.from_numpy(mean[:d]).float(), torch.from_numpy(scale[:d]).float())
         if cfg.uses_genes:
-            model.set_gene_scaler(torch.from_numpy(mean[d:]).float(), torch.from_numpy(scale[d:]).float())
-        model.classifier.weight.copy_(torch.from_numpy(coef).float()[None])
+            model.set_gene_scaler(torch.from_numpy(mean[d:n]).float(), torch.from_numpy(scale[d:n]).float())
+        model.classifier.weight.copy_(torch.from_numpy(coef[:n]).float()[None])
+        if encoded is not None:
+            # w . (e - mean) / scale as the clinical term's weight and bias on the encoded covariates
+            w = coef[n:] / scale[n:]
+            wrapped.base = model
+            wrapped.clinical_head.weight.copy_(torch.from_numpy(w).float()[None])
+            wrapped.clinical_head.bias.fill_(float(-(w * mean[n:]).sum()))
+            model = wrapped
     model.chosen_alpha = float(alpha)
     model.inner_cv = cv
     return model.eval()

@@ -15,6 +15,7 @@ from typing import AsyncIterator
 import grpc
 
 from ... import __version__
+from ...data.covariates import check_wire_values
 from ...errors import HistosurvError, InputError, MismatchError, MissingInputError, RepositoryError
 from ..metrics import ServerMetrics
 from ..triton_config import PLATFORMS, serving_parameters
@@ -91,6 +92,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             stats, version = model.stats, str(model.version.version)
             try:
                 inputs = decode_inputs(request, model.version.inputs)
+                if "clinical" in inputs and model.version.info.clinical is not None:
+                    # a category index the model never saw would one-hot to "no category" without a word
+                    inputs["clinical"] = check_wire_values(model.version.info.clinical, inputs["clinical"])
                 decoded = time.perf_counter_ns()
                 timed = await model.scheduler.run(lambda: model.engine.run(inputs))
                 ran = time.perf_counter_ns()
