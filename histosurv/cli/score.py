@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--version", type=int, help="model version (default: the highest, fixed in the run folder when the run starts)")
     p.add_argument("--engine", default="auto", help="survival-model engine: a manifest key, or auto (default: auto)")
     p.add_argument("--genes", help="gene table CSV (case_id + one column per gene)")
+    p.add_argument("--covariates", metavar="CSV",
+                   help="clinical covariates CSV (case_id + one column per covariate, as people write them: age, "
+                   "sex, stage), for models trained with covariates; without it such a model scores without them")
     p.add_argument("--heatmaps", action="store_true", help="write OUT/heatmaps/<slide_id>.png (attention over the thumbnail)")
     p.add_argument("--restart", action="store_true", help="discard the results already in --out and start over")
     p.add_argument("--retry-failed", action="store_true", help="score again the slides that failed before")
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     config = ScoringConfig(
         repository=args.repo, model=args.model, version=args.version, encoder=args.encoder,
         encoder_version=args.encoder_version, engine=args.engine, encoder_engine=args.encoder_engine, genes=args.genes,
-        slide=slide_config(args), mpp=args.mpp, allow_mismatch=args.allow_encoder_mismatch,
+        covariates=args.covariates, slide=slide_config(args), mpp=args.mpp, allow_mismatch=args.allow_encoder_mismatch,
     )
     started = time.monotonic()
     result = score_archive(args.manifest, args.out, config, ray=args.ray, workers=args.ray_workers, restart=args.restart,

@@ -51,6 +51,7 @@ __all__ = [
 
 
 STOPPING = ("fixed", "val_loss")
+CLINICAL_RIDGE = 0.05  # the penalty of the covariates' starting fit (standardised columns, l1_ratio 0.01: nearly ridge)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class TrainConfig:
     test_fraction: float = 0.2  # single split: patients held out and scored once, at the end
     alpha: float = 0.0  # discrete-time NLL only: weight of the uncensored term
     clinical_lr: float = 2e-2  # peak learning rate of the clinical covariates' linear term (models trained with covariates)
+    clinical_init: bool = True  # start that term at a ridge Cox fit of the covariates alone (else at zero)
     baseline: bool = True  # also fit coxnet on the same patients and report its c-index beside the model's
 
     def __post_init__(self):
@@ -208,6 +210,8 @@ def train(
     model = build_model(architecture, model_config, clinical=cohort.covariate_spec(fit_idx))
     if reads_patches(model) and cohort.bags is None:
         raise ValueError(f"{architecture} reads patch features, and this cohort has none (a features folder is needed)")
+    if clinical_spec_of(model) is not None and cfg.clinical_init:
+        _start_clinical_term(model, cohort, fit_idx)
     mean, scale = _gene_scaler(cohort.genes[fit_idx])
     model.set_gene_scaler(torch.from_numpy(mean).float(), torch.from_numpy(scale).float())
     # standardised genes for models that learn from genes they do not take at inference (G-HANet)
@@ -275,6 +279,25 @@ def _train_coxnet(cohort: Cohort, model_config, cfg: TrainConfig, splits: Splits
     _score_test(result, cohort)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _start_clinical_term(model, cohort: Cohort, fit_idx) -> None:
+    """Starts the covariates' linear term at a ridge Cox fit of the covariates alone on the training
+    patients: the deep model then learns what the covariates do not explain, instead of both starting
+    from zero and the covariates' coefficients, on their small learning budget, never reaching their
+    values (SNN on a cohort where age and stage carried the hazard: +0.038 c-index from zero, see
+    tests/test_covariates.py)."""
+    from .models.coxnet import fit_coxnet
+
+    with torch.no_grad():
+        encoded = model.clinical(torch.from_numpy(cohort.clinical_values(clinical_spec_of(model))[fit_idx])).double().numpy()
+    mean, scale = encoded.mean(axis=0), encoded.std(axis=0)
+    scale[scale < 1e-8] = 1.0
+    coef = fit_coxnet((encoded - mean) / scale, *cohort.times_events(fit_idx), alpha=CLINICAL_RIDGE, l1_ratio=0.01)
+    w = coef / scale
+    with torch.no_grad():
+        model.clinical_head.weight.copy_(torch.from_numpy(w).float()[None])
+        model.clinical_head.bias.fill_(float(-(w * mean).sum()))
 
 
 def _optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -1,8 +1,8 @@
 """A batch run's folder: its identity, one committed result per slide, the feature cache, the tables.
 
     run.json              what the run scores with: manifest, model and encoder versions (their files'
-                          sha256), gene table, slide settings. A rerun with any of these changed is
-                          refused, so results of two configurations are never mixed.
+                          sha256), gene and covariate tables, slide settings. A rerun with any of these
+                          changed is refused, so results of two configurations are never mixed.
     results/<slide>.json  one per finished slide (scored or failed), written to a temporary file,
                           flushed to disk and renamed: a kill leaves either the whole record or none.
     features/<slide>.h5   CLAM-style features, reused by later runs with the same slide and encoder.

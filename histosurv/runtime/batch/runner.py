@@ -12,7 +12,7 @@ from ..repository import ModelRepository, sha256_file
 from .manifest import SlideRow, manifest_digest, read_manifest
 from .progress import Progress
 from .rundir import RunDirectory
-from .scoring import ScoringConfig, SlideScorer
+from .scoring import ScoringConfig, SlideScorer, check_covariates
 
 __all__ = ["BatchResult", "run_identity", "score_archive"]
 
@@ -42,6 +42,7 @@ def run_identity(rows: list[SlideRow], config: ScoringConfig) -> dict:
         "engine": config.engine,
         "encoder_engine": config.encoder_engine,
         "genes_sha256": sha256_file(config.genes) if config.genes else None,
+        "covariates_sha256": sha256_file(config.covariates) if config.covariates else None,
         "slide_settings": _plain(asdict(config.slide)),
         "histosurv_version": __version__,
     }
@@ -61,12 +62,14 @@ def score_archive(
 ) -> BatchResult:
     """Scores every slide of ``manifest`` not yet committed in ``out``; ``ray`` (``"auto"`` or a
     cluster address) runs the slides on Ray Data instead of in this process. ``log`` gets the
-    notes of the encoder choice (overrides in effect, facts that could not be checked) first."""
+    notes of the encoder choice (overrides in effect, facts that could not be checked) and of the
+    clinical covariates (none given to a model that takes them) first."""
     rows = read_manifest(manifest)
     config = config.pinned()
+    covariate_notes = check_covariates(config, [r.case_id for r in rows])  # a bad row fails now, before any slide
     run = RunDirectory(out)
     run.open(run_identity(rows, config), restart=restart)
-    for note in config.choice().notes:
+    for note in [*config.choice().notes, *covariate_notes]:
         log(note)
         run.log("note", detail=note)
     done = run.done()

@@ -1,5 +1,9 @@
 """One slide of a batch run, from file to committed record: features (cached), risk, heatmap.
 
+A model trained with clinical covariates reads them from the ``--covariates`` table (case_id and a
+column per covariate); every case's are encoded by :func:`check_covariates` before any slide is read,
+so a stage the model never saw fails the run at once, not a slide at a time.
+
 Every failure a slide can have (missing file, not a slide, no tissue, no gene row, an engine error)
 becomes a ``failed`` record with the reason, and the run goes on: in an archive of thousands of
 slides some are always broken, and one of them must not cost the others.
@@ -11,11 +15,14 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
+from ...data.covariates import encode_table
 from ...data.features import Bag, read_bag, write_bag
-from ...data.tables import GeneTable
+from ...data.tables import GeneTable, read_clinical
 from ...errors import HistosurvError, InputError
 from ...data.encoder_record import record_from_attrs
 from ..encoder_match import EncoderChoice, candidates, choose_encoder
@@ -24,7 +31,7 @@ from ..predict import FusionPredictor
 from ..repository import ModelRepository, sha256_file
 from .manifest import SlideRow
 
-__all__ = ["ScoringConfig", "SlideScorer"]
+__all__ = ["ScoringConfig", "SlideScorer", "check_covariates", "read_covariates"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class ScoringConfig:
     engine: str = "auto"
     encoder_engine: str = "auto"
     genes: str | None = None  # gene table CSV
+    covariates: str | None = None  # clinical covariates CSV (case_id + a column per covariate)
     slide: SlideConfig = SlideConfig()
     mpp: float | None = None  # override: cut patches at this µm/px instead of the training bags'
     allow_mismatch: bool = False  # override: accept an encoder other than the training one
@@ -77,6 +85,7 @@ class SlideScorer:
             raise InputError(f"model {config.model!r} needs a gene table (--genes)")
         if self.genes is not None and "genes" in self.predictor.specs:
             self.genes.vectors([], self.predictor.gene_names)  # a gene missing from the table fails now, not per slide
+        self.covariates, _ = read_covariates(config.covariates, self.predictor)  # the notes are the driver's to print
         self.features_dir = Path(features_dir)
         self.heatmaps_dir = Path(heatmaps_dir) if heatmaps_dir else None
 
@@ -103,8 +112,9 @@ class SlideScorer:
 
     def fuse(self, row: SlideRow, bag: Bag) -> dict:
         genes = self.predictor.genes_for(self.genes, row.case_id) if self.genes is not None else None
+        clinical = self.predictor.clinical_for(self.covariates, row.case_id, str(self.config.covariates))
         t0 = time.perf_counter()
-        risk = self.predictor.slide(bag, genes)
+        risk = self.predictor.slide(bag, genes, clinical)
         fuse_s = time.perf_counter() - t0
         record = {
             "status": "scored",
@@ -151,6 +161,45 @@ class SlideScorer:
             return write_heatmap(
                 self.heatmaps_dir / f"{row.slide_id}.png", reader, bag.coords, attention, int(bag.attrs["patch_size_level0"])
             )
+
+
+def read_covariates(path: str | os.PathLike | None, predictor: FusionPredictor) -> tuple[pd.DataFrame | None, list[str]]:
+    """The ``--covariates`` table with a column for every covariate of the model (one the table lacks is
+    a missing value), and the notes for the user; (None, notes) without a table or covariates."""
+    spec, name = predictor.clinical_spec, predictor.version.name
+    if path is None:
+        if spec is None:
+            return None, []
+        return None, [f"model '{name}' takes clinical covariates ({', '.join(spec.names)}); no --covariates table "
+                      "was given, so every slide is scored without them"]
+    if spec is None:
+        raise InputError(f"--covariates {path}: model '{name}' v{predictor.version.version} takes no clinical covariates")
+    table = read_clinical(path, require_outcome=False, require_slides=False)
+    absent = [n for n in spec.names if n not in table.columns]
+    if len(absent) == len(spec.names):  # the wrong file, surely: it would score every slide without covariates
+        raise InputError(
+            f"--covariates {path}: the table has no column for any covariate of model '{name}' "
+            f"({', '.join(spec.names)}); its columns are {', '.join(map(str, table.columns))}"
+        )
+    notes = []
+    if absent:
+        notes.append(f"--covariates {path} has no column {', '.join(map(repr, absent))}: model '{name}' scores "
+                     f"without {'it' if len(absent) == 1 else 'them'}")
+        table = table.assign(**{n: np.nan for n in absent})
+    table.attrs["source"] = str(path)
+    return table, notes
+
+
+def check_covariates(config: ScoringConfig, case_ids: Sequence[str]) -> list[str]:
+    """Encodes the covariates of every case before any slide is read (InputError names the case, the
+    covariate and the value at fault); returns the notes for the user (no table, columns it lacks).
+    ``config`` must be pinned."""
+    version = ModelRepository(config.repository).version(config.model, config.version, verify=False)
+    predictor = FusionPredictor(version, engine=None)  # for the model's covariate record only: nothing is run
+    table, notes = read_covariates(config.covariates, predictor)
+    if table is not None:
+        encode_table(predictor.clinical_spec, table, list(dict.fromkeys(case_ids)), str(config.covariates))
+    return notes
 
 
 def failure(error: Exception) -> dict:

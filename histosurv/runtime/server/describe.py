@@ -1,14 +1,16 @@
 """A model version's serving facts as ``histosurv.v1.ModelDescription``: the typed records of its
-manifest (gene order, training encoder and µm/px, survival head), for clients without the files."""
+manifest (gene order, clinical covariates, training encoder and µm/px, survival head), for clients
+without the files."""
 
 from __future__ import annotations
 
+from ...data.covariates import ClinicalSpec
 from ...data.encoder_record import EncoderRecord
 from ..repository import ModelVersion
 from ..triton_config import patch_mpp
 from ._proto import slide_service_pb2 as spb
 
-__all__ = ["describe_model", "encoder_message"]
+__all__ = ["describe_model", "encoder_message", "covariate_messages"]
 
 
 def describe_model(version: ModelVersion, engine_key: str = "") -> spb.ModelDescription:
@@ -35,7 +37,21 @@ def describe_model(version: ModelVersion, engine_key: str = "") -> spb.ModelDesc
     mpp = patch_mpp(info)
     if mpp is not None:
         message.patch_mpp = mpp
+    if info.clinical is not None:
+        message.clinical.extend(covariate_messages(info.clinical))
     return message
+
+
+def covariate_messages(spec: ClinicalSpec) -> list[spb.ClinicalCovariate]:
+    """The covariates in the 'clinical' tensor's order; a client sends a categorical value as its index in
+    ``categories`` and a numeric one raw (mean and scale say what the graph standardises with)."""
+    messages = []
+    for c in spec.covariates:
+        message = spb.ClinicalCovariate(name=c.name, kind=c.kind, categories=c.categories)
+        if c.kind == "numeric":
+            message.mean, message.scale = c.mean, c.scale
+        messages.append(message)
+    return messages
 
 
 def encoder_message(record: EncoderRecord) -> spb.EncoderRecord:

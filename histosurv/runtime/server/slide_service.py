@@ -6,8 +6,9 @@ the µm/px are chosen among the loaded models by the same rule (``encoder_match`
 that would feed a model another encoder's features, or patches at another scale, than its training
 bags is refused (FAILED_PRECONDITION) unless it asks for the override, which the result records. The
 encoder runs through its model's dynamic batcher, which joins batches of concurrent slides.
-DescribeModel returns a model's serving facts as typed records. At most
-``max_active`` slides are read at once and ``max_queued`` more may wait; beyond that a request gets
+Clinical covariates come as text by name (``clinical``) and are encoded with the model's record of
+them, as ``histosurv predict --covariate`` encodes them. DescribeModel returns a model's serving facts
+as typed records. At most ``max_active`` slides are read at once and ``max_queued`` more may wait; beyond that a request gets
 RESOURCE_EXHAUSTED at once. A client that cancels, or whose deadline passes, stops its slide at the
 next patch batch, and its queued patches are dropped before they are encoded.
 """
@@ -20,10 +21,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
+from typing import Mapping
 
 import grpc
 import numpy as np
 
+from ...data.covariates import encode_row
 from ...data.features import Bag
 from ...errors import InputError, MissingInputError
 from ..encoder_match import EncoderChoice, choose_encoder
@@ -78,6 +81,7 @@ class SlideService(spb_grpc.SlideServiceServicer):
             try:
                 path = self.config.roots.resolve(request.slide_uri)
                 genes = self._genes(fusion, request.genes)
+                clinical, clinical_notes = _clinical(fusion, request.clinical)
                 encoder_model, choice = self._encoder(held, model, request)
                 admitted = await self._admit(model)
                 try:
@@ -90,7 +94,7 @@ class SlideService(spb_grpc.SlideServiceServicer):
                 finally:
                     self._slots.release()
                 yield _progress("fuse", 0, 1)
-                result = await self._fuse(model, fusion, slide.bag, genes, request.top_k, request.id)
+                result = await self._fuse(model, fusion, slide.bag, genes, clinical, request.top_k, request.id)
             except asyncio.CancelledError:
                 cancelled.set()
                 model.stats.failed("CANCELED", time.perf_counter_ns() - received)
@@ -112,7 +116,7 @@ class SlideService(spb_grpc.SlideServiceServicer):
             response.encoder = encoder_model.version.label
             response.patch_mpp = choice.mpp
             response.overrides.update(choice.overrides)
-            response.notes.extend(choice.notes)
+            response.notes.extend([*choice.notes, *clinical_notes])
             yield spb.ScoreSlideEvent(result=response)
 
     async def _featurize(self, path, encoder_model: LoadedModel, choice: EncoderChoice, request, cancelled: threading.Event):
@@ -182,7 +186,7 @@ class SlideService(spb_grpc.SlideServiceServicer):
         received = time.perf_counter_ns()
         with ExitStack() as held:
             model = fusion = None
-            rows, coords, genes = [], [], None
+            rows, coords, genes, clinical = [], [], None, None
             header = None
             n_rows = 0
             async for chunk in request_iterator:
@@ -224,6 +228,8 @@ class SlideService(spb_grpc.SlideServiceServicer):
                     coords.append(np.frombuffer(chunk.coords, "<i8").reshape(-1, 2))
                 if chunk.genes:
                     genes = np.asarray(chunk.genes, np.float32)
+                if chunk.clinical and clinical is None:
+                    clinical = dict(chunk.clinical)
             if header is None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the stream carried no chunks")
             try:
@@ -237,7 +243,8 @@ class SlideService(spb_grpc.SlideServiceServicer):
                 bag = Bag(features.astype(np.float32), positions, {}, "stream")
                 if "genes" in fusion.specs:
                     fusion.check_genes(genes)
-                result = await self._fuse(model, fusion, bag, genes, header.top_k, header.id)
+                covariates, clinical_notes = _clinical(fusion, clinical or {})
+                result = await self._fuse(model, fusion, bag, genes, covariates, header.top_k, header.id)
             except asyncio.CancelledError:
                 model.stats.failed("CANCELED", time.perf_counter_ns() - received)
                 raise
@@ -252,6 +259,7 @@ class SlideService(spb_grpc.SlideServiceServicer):
             result.response.stage_seconds.update(
                 {"fuse": result.run_ns / 1e9, "queue": result.queue_ns / 1e9, "total": (finished - received) / 1e9}
             )
+            result.response.notes.extend(clinical_notes)
             return result.response
 
     # --- shared --------------------------------------------------------------------------------
@@ -317,8 +325,8 @@ class SlideService(spb_grpc.SlideServiceServicer):
                 model.stats.pending -= 1
         return time.perf_counter_ns() - start
 
-    async def _fuse(self, model: LoadedModel, fusion: FusionPredictor, bag: Bag, genes, top_k: int, request_id: str):
-        inputs = fusion.inputs_for(bag, genes)
+    async def _fuse(self, model: LoadedModel, fusion: FusionPredictor, bag: Bag, genes, clinical, top_k: int, request_id: str):
+        inputs = fusion.inputs_for(bag, genes, clinical)
         timed = await model.scheduler.run(lambda: model.engine.run(inputs))
         outputs = timed.value
         response = spb.ScoreResult(
@@ -372,6 +380,28 @@ class _Fused:
 
 def _progress(stage: str, done: int, total: int) -> spb.ScoreSlideEvent:
     return spb.ScoreSlideEvent(progress=spb.Progress(stage=stage, done=done, total=total))
+
+
+def _clinical(fusion: FusionPredictor, values: Mapping[str, str]) -> tuple[np.ndarray | None, list[str]]:
+    """A request's covariates (name -> text) as the model's wire values, and the notes for its result;
+    (None, ...) is "scored without covariates" (all NaN). InputError names a covariate the model does not
+    read, a value that is not a number, or a category it never saw."""
+    spec, name = fusion.clinical_spec, fusion.version.name
+    if spec is None:
+        if values:
+            raise InputError(f"model '{name}' takes no clinical covariates; the request sends {', '.join(sorted(values))}")
+        return None, []
+    if not values:
+        return None, [f"model '{name}' takes clinical covariates ({', '.join(spec.names)}); none were sent, so it "
+                      "scored without them"]
+    # a misspelt name would otherwise be silently a missing covariate
+    unknown = sorted(set(values) - set(spec.names))
+    if unknown:
+        raise InputError(
+            f"model '{name}' reads no clinical covariate {', '.join(map(repr, unknown))}; its covariates are "
+            f"{spec.describe()}"
+        )
+    return encode_row(spec, dict(values)), []
 
 
 def _check_header(chunk, fusion: FusionPredictor) -> str | None:

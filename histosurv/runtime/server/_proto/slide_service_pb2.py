@@ -26,49 +26,59 @@ from ._pool import POOL  # private: see proto/generate.py
 
 
 
-DESCRIPTOR = POOL.AddSerializedFile(b'\n histosurv/v1/slide_service.proto\x12\x0chistosurv.v1\"\xd7\x01\n\x11ScoreSlideRequest\x12\x11\n\tslide_uri\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\r\n\x05genes\x18\x04 \x03(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x14\n\x0c\x65ncoder_name\x18\x06 \x01(\t\x12\x11\n\tslide_mpp\x18\x07 \x01(\x01\x12\n\n\x02id\x18\x08 \x01(\t\x12\x1e\n\x16\x61llow_encoder_mismatch\x18\t \x01(\x08\x12\x11\n\tpatch_mpp\x18\n \x01(\x01\"6\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\"G\n\rAttendedPatch\x12\t\n\x01x\x18\x01 \x01(\x03\x12\t\n\x01y\x18\x02 \x01(\x03\x12\x11\n\tattention\x18\x03 \x01(\x02\x12\r\n\x05index\x18\x04 \x01(\r\"\xc8\x03\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0c\n\x04risk\x18\x04 \x01(\x02\x12\x11\n\tn_patches\x18\x05 \x01(\x04\x12\x42\n\rstage_seconds\x18\x06 \x03(\x0b\x32+.histosurv.v1.ScoreResult.StageSecondsEntry\x12\x30\n\x0btop_patches\x18\x07 \x03(\x0b\x32\x1b.histosurv.v1.AttendedPatch\x12\x14\n\x0cslide_sha256\x18\x08 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\t \x01(\t\x12\x11\n\tpatch_mpp\x18\n \x01(\x01\x12;\n\toverrides\x18\x0b \x03(\x0b\x32(.histosurv.v1.ScoreResult.OverridesEntry\x12\r\n\x05notes\x18\x0c \x03(\t\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"s\n\x0fScoreSlideEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.histosurv.v1.ProgressH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.histosurv.v1.ScoreResultH\x00\x42\x07\n\x05\x65vent\"\xac\x01\n\x0c\x46\x65\x61tureChunk\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x03 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x04 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0c\x12\x0e\n\x06\x63oords\x18\x06 \x01(\x0c\x12\r\n\x05genes\x18\x07 \x03(\x02\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\n\n\x02id\x18\t \x01(\t\"A\n\x14\x44\x65scribeModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"}\n\rPreprocessing\x12\x13\n\x06resize\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rresize_filter\x18\x02 \x01(\t\x12\x11\n\x04\x63rop\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04mean\x18\x04 \x03(\x01\x12\x0b\n\x03std\x18\x05 \x03(\x01\x42\t\n\x07_resizeB\x07\n\x05_crop\"Q\n\x0fWeightsIdentity\x12\x13\n\x06sha256\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\tB\t\n\x07_sha256\"\x85\x03\n\rEncoderRecord\x12\x19\n\x0c\x61rchitecture\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0b\x66\x65\x61ture_dim\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x17\n\npatch_size\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x10\n\x03mpp\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\ninput_size\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x32\n\rpreprocessing\x18\x06 \x01(\x0b\x32\x1b.histosurv.v1.Preprocessing\x12\x14\n\x07\x66\x65\x61ture\x18\x07 \x01(\tH\x05\x88\x01\x01\x12.\n\x07weights\x18\x08 \x01(\x0b\x32\x1d.histosurv.v1.WeightsIdentity\x12\x0c\n\x04name\x18\t \x01(\t\x12\x14\n\x07version\x18\n \x01(\rH\x06\x88\x01\x01\x42\x0f\n\r_architectureB\x0e\n\x0c_feature_dimB\r\n\x0b_patch_sizeB\x06\n\x04_mppB\r\n\x0b_input_sizeB\n\n\x08_featureB\n\n\x08_version\"O\n\x0cSurvivalHead\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x13\n\x06n_bins\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x11\n\ttime_bins\x18\x03 \x03(\x01\x42\t\n\x07_n_bins\"\xb4\x03\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x12\n\ngene_names\x18\x05 \x03(\t\x12\x42\n\nmodalities\x18\x06 \x03(\x0b\x32..histosurv.v1.ModelDescription.ModalitiesEntry\x12,\n\x08survival\x18\x07 \x01(\x0b\x32\x1a.histosurv.v1.SurvivalHead\x12/\n\ntrained_on\x18\x08 \x01(\x0b\x32\x1b.histosurv.v1.EncoderRecord\x12,\n\x07\x65ncoder\x18\t \x01(\x0b\x32\x1b.histosurv.v1.EncoderRecord\x12\x16\n\tpatch_mpp\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x65ngines\x18\x0b \x03(\t\x12\x0e\n\x06\x65ngine\x18\x0c \x01(\t\x1a\x31\n\x0fModalitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_patch_mpp2\xfe\x01\n\x0cSlideService\x12N\n\nScoreSlide\x12\x1f.histosurv.v1.ScoreSlideRequest\x1a\x1d.histosurv.v1.ScoreSlideEvent0\x01\x12I\n\x0eStreamFeatures\x12\x1a.histosurv.v1.FeatureChunk\x1a\x19.histosurv.v1.ScoreResult(\x01\x12S\n\rDescribeModel\x12\".histosurv.v1.DescribeModelRequest\x1a\x1e.histosurv.v1.ModelDescriptionb\x06proto3')
+DESCRIPTOR = POOL.AddSerializedFile(b'\n histosurv/v1/slide_service.proto\x12\x0chistosurv.v1\"\xc9\x02\n\x11ScoreSlideRequest\x12\x11\n\tslide_uri\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\r\n\x05genes\x18\x04 \x03(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x14\n\x0c\x65ncoder_name\x18\x06 \x01(\t\x12\x11\n\tslide_mpp\x18\x07 \x01(\x01\x12\n\n\x02id\x18\x08 \x01(\t\x12\x1e\n\x16\x61llow_encoder_mismatch\x18\t \x01(\x08\x12\x11\n\tpatch_mpp\x18\n \x01(\x01\x12?\n\x08\x63linical\x18\x0b \x03(\x0b\x32-.histosurv.v1.ScoreSlideRequest.ClinicalEntry\x1a/\n\rClinicalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"6\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x04\x12\r\n\x05total\x18\x03 \x01(\x04\"G\n\rAttendedPatch\x12\t\n\x01x\x18\x01 \x01(\x03\x12\t\n\x01y\x18\x02 \x01(\x03\x12\x11\n\tattention\x18\x03 \x01(\x02\x12\r\n\x05index\x18\x04 \x01(\r\"\xc8\x03\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0c\n\x04risk\x18\x04 \x01(\x02\x12\x11\n\tn_patches\x18\x05 \x01(\x04\x12\x42\n\rstage_seconds\x18\x06 \x03(\x0b\x32+.histosurv.v1.ScoreResult.StageSecondsEntry\x12\x30\n\x0btop_patches\x18\x07 \x03(\x0b\x32\x1b.histosurv.v1.AttendedPatch\x12\x14\n\x0cslide_sha256\x18\x08 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\t \x01(\t\x12\x11\n\tpatch_mpp\x18\n \x01(\x01\x12;\n\toverrides\x18\x0b \x03(\x0b\x32(.histosurv.v1.ScoreResult.OverridesEntry\x12\r\n\x05notes\x18\x0c \x03(\t\x1a\x33\n\x11StageSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x30\n\x0eOverridesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"s\n\x0fScoreSlideEvent\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.histosurv.v1.ProgressH\x00\x12+\n\x06result\x18\x02 \x01(\x0b\x32\x19.histosurv.v1.ScoreResultH\x00\x42\x07\n\x05\x65vent\"\x99\x02\n\x0c\x46\x65\x61tureChunk\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x03 \x01(\t\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x04 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0c\x12\x0e\n\x06\x63oords\x18\x06 \x01(\x0c\x12\r\n\x05genes\x18\x07 \x03(\x02\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\n\n\x02id\x18\t \x01(\t\x12:\n\x08\x63linical\x18\n \x03(\x0b\x32(.histosurv.v1.FeatureChunk.ClinicalEntry\x1a/\n\rClinicalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x14\x44\x65scribeModelRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"}\n\rPreprocessing\x12\x13\n\x06resize\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rresize_filter\x18\x02 \x01(\t\x12\x11\n\x04\x63rop\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04mean\x18\x04 \x03(\x01\x12\x0b\n\x03std\x18\x05 \x03(\x01\x42\t\n\x07_resizeB\x07\n\x05_crop\"Q\n\x0fWeightsIdentity\x12\x13\n\x06sha256\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\tB\t\n\x07_sha256\"\x85\x03\n\rEncoderRecord\x12\x19\n\x0c\x61rchitecture\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x0b\x66\x65\x61ture_dim\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x17\n\npatch_size\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x10\n\x03mpp\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\ninput_size\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x32\n\rpreprocessing\x18\x06 \x01(\x0b\x32\x1b.histosurv.v1.Preprocessing\x12\x14\n\x07\x66\x65\x61ture\x18\x07 \x01(\tH\x05\x88\x01\x01\x12.\n\x07weights\x18\x08 \x01(\x0b\x32\x1d.histosurv.v1.WeightsIdentity\x12\x0c\n\x04name\x18\t \x01(\t\x12\x14\n\x07version\x18\n \x01(\rH\x06\x88\x01\x01\x42\x0f\n\r_architectureB\x0e\n\x0c_feature_dimB\r\n\x0b_patch_sizeB\x06\n\x04_mppB\r\n\x0b_input_sizeB\n\n\x08_featureB\n\n\x08_version\"O\n\x0cSurvivalHead\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x13\n\x06n_bins\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x11\n\ttime_bins\x18\x03 \x03(\x01\x42\t\n\x07_n_bins\"}\n\x11\x43linicalCovariate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\ncategories\x18\x03 \x03(\t\x12\x11\n\x04mean\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05scale\x18\x05 \x01(\x01H\x01\x88\x01\x01\x42\x07\n\x05_meanB\x08\n\x06_scale\"\xe7\x03\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x12\n\ngene_names\x18\x05 \x03(\t\x12\x42\n\nmodalities\x18\x06 \x03(\x0b\x32..histosurv.v1.ModelDescription.ModalitiesEntry\x12,\n\x08survival\x18\x07 \x01(\x0b\x32\x1a.histosurv.v1.SurvivalHead\x12/\n\ntrained_on\x18\x08 \x01(\x0b\x32\x1b.histosurv.v1.EncoderRecord\x12,\n\x07\x65ncoder\x18\t \x01(\x0b\x32\x1b.histosurv.v1.EncoderRecord\x12\x16\n\tpatch_mpp\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x65ngines\x18\x0b \x03(\t\x12\x0e\n\x06\x65ngine\x18\x0c \x01(\t\x12\x31\n\x08\x63linical\x18\r \x03(\x0b\x32\x1f.histosurv.v1.ClinicalCovariate\x1a\x31\n\x0fModalitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0c\n\n_patch_mpp2\xfe\x01\n\x0cSlideService\x12N\n\nScoreSlide\x12\x1f.histosurv.v1.ScoreSlideRequest\x1a\x1d.histosurv.v1.ScoreSlideEvent0\x01\x12I\n\x0eStreamFeatures\x12\x1a.histosurv.v1.FeatureChunk\x1a\x19.histosurv.v1.ScoreResult(\x01\x12S\n\rDescribeModel\x12\".histosurv.v1.DescribeModelRequest\x1a\x1e.histosurv.v1.ModelDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'histosurv.v1.slide_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SCORESLIDEREQUEST_CLINICALENTRY']._loaded_options = None
+  _globals['_SCORESLIDEREQUEST_CLINICALENTRY']._serialized_options = b'8\001'
   _globals['_SCORERESULT_STAGESECONDSENTRY']._loaded_options = None
   _globals['_SCORERESULT_STAGESECONDSENTRY']._serialized_options = b'8\001'
   _globals['_SCORERESULT_OVERRIDESENTRY']._loaded_options = None
   _globals['_SCORERESULT_OVERRIDESENTRY']._serialized_options = b'8\001'
+  _globals['_FEATURECHUNK_CLINICALENTRY']._loaded_options = None
+  _globals['_FEATURECHUNK_CLINICALENTRY']._serialized_options = b'8\001'
   _globals['_MODELDESCRIPTION_MODALITIESENTRY']._loaded_options = None
   _globals['_MODELDESCRIPTION_MODALITIESENTRY']._serialized_options = b'8\001'
   _globals['_SCORESLIDEREQUEST']._serialized_start=51
-  _globals['_SCORESLIDEREQUEST']._serialized_end=266
-  _globals['_PROGRESS']._serialized_start=268
-  _globals['_PROGRESS']._serialized_end=322
-  _globals['_ATTENDEDPATCH']._serialized_start=324
-  _globals['_ATTENDEDPATCH']._serialized_end=395
-  _globals['_SCORERESULT']._serialized_start=398
-  _globals['_SCORERESULT']._serialized_end=854
-  _globals['_SCORERESULT_STAGESECONDSENTRY']._serialized_start=753
-  _globals['_SCORERESULT_STAGESECONDSENTRY']._serialized_end=804
-  _globals['_SCORERESULT_OVERRIDESENTRY']._serialized_start=806
-  _globals['_SCORERESULT_OVERRIDESENTRY']._serialized_end=854
-  _globals['_SCORESLIDEEVENT']._serialized_start=856
-  _globals['_SCORESLIDEEVENT']._serialized_end=971
-  _globals['_FEATURECHUNK']._serialized_start=974
-  _globals['_FEATURECHUNK']._serialized_end=1146
-  _globals['_DESCRIBEMODELREQUEST']._serialized_start=1148
-  _globals['_DESCRIBEMODELREQUEST']._serialized_end=1213
-  _globals['_PREPROCESSING']._serialized_start=1215
-  _globals['_PREPROCESSING']._serialized_end=1340
-  _globals['_WEIGHTSIDENTITY']._serialized_start=1342
-  _globals['_WEIGHTSIDENTITY']._serialized_end=1423
-  _globals['_ENCODERRECORD']._serialized_start=1426
-  _globals['_ENCODERRECORD']._serialized_end=1815
-  _globals['_SURVIVALHEAD']._serialized_start=1817
-  _globals['_SURVIVALHEAD']._serialized_end=1896
-  _globals['_MODELDESCRIPTION']._serialized_start=1899
-  _globals['_MODELDESCRIPTION']._serialized_end=2335
-  _globals['_MODELDESCRIPTION_MODALITIESENTRY']._serialized_start=2272
-  _globals['_MODELDESCRIPTION_MODALITIESENTRY']._serialized_end=2321
-  _globals['_SLIDESERVICE']._serialized_start=2338
-  _globals['_SLIDESERVICE']._serialized_end=2592
+  _globals['_SCORESLIDEREQUEST']._serialized_end=380
+  _globals['_SCORESLIDEREQUEST_CLINICALENTRY']._serialized_start=333
+  _globals['_SCORESLIDEREQUEST_CLINICALENTRY']._serialized_end=380
+  _globals['_PROGRESS']._serialized_start=382
+  _globals['_PROGRESS']._serialized_end=436
+  _globals['_ATTENDEDPATCH']._serialized_start=438
+  _globals['_ATTENDEDPATCH']._serialized_end=509
+  _globals['_SCORERESULT']._serialized_start=512
+  _globals['_SCORERESULT']._serialized_end=968
+  _globals['_SCORERESULT_STAGESECONDSENTRY']._serialized_start=867
+  _globals['_SCORERESULT_STAGESECONDSENTRY']._serialized_end=918
+  _globals['_SCORERESULT_OVERRIDESENTRY']._serialized_start=920
+  _globals['_SCORERESULT_OVERRIDESENTRY']._serialized_end=968
+  _globals['_SCORESLIDEEVENT']._serialized_start=970
+  _globals['_SCORESLIDEEVENT']._serialized_end=1085
+  _globals['_FEATURECHUNK']._serialized_start=1088
+  _globals['_FEATURECHUNK']._serialized_end=1369
+  _globals['_FEATURECHUNK_CLINICALENTRY']._serialized_start=333
+  _globals['_FEATURECHUNK_CLINICALENTRY']._serialized_end=380
+  _globals['_DESCRIBEMODELREQUEST']._serialized_start=1371
+  _globals['_DESCRIBEMODELREQUEST']._serialized_end=1436
+  _globals['_PREPROCESSING']._serialized_start=1438
+  _globals['_PREPROCESSING']._serialized_end=1563
+  _globals['_WEIGHTSIDENTITY']._serialized_start=1565
+  _globals['_WEIGHTSIDENTITY']._serialized_end=1646
+  _globals['_ENCODERRECORD']._serialized_start=1649
+  _globals['_ENCODERRECORD']._serialized_end=2038
+  _globals['_SURVIVALHEAD']._serialized_start=2040
+  _globals['_SURVIVALHEAD']._serialized_end=2119
+  _globals['_CLINICALCOVARIATE']._serialized_start=2121
+  _globals['_CLINICALCOVARIATE']._serialized_end=2246
+  _globals['_MODELDESCRIPTION']._serialized_start=2249
+  _globals['_MODELDESCRIPTION']._serialized_end=2736
+  _globals['_MODELDESCRIPTION_MODALITIESENTRY']._serialized_start=2673
+  _globals['_MODELDESCRIPTION_MODALITIESENTRY']._serialized_end=2722
+  _globals['_SLIDESERVICE']._serialized_start=2739
+  _globals['_SLIDESERVICE']._serialized_end=2993
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreSlideRequest(_message.Message):
-    __slots__ = ("slide_uri", "model_name", "model_version", "genes", "top_k", "encoder_name", "slide_mpp", "id", "allow_encoder_mismatch", "patch_mpp")
+    __slots__ = ("slide_uri", "model_name", "model_version", "genes", "top_k", "encoder_name", "slide_mpp", "id", "allow_encoder_mismatch", "patch_mpp", "clinical")
+    class ClinicalEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SLIDE_URI_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +26,7 @@ class ScoreSlideRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     ALLOW_ENCODER_MISMATCH_FIELD_NUMBER: _ClassVar[int]
     PATCH_MPP_FIELD_NUMBER: _ClassVar[int]
+    CLINICAL_FIELD_NUMBER: _ClassVar[int]
     slide_uri: str
     model_name: str
     model_version: str
@@ -29,7 +37,8 @@ class ScoreSlideRequest(_message.Message):
     id: str
     allow_encoder_mismatch: bool
     patch_mpp: float
-    def __init__(self, slide_uri: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., genes: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., encoder_name: _Optional[str] = ..., slide_mpp: _Optional[float] = ..., id: _Optional[str] = ..., allow_encoder_mismatch: _Optional[bool] = ..., patch_mpp: _Optional[float] = ...) -> None: ...
+    clinical: _containers.ScalarMap[str, str]
+    def __init__(self, slide_uri: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., genes: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., encoder_name: _Optional[str] = ..., slide_mpp: _Optional[float] = ..., id: _Optional[str] = ..., allow_encoder_mismatch: _Optional[bool] = ..., patch_mpp: _Optional[float] = ..., clinical: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "done", "total")
@@ -104,7 +113,14 @@ class ScoreSlideEvent(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ScoreResult, _Mapping]] = ...) -> None: ...
 
 class FeatureChunk(_message.Message):
-    __slots__ = ("model_name", "model_version", "datatype", "feature_dim", "features", "coords", "genes", "top_k", "id")
+    __slots__ = ("model_name", "model_version", "datatype", "feature_dim", "features", "coords", "genes", "top_k", "id", "clinical")
+    class ClinicalEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DATATYPE_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +130,7 @@ class FeatureChunk(_message.Message):
     GENES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    CLINICAL_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     datatype: str
@@ -123,7 +140,8 @@ class FeatureChunk(_message.Message):
     genes: _containers.RepeatedScalarFieldContainer[float]
     top_k: int
     id: str
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., datatype: _Optional[str] = ..., feature_dim: _Optional[int] = ..., features: _Optional[bytes] = ..., coords: _Optional[bytes] = ..., genes: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., id: _Optional[str] = ...) -> None: ...
+    clinical: _containers.ScalarMap[str, str]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., datatype: _Optional[str] = ..., feature_dim: _Optional[int] = ..., features: _Optional[bytes] = ..., coords: _Optional[bytes] = ..., genes: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., id: _Optional[str] = ..., clinical: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DescribeModelRequest(_message.Message):
     __slots__ = ("model_name", "model_version")
@@ -191,8 +209,22 @@ class SurvivalHead(_message.Message):
     time_bins: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, kind: _Optional[str] = ..., n_bins: _Optional[int] = ..., time_bins: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class ClinicalCovariate(_message.Message):
+    __slots__ = ("name", "kind", "categories", "mean", "scale")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    mean: float
+    scale: float
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., mean: _Optional[float] = ..., scale: _Optional[float] = ...) -> None: ...
+
 class ModelDescription(_message.Message):
-    __slots__ = ("name", "version", "kind", "architecture", "gene_names", "modalities", "survival", "trained_on", "encoder", "patch_mpp", "engines", "engine")
+    __slots__ = ("name", "version", "kind", "architecture", "gene_names", "modalities", "survival", "trained_on", "encoder", "patch_mpp", "engines", "engine", "clinical")
     class ModalitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +244,7 @@ class ModelDescription(_message.Message):
     PATCH_MPP_FIELD_NUMBER: _ClassVar[int]
     ENGINES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    CLINICAL_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     kind: str
@@ -224,4 +257,5 @@ class ModelDescription(_message.Message):
     patch_mpp: float
     engines: _containers.RepeatedScalarFieldContainer[str]
     engine: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., architecture: _Optional[str] = ..., gene_names: _Optional[_Iterable[str]] = ..., modalities: _Optional[_Mapping[str, str]] = ..., survival: _Optional[_Union[SurvivalHead, _Mapping]] = ..., trained_on: _Optional[_Union[EncoderRecord, _Mapping]] = ..., encoder: _Optional[_Union[EncoderRecord, _Mapping]] = ..., patch_mpp: _Optional[float] = ..., engines: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ...) -> None: ...
+    clinical: _containers.RepeatedCompositeFieldContainer[ClinicalCovariate]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., architecture: _Optional[str] = ..., gene_names: _Optional[_Iterable[str]] = ..., modalities: _Optional[_Mapping[str, str]] = ..., survival: _Optional[_Union[SurvivalHead, _Mapping]] = ..., trained_on: _Optional[_Union[EncoderRecord, _Mapping]] = ..., encoder: _Optional[_Union[EncoderRecord, _Mapping]] = ..., patch_mpp: _Optional[float] = ..., engines: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., clinical: _Optional[_Iterable[_Union[ClinicalCovariate, _Mapping]]] = ...) -> None: ...
