@@ -72,6 +72,7 @@ class TrainConfig:
     alpha: float = 0.0  # discrete-time NLL only: weight of the uncensored term
     clinical_lr: float = 2e-2  # peak learning rate of the clinical covariates' linear term (models trained with covariates)
     clinical_init: bool = True  # start that term at a ridge Cox fit of the covariates alone (else at zero)
+    clinical_balance: bool = True  # after training, scale that term down where a Cox fit of it beside the model's own log-hazard says so
     baseline: bool = True  # also fit coxnet on the same patients and report its c-index beside the model's
 
     def __post_init__(self):
@@ -254,9 +255,42 @@ def train(
         result.best_epoch = len(result.history) - 1
         result.val_c_index = result.history[-1].get("val_c_index", float("nan"))
     model.eval()
+    if clinical_spec_of(model) is not None and cfg.clinical_balance:
+        _balance_clinical_term(model, cohort, fit_idx, log)
     _score_test(result, cohort)
     result.seconds = time.perf_counter() - started
     return result
+
+
+@torch.inference_mode()
+def _balance_clinical_term(model, cohort: Cohort, fit_idx, log) -> None:
+    """Rescales the covariates' term against the rest of the model by a Cox fit of the two on the
+    training patients: a deep model's logits can end training far less spread than its signal warrants,
+    and a term on the log-hazard-ratio scale then outvotes it (ABMIL on a linear cohort: image part alone
+    0.60, covariates alone 0.53, their sum 0.55). The model's own part, fitted on these very patients,
+    looks better here than it will on new ones, so the balance leans towards it: never the covariates'
+    way by more than they earn."""
+    from .models.coxnet import fit_coxnet
+
+    base = model.base
+    clinical = cohort.clinical_values(clinical_spec_of(model))
+    fit_idx = list(fit_idx)
+    logits, _ = _patient_outputs(base, cohort, fit_idx)
+    own = logits.mean(dim=1).double().numpy()  # a discrete head's bins move together: their mean is its log-hazard proxy
+    term = model.clinical_term(torch.from_numpy(clinical[fit_idx]))[:, 0].double().numpy()
+    if term.std() < 1e-8:
+        return
+    X = np.stack([own, term], axis=1)
+    scale = X.std(axis=0)
+    scale[scale < 1e-8] = 1.0
+    coef = fit_coxnet((X - X.mean(axis=0)) / scale, *cohort.times_events(fit_idx), alpha=1e-3, l1_ratio=0.01)
+    a, b = coef / scale
+    if a <= 0:  # the model's own part is no help on its training patients: leave the term as trained
+        return
+    factor = float(np.clip(b / a, 0.0, 1.0))
+    model.clinical_head.weight.mul_(factor)
+    model.clinical_head.bias.mul_(factor)
+    log(f"clinical covariates: their term scaled by {factor:.3f} against the model's own log-hazard")
 
 
 def _score_test(result: TrainResult, cohort: Cohort) -> None:
