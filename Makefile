@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps $(CUCIM_SPEC)
+	# lifelines, the log-rank reference of tests/test_evaluate.py, pins pandas < 3 while running fine on 3.x;
+	# installed beside the rest so that it does not move the pandas every other test runs on
+	$(BIN)/pip install --quiet autograd autograd-gamma formulaic
+	$(BIN)/pip install --quiet --no-deps lifelines==0.30.3
 	touch $@
 
 demo: $(VENV)/.installed

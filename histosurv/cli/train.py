@@ -66,7 +66,7 @@ def add_parser(sub) -> None:
     )
     cov.add_argument("--covariates", metavar="COL,COL", type=_names,
                      help="e.g. age,sex,stage: numeric columns are standardised, text columns one-hot encoded")
-    cov.add_argument("--categorical", metavar="COL,COL", type=_names, default=(),
+    cov.add_argument("--categorical", metavar="COL,COL", type=_names, default=None,
                      help="covariates to one-hot encode even though they hold numbers (e.g. grade)")
     p.set_defaults(handler=run)
 
@@ -153,7 +153,7 @@ def _covariates(args):
         if args.categorical:
             raise InputError("--categorical names covariates; give them with --covariates too")
         return None
-    return CovariateRequest(tuple(args.covariates), tuple(args.categorical))
+    return CovariateRequest(tuple(args.covariates), tuple(args.categorical or ()))
 
 
 def _train_fields() -> tuple[str, ...]:
