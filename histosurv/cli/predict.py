@@ -124,6 +124,32 @@ def _predict_slides(args, predictor, genes, started: float) -> int:
     return 0
 
 
+def _print_c_index(frame, unknown: str) -> None:
+    """The c-index per part the patients played in training the model: a figure over patients the model
+    was trained on is optimistic, and one over everybody mixes the two without saying so."""
+    from ..data.concordance import concordance_index
+
+    def line(part, what: str) -> str:
+        if len(part) < 2 or not (part["censorship"] == 0).any():
+            return f"c-index: - over {len(part)} {what} (too few patients or no deaths)"
+        c = concordance_index(part["survival_months"], part["censorship"] == 0, part["risk"])
+        return f"c-index {c.c_index:.4f} over {len(part)} {what} ({c.comparable} comparable pairs)"
+
+    if "training_split" not in frame:
+        print(line(frame, f"patients, all of the table's: which of them trained the model is unknown ({unknown})"))
+        return
+    labels = {
+        "test": "held-out test patients of its training run (never seen in training)",
+        "new": "patients not in its training cohort",
+        "val": "validation patients of its training run (they chose its epoch)",
+        "train": "patients it was trained on (optimistic)",
+    }
+    for split, what in labels.items():
+        part = frame[frame["training_split"] == split]
+        if len(part):
+            print(line(part, what))
+
+
 def _covariate_table(args, predictor):
     """--covariate NAME=VALUE pairs as a one-row table for ``predictor.clinical_for`` (None: none given)."""
     import pandas as pd
@@ -150,6 +176,7 @@ def _report(args, predictor, results, table, seconds: float) -> None:
     import pandas as pd
 
     from ..data.atomic import atomic_path
+    from ..runtime.predict import training_splits
 
     frame = pd.DataFrame(
         {
@@ -159,9 +186,15 @@ def _report(args, predictor, results, table, seconds: float) -> None:
             "n_patches": [sum(s.n_patches for s in r.slides) for r in results],
         }
     )
+    survival = predictor.version.info.survival
+    if survival is not None:  # the unit in the file itself: a Cox log-hazard and minus summed survival differ
+        frame.insert(2, "risk_scale", survival.risk_scale)
     if table is not None and {"survival_months", "censorship"} <= set(table.columns):
         outcomes = table.drop_duplicates("case_id").set_index("case_id")[["survival_months", "censorship"]]
         frame = frame.join(outcomes, on="case_id")
+    splits, unknown = training_splits(predictor.version)
+    if splits is not None:
+        frame["training_split"] = [splits.get(c, "new") for c in frame["case_id"]]
     if predictor.overrides:  # risks made under an override say so in the file itself
         frame["overrides"] = json.dumps(predictor.overrides, sort_keys=True)
     if args.out:
@@ -175,11 +208,10 @@ def _report(args, predictor, results, table, seconds: float) -> None:
             {"source": s.source, "risk": s.risk, "n_patches": s.n_patches} for s in r.slides]}, indent=1))
     else:
         print(frame.to_string(index=False))
+    if survival is not None:
+        print(f"risk: {survival.risk_definition}")
     if "survival_months" in frame and (frame["censorship"] == 0).any() and len(frame) > 1:
-        from ..export.concordance import concordance_index
-
-        c = concordance_index(frame["survival_months"], frame["censorship"] == 0, frame["risk"])
-        print(f"c-index {c.c_index:.4f} over {len(frame)} patients ({c.comparable} comparable pairs)")
+        _print_c_index(frame, unknown)
     t = predictor.timings
     engine = predictor.engine.describe()
     print(

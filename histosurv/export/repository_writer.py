@@ -22,7 +22,15 @@ from ..data.atomic import atomic_dir, write_text_atomic
 from ..data.encoder_record import EncoderRecord
 from ..data.typed_json import FieldError, from_json_dict, to_json_dict
 from ..errors import InputError, RepositoryError
-from ..runtime.manifest import GeneSpec, ModelManifest, ReferenceWeights, SurvivalHead, TensorSpec, VersionInfo
+from ..runtime.manifest import (
+    GeneSpec,
+    ModelManifest,
+    ReferenceWeights,
+    SurvivalHead,
+    TensorSpec,
+    VersionInfo,
+    risk_definition,
+)
 from ..runtime.manifest_v1 import upgrade_v1
 from ..runtime.repository import MANIFEST, ModelRepository, ModelVersion, sha256_file
 from ..runtime.triton_config import render_config_pbtxt
@@ -261,10 +269,12 @@ def trained_on(run_config: dict) -> EncoderRecord | None:
 def _survival_head(model, run_config: dict) -> SurvivalHead:
     kind = model.cfg.survival_head
     bins = run_config.get("time_bins")
+    n_bins = getattr(model.cfg, "n_bins", None) if kind == "discrete" else None
     return SurvivalHead(
         kind=kind,
-        n_bins=getattr(model.cfg, "n_bins", None) if kind == "discrete" else None,
+        n_bins=n_bins,
         time_bins=tuple(float(b) for b in bins) if bins else None,
+        risk=risk_definition(kind, n_bins),
     )
 
 

@@ -92,6 +92,29 @@ class SurvivalHead:
     kind: str  # "cox" (one log-hazard) or "discrete" (hazard logits over time bins)
     n_bins: int | None = None  # discrete heads
     time_bins: tuple[float, ...] | None = None  # bin edges in months, where training recorded them
+    risk: str = ""  # what the served risk is, its sign and unit (risk_definition); empty in older manifests
+
+    @property
+    def risk_scale(self) -> str:
+        """A short name of the risk's unit, for table columns."""
+        return risk_scale(self.kind, self.n_bins)
+
+    @property
+    def risk_definition(self) -> str:
+        return self.risk or risk_definition(self.kind, self.n_bins)
+
+
+def risk_scale(kind: str, n_bins: int | None = None) -> str:
+    return "log_hazard_ratio" if kind == "cox" else f"minus_summed_survival_{n_bins or 'k'}_bins"
+
+
+def risk_definition(kind: str, n_bins: int | None = None) -> str:
+    """The served risk in words: higher is always worse, but the unit depends on the survival head."""
+    if kind == "cox":
+        return ("Cox log relative hazard (log hazard ratio against the training cohort's baseline, unbounded): "
+                "higher = worse prognosis; a difference of 1 multiplies the hazard by e = 2.72")
+    return (f"minus the sum of the predicted survival probabilities over the model's {n_bins or 'k'} time bins "
+            f"(between -{n_bins or 'k'} and 0): higher = worse prognosis; -k means surviving every bin")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from .encoder_match import check_bag
 from .engines import Engine, load_engine
 from .repository import ModelRepository, ModelVersion
 
-__all__ = ["FusionPredictor", "SlideRisk", "PatientRisk", "score_cases"]
+__all__ = ["FusionPredictor", "SlideRisk", "PatientRisk", "score_cases", "training_splits"]
 
 
 @dataclass
@@ -178,6 +178,29 @@ class FusionPredictor:
         if bad.size:
             raise InputError(f"'genes' is not finite for {', '.join(self.gene_names[i] for i in bad[:5])}")
         return genes
+
+
+def training_splits(version: ModelVersion) -> tuple[dict[str, str] | None, str]:
+    """(case_id -> the part it played in training the version: train / val / test, or None when unknown;
+    why it is unknown). Read from the run folder the manifest names (``splits.csv``): a model refitted on
+    every patient after cross-validation trained on all of them."""
+    from pathlib import Path
+
+    run = (version.info.training or {}).get("run")
+    if not run:
+        return None, "the manifest names no training run"
+    path = Path(run) / "splits.csv"
+    if not path.is_file():
+        return None, f"its training run's {path} is not on this machine"
+    try:
+        splits = pd.read_csv(path, dtype={"case_id": str})
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        return None, f"{path} is unreadable ({e})"
+    if "split" in splits:
+        return dict(zip(splits["case_id"], splits["split"].astype(str))), ""
+    if "fold" in splits:  # the refit of a cross-validation: every patient of the cohort trained it
+        return dict.fromkeys(splits["case_id"], "train"), ""
+    return None, f"{path} has neither a split nor a fold column"
 
 
 def score_cases(

@@ -30,6 +30,8 @@ def describe_model(version: ModelVersion, engine_key: str = "") -> spb.ModelDesc
         if info.survival.n_bins is not None:
             message.survival.n_bins = info.survival.n_bins
         message.survival.time_bins.extend(info.survival.time_bins or ())
+        message.survival.risk_definition = info.survival.risk_definition
+        message.survival.risk_scale = info.survival.risk_scale
     if info.trained_on is not None:
         message.trained_on.CopyFrom(encoder_message(info.trained_on))
     if info.encoder is not None:

@@ -200,14 +200,18 @@ class EncoderRecord(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., feature_dim: _Optional[int] = ..., patch_size: _Optional[int] = ..., mpp: _Optional[float] = ..., input_size: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., feature: _Optional[str] = ..., weights: _Optional[_Union[WeightsIdentity, _Mapping]] = ..., name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class SurvivalHead(_message.Message):
-    __slots__ = ("kind", "n_bins", "time_bins")
+    __slots__ = ("kind", "n_bins", "time_bins", "risk_definition", "risk_scale")
     KIND_FIELD_NUMBER: _ClassVar[int]
     N_BINS_FIELD_NUMBER: _ClassVar[int]
     TIME_BINS_FIELD_NUMBER: _ClassVar[int]
+    RISK_DEFINITION_FIELD_NUMBER: _ClassVar[int]
+    RISK_SCALE_FIELD_NUMBER: _ClassVar[int]
     kind: str
     n_bins: int
     time_bins: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, kind: _Optional[str] = ..., n_bins: _Optional[int] = ..., time_bins: _Optional[_Iterable[float]] = ...) -> None: ...
+    risk_definition: str
+    risk_scale: str
+    def __init__(self, kind: _Optional[str] = ..., n_bins: _Optional[int] = ..., time_bins: _Optional[_Iterable[float]] = ..., risk_definition: _Optional[str] = ..., risk_scale: _Optional[str] = ...) -> None: ...
 
 class ClinicalCovariate(_message.Message):
     __slots__ = ("name", "kind", "categories", "mean", "scale")
