@@ -16,7 +16,7 @@ from histosurv.export.models.ammasurv import AMMASurvConfig
 from histosurv.export.onnx_export import SingleBag, example_inputs, export_onnx
 from histosurv.export.repository_writer import export_run
 from histosurv.export.verify import verify_version
-from histosurv.runtime.manifest import ModelManifest
+from histosurv.runtime.manifest import ModelManifest, risk_definition
 from histosurv.runtime.repository import ModelRepository, sha256_file
 
 from .conftest import tiny_model_config
@@ -50,7 +50,7 @@ def test_repository_layout_and_manifest(tiny_repo, tiny_cohort):
     assert (engines["onnxruntime_fp16"]["precision"], engines["onnxruntime"]["device"]) == ("fp16", "any")
     # the encoder the training bags were made with, copied from their h5 attributes
     assert v1["trained_on"]["architecture"] == "synthetic" and v1["trained_on"]["feature_dim"] == 32
-    assert v1["survival"] == {"kind": "cox", "n_bins": None, "time_bins": None}
+    assert v1["survival"] == {"kind": "cox", "n_bins": None, "time_bins": None, "risk": risk_definition("cox")}
 
 
 def test_opset23_graph_for_tensorrt_matches_pytorch_at_untraced_sizes(tiny_repo):
