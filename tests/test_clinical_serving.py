@@ -182,9 +182,9 @@ def test_kserve_checks_the_clinical_tensor(server, predictor):
 
     features = _features(20)
 
-    def inputs(clinical):
+    def inputs(clinical, bag_features=features):
         tensors = []
-        for name, array in (("features", features), ("clinical", np.asarray(clinical, np.float32))):
+        for name, array in (("features", bag_features), ("clinical", np.asarray(clinical, np.float32))):
             tensor = tritonclient.InferInput(name, list(array.shape), "FP32")
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
@@ -198,6 +198,15 @@ def test_kserve_checks_the_clinical_tensor(server, predictor):
             client.infer("clin", inputs([63, 0, 7]))
         assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
         assert client.is_server_live()
+        # NaN is the protocol's "missing" for a covariate (here the sex), not a bad value
+        missing_sex = client.infer("clin", inputs([63, np.nan, 2])).as_numpy("risk").reshape(-1)[0]
+        bag = Bag(features, np.zeros((20, 2), np.int64))
+        assert missing_sex == pytest.approx(_expected(predictor, bag, {"age": "63", "stage": "III"}), rel=1e-5, abs=1e-6)
+        assert abs(missing_sex - risk) > 1e-6
+        with pytest.raises(InferenceServerException, match="input 'features' contains NaN values"):
+            client.infer("clin", inputs([63, 0, 2], np.where(np.arange(20)[:, None] == 3, np.nan, features).astype(np.float32)))
+        with pytest.raises(InferenceServerException, match="input 'clinical' contains infinite values"):
+            client.infer("clin", inputs([np.inf, 0, 2]))
 
 
 def test_describe_model_lists_the_covariates(server, repo):

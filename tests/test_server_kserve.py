@@ -189,6 +189,39 @@ def test_raw_bytes_that_do_not_fill_the_shape_are_refused(server):
     assert "input 'coords': raw contents are 56 bytes, shape [4, 2] of INT64 needs 64" in caught.value.details()
 
 
+def _raw_request(arrays):
+    request = pb.ModelInferRequest(model_name="ammasurv")
+    for name, array, datatype in arrays:
+        request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        request.raw_input_contents.append(array.tobytes())
+    return request
+
+
+def _refusal(server, request) -> str:
+    with grpc.insecure_channel(server.url) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    return caught.value.details()
+
+
+def test_a_tensor_sent_both_typed_and_raw_is_refused(server, client):
+    features, coords, genes = _bag(n=4)
+    request = _raw_request((("features", features, "FP32"), ("coords", coords, "INT64"), ("genes", genes, "FP32")))
+    request.inputs[2].contents.fp32_contents.extend(genes.tolist())  # the protocol: one or the other
+    assert "input 'genes' is sent both as typed contents and in raw_input_contents" in _refusal(server, request)
+    assert client.is_server_live()
+
+
+def test_huge_shapes_are_refused_with_their_true_size(server):
+    features, coords, genes = _bag(n=4)
+    request = _raw_request((("features", features, "FP32"), ("coords", coords, "INT64"), ("genes", genes, "FP32")))
+    del request.inputs[0].shape[:]
+    request.inputs[0].shape.extend([2**62, 2**62])  # 2^124 elements: int64 arithmetic wraps this to 0 bytes
+    details = _refusal(server, request)
+    assert f"{2**124} elements, more than any request can carry" in details and "needs 0" not in details
+
+
 def test_statistics_count_exactly_the_requests(client):
     def stats():
         s = client.get_inference_statistics("ammasurv", as_json=True)["model_stats"][0]

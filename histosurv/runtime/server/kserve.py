@@ -91,7 +91,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async with self._leased(request.model_name, request.model_version, context) as model:
             stats, version = model.stats, str(model.version.version)
             try:
-                inputs = decode_inputs(request, model.version.inputs)
+                inputs = decode_inputs(request, model.version.inputs, missing_markers(model.version.info))
                 if "clinical" in inputs and model.version.info.clinical is not None:
                     # a category index the model never saw would one-hot to "no category" without a word
                     inputs["clinical"] = check_wire_values(model.version.info.clinical, inputs["clinical"])
@@ -173,6 +173,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"explicit model load/unload is not allowed with --model-control {self.model_control}",
             )
+
+
+def missing_markers(info) -> dict[str, str]:
+    """Where NaN means "missing" for this model version: any clinical covariate; a whole gene vector
+    where genes are optional (the manifest's modalities)."""
+    markers = {"clinical": "values"} if info.clinical is not None else {}
+    if "genes" in info.optional_inputs:
+        markers["genes"] = "whole"
+    return markers
 
 
 def failure_status(error: Exception, model: str) -> tuple[grpc.StatusCode, str, str]:

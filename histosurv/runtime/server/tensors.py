@@ -3,10 +3,18 @@
 Every problem a client can cause is a ``BadTensor`` naming the tensor and what is wrong with it,
 which the servicer answers with INVALID_ARGUMENT: unknown, missing or repeated inputs, a datatype the
 input does not take, a wrong rank or size, raw bytes that do not fill the shape, typed contents of the
-wrong kind or count, NaN or infinite values, an empty bag, and features and coords of different lengths.
+wrong kind or count, a tensor sent both typed and raw, NaN or infinite values, an empty bag, and features
+and coords of different lengths.
+
+NaN is the protocol's "missing" where a model says an input may be missing (``missing``): any value of
+clinical covariates, or a whole optional gene vector; anywhere else it is refused. Sizes are computed in
+Python integers: a shape of [2^62, 2^62] must not wrap around to "needs 0 bytes".
 """
 
 from __future__ import annotations
+
+import math
+from typing import Mapping
 
 import numpy as np
 
@@ -35,8 +43,11 @@ class BadTensor(InputError):
     pass
 
 
-def decode_inputs(request, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+def decode_inputs(request, specs: list[TensorSpec], missing: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+    """``missing``: input name -> "values" (any value may be NaN: missing) or "whole" (the tensor may be
+    all NaN: the input is absent); NaN anywhere else is refused."""
     by_name = {s.name: s for s in specs}
+    missing = missing or {}
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise BadTensor(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send all inputs raw or none")
@@ -52,18 +63,44 @@ def decode_inputs(request, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
         shape = tuple(int(d) for d in tensor.shape)
         if any(d < 0 for d in shape):
             raise BadTensor(f"input '{tensor.name}' has a negative dimension in shape {list(shape)}")
+        if raw and _has_typed_contents(tensor):
+            raise BadTensor(f"input '{tensor.name}' is sent both as typed contents and in raw_input_contents; send one")
+        _check_size(tensor, shape, spec)
         array = _raw(tensor, shape, raw[i]) if raw else _typed(tensor, shape)
         problem = spec.check(array)
         if problem:
             raise BadTensor(problem)
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise BadTensor(f"input '{tensor.name}' contains NaN or infinite values")
+        if array.dtype.kind == "f":
+            _check_finite(tensor.name, array, missing.get(tensor.name))
         arrays[tensor.name] = np.ascontiguousarray(array, dtype=spec.dtype)
     missing = [name for name in by_name if name not in arrays]
     if missing:
         raise BadTensor(f"missing input(s) {', '.join(repr(m) for m in missing)}")
     _check_bag_lengths(arrays, by_name)
     return arrays
+
+
+def _has_typed_contents(tensor) -> bool:
+    return tensor.HasField("contents") and any(len(getattr(tensor.contents, f)) for f in set(TYPED_FIELDS.values()))
+
+
+def _check_size(tensor, shape: tuple[int, ...], spec: TensorSpec) -> None:
+    """A fixed dimension of the spec bounds nothing on its own (rank and sizes are checked after
+    decoding); what must not happen is decoding a shape whose element count no message can hold."""
+    count = math.prod(shape)
+    limit = 1 << 40  # far beyond any gRPC message (2 GiB at most): a count this large is a malformed shape
+    if count > limit:
+        raise BadTensor(f"input '{tensor.name}' has shape {list(shape)}: {count} elements, more than any request can carry")
+
+
+def _check_finite(name: str, array: np.ndarray, missing: str | None) -> None:
+    if np.isinf(array).any():
+        raise BadTensor(f"input '{name}' contains infinite values")
+    nan = np.isnan(array)
+    if not nan.any() or missing == "values" or (missing == "whole" and nan.all()):
+        return
+    hint = " (NaN is allowed only for the whole vector: the input absent)" if missing == "whole" else ""
+    raise BadTensor(f"input '{name}' contains NaN values{hint}")
 
 
 def _check_bag_lengths(arrays: dict[str, np.ndarray], specs: dict[str, TensorSpec]) -> None:
@@ -79,7 +116,7 @@ def _check_bag_lengths(arrays: dict[str, np.ndarray], specs: dict[str, TensorSpe
 
 def _raw(tensor, shape: tuple[int, ...], data: bytes) -> np.ndarray:
     dtype = np.dtype(WIRE_DTYPES[tensor.datatype]).newbyteorder("<")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise BadTensor(
             f"input '{tensor.name}': raw contents are {len(data)} bytes, shape {list(shape)} of {tensor.datatype} "
@@ -93,7 +130,7 @@ def _typed(tensor, shape: tuple[int, ...]) -> np.ndarray:
     if field is None:
         raise BadTensor(f"input '{tensor.name}': {tensor.datatype} can only be sent in raw_input_contents")
     values = getattr(tensor.contents, field)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if len(values) != count:
         raise BadTensor(f"input '{tensor.name}': {len(values)} values in contents.{field}, shape {list(shape)} needs {count}")
     return np.asarray(values, dtype=WIRE_DTYPES[tensor.datatype]).reshape(shape)
