@@ -96,13 +96,22 @@ def print_notes(command: str, notes) -> None:
         print(f"histosurv {command}: {'warning' if note.startswith('override') else 'note'}: {note}", file=sys.stderr)
 
 
-def progress_printer(label: str):
-    """Prints 'label: done/total patches' to stderr about every 10%, so long slides show progress."""
+def progress_printer(label: str, stream=None):
+    """Prints 'label: done/total patches' to ``stream`` (stderr) as a slide is encoded. On a terminal one
+    line is rewritten about every 10%; elsewhere (CI logs, nohup, Ray workers) a carriage return is not
+    a new line, so whole lines are printed, about every 25%."""
+    stream = sys.stderr if stream is None else stream
+    tty = stream.isatty()
+    step = 0.1 if tty else 0.25
     state = {"next": 0.0}
 
     def report(done: int, total: int) -> None:
         if done / total >= state["next"] or done == total:
-            print(f"\r{label}: {done}/{total} patches", end="\n" if done == total else "", file=sys.stderr, flush=True)
-            state["next"] = done / total + 0.1
+            text = f"{label}: {done}/{total} patches"
+            if tty:
+                print("\r" + text, end="\n" if done == total else "", file=stream, flush=True)
+            else:
+                print(text, file=stream, flush=True)
+            state["next"] = done / total + step
 
     return report
