@@ -7,7 +7,8 @@ the CLI turns any :class:`HistosurvError` into a one-line message and a non-zero
 
 from __future__ import annotations
 
-__all__ = ["HistosurvError", "InputError", "MissingInputError", "RepositoryError", "SlideError", "EmptySlideError", "MismatchError"]
+__all__ = ["HistosurvError", "InputError", "MissingInputError", "RepositoryError", "SlideError", "EmptySlideError",
+           "MismatchError", "StartupError"]
 
 
 class HistosurvError(Exception):
@@ -32,6 +33,10 @@ class SlideError(InputError):
 
 class EmptySlideError(InputError):
     """A slide was read but holds no tissue patches to score (an empty bag), so no risk can be given."""
+
+
+class StartupError(HistosurvError, OSError):
+    """The machine cannot do what was asked of it at start-up: a port in use, an address not its own."""
 
 
 class MismatchError(InputError):

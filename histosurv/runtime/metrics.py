@@ -19,6 +19,8 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import Metric
 
+from ..errors import StartupError
+
 __all__ = ["ServerMetrics", "STAGES", "gpu_memory"]
 
 STAGES = ("open", "mask", "read", "encode", "fuse")  # the pipeline stages with their own histogram
@@ -95,7 +97,13 @@ class ServerMetrics:
             def log_message(self, *args):  # scrapes every few seconds would flood the server's log
                 pass
 
-        server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as e:
+            raise StartupError(
+                f"cannot serve metrics on {host}:{port}: {e.strerror or e}; choose another port with --metrics-port "
+                "(or leave metrics off)"
+            ) from None
         server.daemon_threads = True
         thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
         thread.start()

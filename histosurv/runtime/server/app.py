@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ...errors import StartupError
 from ..metrics import ServerMetrics
 from ._proto._pool import POOL
 from ._proto import grpc_service_pb2 as pb
@@ -76,6 +77,9 @@ def create_server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # gRPC turns SO_REUSEPORT on by default: a second server on a busy port then starts "fine" and
+            # the kernel splits the traffic between the two without a word. A busy port must be an error.
+            ("grpc.so_reuseport", 0),
         ],
     )
     server.metrics = metrics or ServerMetrics(store.loaded)
@@ -90,9 +94,15 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(server.health, server)
     names = (INFERENCE_SERVICE, SLIDE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server, pool=POOL)
-    port = server.add_secure_port(address, server_credentials(tls)) if tls else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, server_credentials(tls)) if tls else server.add_insecure_port(address)
+    except RuntimeError:  # grpcio's "Failed to bind", whatever the cause
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind the gRPC server to {address}")
+        raise StartupError(
+            f"cannot serve gRPC on {address}: the port is in use (another histosurv serve, or another program) "
+            "or the address is not one of this machine's; choose another with --grpc-port / --host"
+        )
     return server, port
 
 
