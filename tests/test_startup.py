@@ -1,4 +1,5 @@
-"""A busy port is a clear start-up error, never a second server sharing the port (issue 22)."""
+"""Problems of the machine, not of the input, are clear errors without tracebacks (issue 22): a busy port
+(never a second server sharing it), a missing optional package."""
 
 from __future__ import annotations
 
@@ -41,3 +42,16 @@ def test_a_busy_metrics_port_is_refused_by_name():
         port = taken.getsockname()[1]
         with pytest.raises(StartupError, match=rf"cannot serve metrics on 127\.0\.0\.1:{port}: .*--metrics-port"):
             ServerMetrics(lambda: []).start_http("127.0.0.1", port)
+
+
+def test_a_missing_optional_package_names_the_extra_to_install(tiny_repo, tmp_path):
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: the refusal cannot happen")
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    done = run_cli("export", "--repo", repo, "--add-engine", "tensorrt", "--name", "ammasurv")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "histosurv export: error: this needs TensorRT, which is not installed: pip install 'histosurv[tensorrt]'" in done.stderr

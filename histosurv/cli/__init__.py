@@ -55,6 +55,20 @@ def _refuse(name: str) -> int:
     return 2
 
 
+# Optional packages a command may need, and how to get them (the extras of pyproject.toml).
+_OPTIONAL_PACKAGES = {
+    "tensorrt": "TensorRT, which is not installed: pip install 'histosurv[tensorrt]' on a machine with an NVIDIA GPU "
+                "(the wheels come from NVIDIA's index)",
+    "torch": "PyTorch, which is not installed (the serving set does not have it): pip install 'histosurv[train]'",
+    "onnxscript": "onnxscript, which is not installed: pip install 'histosurv[train]'",
+    "onnx": "onnx, which is not installed: pip install 'histosurv[train]'",
+    "safetensors": "safetensors, which is not installed: pip install 'histosurv[train]'",
+    "ray": "Ray, which is not installed: pip install 'histosurv[ray]'",
+    "cupy": "CuPy, which is not installed: pip install 'histosurv[gpu]' on a machine with an NVIDIA GPU",
+    "matplotlib": "matplotlib, which is not installed: pip install 'histosurv[report]'",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -66,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except (HistosurvError, FileExistsError) as e:
         print(f"histosurv {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        hint = _OPTIONAL_PACKAGES.get((e.name or "").split(".")[0])
+        if hint is None:  # not an optional package: a broken install, whose traceback is the useful answer
+            raise
+        print(f"histosurv {args.command}: error: this needs {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"histosurv {args.command}: interrupted", file=sys.stderr)
