@@ -222,6 +222,30 @@ def test_huge_shapes_are_refused_with_their_true_size(server):
     assert f"{2**124} elements, more than any request can carry" in details and "needs 0" not in details
 
 
+def test_finite_inputs_never_give_a_non_finite_answer(client):
+    """Genes of 3e38 are finite FP32 but beyond anything trained on: INVALID_ARGUMENT naming the gene.
+    Features of +-3e38 overflow inside the graph: the NaN risk is an engine failure, never a success."""
+    features, coords, genes = _bag(n=12, seed=5)
+    huge_genes = genes.copy()
+    huge_genes[3] = 3e38
+    with pytest.raises(InferenceServerException, match=r"'genes' is out of the range the model was trained on: GENE0003 = 3e\+38") as caught:
+        client.infer("ammasurv", _inputs(features, coords, huge_genes))
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    failed_before = _failures(client)
+    with pytest.raises(InferenceServerException, match="model 'ammasurv' produced non-finite risk") as caught:
+        # +-3e38 in alternate columns: LayerNorm's variance overflows and the risk comes out NaN
+        overflow = (np.where(np.arange(features.shape[1]) % 2, 3e38, -3e38) + 0 * features).astype(np.float32)
+        client.infer("ammasurv", _inputs(overflow, coords, genes))
+    assert caught.value.status() == "StatusCode.INTERNAL"
+    assert _failures(client) == failed_before + 1
+    assert client.is_server_live()
+
+
+def _failures(client) -> int:
+    stats = client.get_inference_statistics("ammasurv", as_json=True)["model_stats"][0]
+    return int(stats.get("inference_stats", {}).get("fail", {}).get("count", 0))
+
+
 def test_statistics_count_exactly_the_requests(client):
     def stats():
         s = client.get_inference_statistics("ammasurv", as_json=True)["model_stats"][0]

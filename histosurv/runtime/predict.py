@@ -16,6 +16,7 @@ from ..data.features import Bag, read_bag, validate_bag
 from ..data.tables import GeneTable
 from ..errors import InputError
 from .encoder_match import check_bag
+from .finite import check_input_range, check_outputs
 from .engines import Engine, load_engine
 from .repository import ModelRepository, ModelVersion
 
@@ -128,7 +129,7 @@ class FusionPredictor:
     def slide(self, bag: Bag, genes: np.ndarray | None = None, clinical: np.ndarray | None = None) -> SlideRisk:
         inputs = self.inputs_for(bag, genes, clinical)
         t0 = time.perf_counter()
-        out = self.engine.run(inputs)
+        out = check_outputs(self.engine.run(inputs), self.version.name)
         self.timings["fuse"] += time.perf_counter() - t0
         return SlideRisk(float(out["risk"].reshape(-1)[0]), len(bag), out.get("attention"), bag.source)
 
@@ -150,6 +151,7 @@ class FusionPredictor:
                 inputs["coords"] = bag.coords
         if "genes" in self.specs:
             inputs["genes"] = self.check_genes(genes)
+            check_input_range(self.version.info, inputs)
         if "clinical" in self.specs:
             inputs["clinical"] = self.check_clinical(clinical)
         for name, array in inputs.items():

@@ -18,6 +18,7 @@ from ... import __version__
 from ...data.covariates import check_wire_values
 from ...errors import HistosurvError, InputError, MismatchError, MissingInputError, RepositoryError
 from ..metrics import ServerMetrics
+from ..finite import check_input_range, check_outputs
 from ..triton_config import PLATFORMS, serving_parameters
 from ._proto import grpc_service_pb2 as pb
 from ._proto import grpc_service_pb2_grpc as pb_grpc
@@ -92,11 +93,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             stats, version = model.stats, str(model.version.version)
             try:
                 inputs = decode_inputs(request, model.version.inputs, missing_markers(model.version.info))
+                check_input_range(model.version.info, inputs)
                 if "clinical" in inputs and model.version.info.clinical is not None:
                     # a category index the model never saw would one-hot to "no category" without a word
                     inputs["clinical"] = check_wire_values(model.version.info.clinical, inputs["clinical"])
                 decoded = time.perf_counter_ns()
-                timed = await model.scheduler.run(lambda: model.engine.run(inputs))
+                timed = await model.scheduler.run(lambda: check_outputs(model.engine.run(inputs), model.name))
                 ran = time.perf_counter_ns()
                 response = pb.ModelInferResponse(model_name=model.name, model_version=version, id=request.id)
                 encode_outputs(response, timed.value, model.version.outputs, [o.name for o in request.outputs])

@@ -30,6 +30,7 @@ from ...data.covariates import encode_row
 from ...data.features import Bag
 from ...errors import InputError, MissingInputError
 from ..encoder_match import EncoderChoice, choose_encoder
+from ..finite import check_outputs
 from ..metrics import ServerMetrics
 from ..pipeline import PatchEncoder, Ready, SlideConfig, featurize_slide
 from ..predict import FusionPredictor
@@ -327,7 +328,7 @@ class SlideService(spb_grpc.SlideServiceServicer):
 
     async def _fuse(self, model: LoadedModel, fusion: FusionPredictor, bag: Bag, genes, clinical, top_k: int, request_id: str):
         inputs = fusion.inputs_for(bag, genes, clinical)
-        timed = await model.scheduler.run(lambda: model.engine.run(inputs))
+        timed = await model.scheduler.run(lambda: check_outputs(model.engine.run(inputs), model.name))
         outputs = timed.value
         response = spb.ScoreResult(
             id=request_id, model_name=model.name, model_version=str(model.version.version),
