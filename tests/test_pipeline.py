@@ -71,6 +71,22 @@ def test_predict_from_a_slide_equals_predict_from_its_features(slide_repo, cmu_s
     assert np.isfinite(report["risk"]) and report["risk"] == pytest.approx(h5_risk, rel=1e-6)
 
 
+def test_a_slide_smaller_than_one_patch_is_refused_for_that_reason(slide_repo, tmp_path):
+    """200 x 150 px of tissue at 0.5 µm/px cannot hold one 256 px patch at 0.5 µm/px (issue 22): the
+    refusal says so, not that the tissue mask covers 0% of the slide."""
+    import tifffile
+
+    repo, cohort_dir, case = slide_repo
+    rng = np.random.default_rng(1)
+    tissue = np.clip(rng.normal((180, 90, 170), 20, (150, 200, 3)), 0, 255).astype(np.uint8)  # H&E-ish pink
+    small = tmp_path / "small.tiff"
+    tifffile.imwrite(small, tissue, photometric="rgb", resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    encoder = PatchEncoder.from_repository(repo, "resnet18_encoder")
+    with pytest.raises(EmptySlideError, match=r"smaller than one patch: 200 x 150 px at 0\.5 µm/px, and a 256 px patch at 0\.5 µm/px is 256 px a side") as caught:
+        featurize_slide(small, encoder)
+    assert "tissue mask covers" not in str(caught.value)
+
+
 def test_no_tissue_is_an_empty_bag_not_a_nan(slide_repo, tmp_path):
     import tifffile
 

@@ -250,6 +250,13 @@ def _plan(reader, path: Path, patch_size: int, mpp: float, config: SlideConfig, 
     t0 = time.perf_counter()
     grid = plan_patch_grid(reader, mask, replace(config.grid, patch_size=patch_size, mpp=mpp))
     seconds["grid"] = time.perf_counter() - t0
+    if grid.candidates == 0:  # not a tissue problem: no window fits at all
+        w0, h0 = reader.dimensions
+        raise EmptySlideError(
+            f"{path}: the slide is smaller than one patch: {w0} x {h0} px at {reader.mpp:.4g} µm/px, and a "
+            f"{patch_size} px patch at {mpp:g} µm/px is {grid.size_level0} px a side at full resolution; "
+            "an empty bag has no risk"
+        )
     if len(grid) == 0:
         raise EmptySlideError(
             f"{path}: no tissue patches: none of the {grid.candidates} grid windows has "
