@@ -141,6 +141,12 @@ def _bad(kind: str):
     if kind == "NaN":
         features[3, 4] = np.nan
         return "ammasurv", "", _inputs(features, coords, genes)
+    if kind == "negative coords":
+        coords[2] = (-256, 0)
+        return "ammasurv", "", _inputs(features, coords, genes)
+    if kind == "coords off any slide":
+        coords[5] = (2**62, 0)
+        return "ammasurv", "", _inputs(features, coords, genes)
     if kind == "empty bag":
         return "ammasurv", "", _inputs(features[:0].copy(), coords[:0].copy(), genes)
     if kind == "lengths differ":
@@ -161,6 +167,8 @@ def _bad(kind: str):
         ("wrong rank", "INVALID_ARGUMENT", "'features' must have 2 dimensions"),
         ("wrong width", "INVALID_ARGUMENT", r"'features' must have shape \[-1, 32\]"),
         ("NaN", "INVALID_ARGUMENT", "input 'features' contains NaN"),
+        ("negative coords", "INVALID_ARGUMENT", r"'coords' has a negative position \(-256\)"),
+        ("coords off any slide", "INVALID_ARGUMENT", r"'coords' has a position of 4611686018427387904 px, beyond any slide"),
         ("empty bag", "INVALID_ARGUMENT", "input 'features' is empty: a bag needs at least one patch"),
         ("lengths differ", "INVALID_ARGUMENT", "inputs disagree on the number of patches: 'features' has 12, 'coords' has 10"),
         ("unknown model", "NOT_FOUND", "model 'nope' is not loaded"),

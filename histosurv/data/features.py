@@ -24,7 +24,25 @@ import numpy as np
 from ..errors import InputError, MissingInputError
 from .atomic import atomic_path
 
-__all__ = ["Bag", "read_bag", "write_bag", "validate_bag", "SLIDE_SUFFIXES", "bag_path", "clam_coords_attrs"]
+__all__ = ["Bag", "read_bag", "write_bag", "validate_bag", "SLIDE_SUFFIXES", "bag_path", "clam_coords_attrs",
+           "MAX_COORD", "coords_problem"]
+
+# Patch positions are level-0 pixels of a slide: never negative, and no scanner makes a slide 10 million
+# pixels across (2.5 m at 0.25 µm/px). Anything outside is a corrupted file or a malformed request.
+MAX_COORD = 10_000_000
+
+
+def coords_problem(coords: np.ndarray) -> str | None:
+    """What is wrong with (N, 2) level-0 ``coords``, or None."""
+    c = np.asarray(coords)
+    if c.size == 0:
+        return None
+    low, high = int(c.min()), int(c.max())
+    if low < 0:
+        return f"'coords' has a negative position ({low}); positions are level-0 pixels from the slide's top-left corner"
+    if high > MAX_COORD:
+        return f"'coords' has a position of {high} px, beyond any slide (at most {MAX_COORD:,} px)"
+    return None
 
 # TRIDENT's attributes on the features dataset that mean something here (it also writes "name" and
 # "savetodir", which are the slide's and the folder's and would shadow nothing useful)
@@ -118,6 +136,9 @@ def validate_bag(bag: Bag, feature_dim: int | None = None) -> Bag:
     if not np.issubdtype(c.dtype, np.integer):
         if not np.all(np.isfinite(c)) or np.any(c != np.round(c)):
             raise InputError(f"{where}: 'coords' must be whole level-0 pixel positions")
+    problem = coords_problem(c)
+    if problem:
+        raise InputError(f"{where}: {problem}")
     return Bag(f, c.astype(np.int64, copy=False), dict(bag.attrs), where)
 
 

@@ -16,6 +16,7 @@ import grpc
 
 from ... import __version__
 from ...data.covariates import check_wire_values
+from ...data.features import coords_problem
 from ...errors import HistosurvError, InputError, MismatchError, MissingInputError, RepositoryError
 from ..metrics import ServerMetrics
 from ..finite import check_input_range, check_outputs
@@ -94,6 +95,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 inputs = decode_inputs(request, model.version.inputs, missing_markers(model.version.info))
                 check_input_range(model.version.info, inputs)
+                if "coords" in inputs and (problem := coords_problem(inputs["coords"])):
+                    raise InputError(problem)
                 if "clinical" in inputs and model.version.info.clinical is not None:
                     # a category index the model never saw would one-hot to "no category" without a word
                     inputs["clinical"] = check_wire_values(model.version.info.clinical, inputs["clinical"])
