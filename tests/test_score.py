@@ -127,6 +127,7 @@ def test_a_changed_configuration_is_refused_not_mixed(slide_repo, archive, tmp_p
     pd.read_csv(manifest).iloc[:1].to_csv(manifest, index=False)
     refused = _score(repo, manifest, tmp_path / "run", genes)
     assert refused.returncode == 2 and "manifest_sha256" in refused.stderr and "--restart" in refused.stderr
+    assert "cached features in features/ are kept and reused" in refused.stderr
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "run" / "slides.parquet"), before)  # untouched
 
     restarted = _score(repo, manifest, tmp_path / "run", genes, "--restart")
@@ -152,3 +153,16 @@ def test_ray_gives_the_risks_of_the_local_backend(slide_repo, archive, tmp_path)
     workers, tilers = {r.get("worker") for r in records}, {r.get("tiler") for r in records}
     assert None not in workers and os.getpid() not in workers  # encoded in Ray actors, not in this process
     assert None not in tilers and not tilers & workers  # tiled in CPU tasks, not in the encoder actors
+
+
+def test_arguments_are_checked_before_the_run_folder_is_written(slide_repo, archive, tmp_path):
+    """Without --genes for a model that needs them the run fails, and writes nothing: the rerun with
+    --genes is a first run, not a changed configuration (issue 22)."""
+    repo = slide_repo[0]
+    root, genes = archive
+    refused = run_cli("score", root / "good.csv", "--repo", repo, "--out", tmp_path / "run")
+    assert refused.returncode == 2 and "needs a gene table (--genes)" in refused.stderr
+    assert not (tmp_path / "run").exists()
+    manifest = tmp_path / "one.csv"
+    pd.read_csv(root / "good.csv").iloc[:1].assign(path=lambda d: [str(root / p) for p in d["path"]]).to_csv(manifest, index=False)
+    assert _score(repo, manifest, tmp_path / "run", genes).returncode == 0

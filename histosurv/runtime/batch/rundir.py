@@ -57,7 +57,8 @@ class RunDirectory:
                 details = "; ".join(f"{k}: was {_short(recorded.get(k))}, now {_short(identity.get(k))}" for k in changed)
                 raise IdentityMismatch(
                     f"{self.root} holds a run made with other inputs ({details}). Score into another --out folder, "
-                    "or pass --restart to discard its results"
+                    "or pass --restart to discard its results (the slides' cached features in "
+                    f"{self.features.name}/ are kept and reused where the slide and the encoder are the same)"
                 )
         if restart:
             for folder in (self.results,):

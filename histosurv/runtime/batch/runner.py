@@ -12,7 +12,7 @@ from ..repository import ModelRepository, sha256_file
 from .manifest import SlideRow, manifest_digest, read_manifest
 from .progress import Progress
 from .rundir import RunDirectory
-from .scoring import ScoringConfig, SlideScorer, check_covariates
+from .scoring import ScoringConfig, SlideScorer, check_covariates, check_gene_table
 
 __all__ = ["BatchResult", "run_identity", "score_archive"]
 
@@ -66,6 +66,7 @@ def score_archive(
     clinical covariates (none given to a model that takes them) first."""
     rows = read_manifest(manifest)
     config = config.pinned()
+    check_gene_table(config)  # arguments first: nothing is written for a run that cannot start
     covariate_notes = check_covariates(config, [r.case_id for r in rows])  # a bad row fails now, before any slide
     run = RunDirectory(out)
     run.open(run_identity(rows, config), restart=restart)

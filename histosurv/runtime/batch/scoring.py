@@ -31,7 +31,7 @@ from ..predict import FusionPredictor
 from ..repository import ModelRepository, sha256_file
 from .manifest import SlideRow
 
-__all__ = ["ScoringConfig", "SlideScorer", "check_covariates", "read_covariates"]
+__all__ = ["ScoringConfig", "SlideScorer", "check_covariates", "check_gene_table", "read_covariates"]
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,20 @@ def read_covariates(path: str | os.PathLike | None, predictor: FusionPredictor) 
         table = table.assign(**{n: np.nan for n in absent})
     table.attrs["source"] = str(path)
     return table, notes
+
+
+def check_gene_table(config: ScoringConfig) -> None:
+    """The gene table the model needs, given and holding its genes: checked before the run folder is
+    written, so a forgotten --genes is not recorded as the run's configuration."""
+    version = ModelRepository(config.repository).version(config.model, config.version, verify=False)
+    predictor = FusionPredictor(version, engine=None)  # for the model's gene record only: nothing is run
+    if "genes" not in predictor.specs:
+        return
+    if config.genes is None:
+        if not predictor.genes_optional:
+            raise InputError(f"model {version.name!r} needs a gene table (--genes)")
+        return
+    GeneTable.read(config.genes).vectors([], predictor.gene_names)
 
 
 def check_covariates(config: ScoringConfig, case_ids: Sequence[str]) -> list[str]:
