@@ -231,7 +231,8 @@ def encode_table(spec: ClinicalSpec, table: pd.DataFrame, case_ids: Sequence[str
             f"{source}: the model reads clinical covariates {', '.join(spec.names)}; the table has no column "
             f"{', '.join(map(repr, missing))}"
         )
-    first = table.drop_duplicates(case_column).set_index(table.drop_duplicates(case_column)[case_column].astype(str))
+    first = table.drop_duplicates(case_column)
+    first = first.set_index(first[case_column].astype(str))
     rows = []
     for case in case_ids:
         if str(case) not in first.index:
