@@ -34,7 +34,9 @@ def test_repository_layout_and_manifest(tiny_repo, tiny_cohort):
     v1 = manifest["versions"]["1"]
     assert [t["name"] for t in manifest["inputs"]] == ["features", "coords", "genes"]
     assert manifest["inputs"][0] == {"name": "features", "datatype": "FP32", "shape": [-1, 32]}
-    assert [t["name"] for t in manifest["outputs"]] == ["risk", "attention"]
+    assert [t["name"] for t in manifest["outputs"]] == ["risk", "attention", "survival", "risk_group"]
+    assert manifest["outputs"][2:] == [{"name": "survival", "datatype": "FP32", "shape": [4]},
+                                       {"name": "risk_group", "datatype": "INT64", "shape": [1]}]
     assert v1["genes"]["names"] == tiny_cohort.gene_names and len(v1["genes"]["mean"]) == 24
     # hyper-parameters the paper leaves open are recorded
     assert {"heads", "depth", "gene_groups", "pos_dim"} <= set(v1["config"])
@@ -50,7 +52,12 @@ def test_repository_layout_and_manifest(tiny_repo, tiny_cohort):
     assert (engines["onnxruntime_fp16"]["precision"], engines["onnxruntime"]["device"]) == ("fp16", "any")
     # the encoder the training bags were made with, copied from their h5 attributes
     assert v1["trained_on"]["architecture"] == "synthetic" and v1["trained_on"]["feature_dim"] == 32
-    assert v1["survival"] == {"kind": "cox", "n_bins": None, "time_bins": None, "risk": risk_definition("cox")}
+    survival = v1["survival"]
+    assert {k: survival[k] for k in ("kind", "n_bins", "time_bins", "risk")} == {
+        "kind": "cox", "n_bins": None, "time_bins": None, "risk": risk_definition("cox")}
+    # fitted at export on the run's training patients: the tiny cohort's follow-up reaches past 60 months
+    assert survival["times"] == [12.0, 24.0, 36.0, 60.0] and len(survival["baseline_hazard"]) == 4
+    assert survival["groups"] == ["low", "high"] and len(survival["cutoffs"]) == 1
 
 
 def test_opset23_graph_for_tensorrt_matches_pytorch_at_untraced_sizes(tiny_repo):
@@ -66,7 +73,7 @@ def test_opset23_graph_for_tensorrt_matches_pytorch_at_untraced_sizes(tiny_repo)
     for n in (1, 2, 17, 300):
         inputs = example_inputs(model.model, n=n, seed=n)
         with torch.inference_mode():
-            risk, attention = model(**inputs)
+            risk, attention = model(**inputs)[:2]
         got_risk, got_attention = session.run(["risk", "attention"], {k: v.numpy() for k, v in inputs.items()})
         assert got_attention.shape == (n,)
         assert abs(got_risk[0] - risk.item()) <= 1e-4 * max(abs(risk.item()), 0.01)
@@ -82,7 +89,8 @@ def test_config_pbtxt_is_tritons(tiny_repo, tiny_cohort):
     config = text_format.Parse((tiny_repo / "ammasurv" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert (config.name, config.platform, config.max_batch_size) == ("ammasurv", "onnxruntime_onnx", 0)
     assert [(t.name, list(t.dims)) for t in config.input] == [("features", [-1, 32]), ("coords", [-1, 2]), ("genes", [24])]
-    assert [t.name for t in config.output] == ["risk", "attention"]
+    assert [t.name for t in config.output] == ["risk", "attention", "survival", "risk_group"]
+    assert model_config_pb2.DataType.Name(config.output[3].data_type) == "TYPE_INT64"
     assert model_config_pb2.DataType.Name(config.input[1].data_type) == "TYPE_INT64"
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert json.loads(params["histosurv.gene_names"]) == tiny_cohort.gene_names

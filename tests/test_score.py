@@ -19,6 +19,7 @@ import pytest
 from histosurv.data.tables import GeneTable
 from histosurv.runtime.pipeline import PatchEncoder, SlideConfig, featurize_slide
 from histosurv.runtime.predict import FusionPredictor
+from histosurv.runtime.survival import cox_survival, risk_group
 
 from .conftest import run_cli
 
@@ -79,6 +80,17 @@ def test_failures_are_recorded_with_reasons_and_the_run_completes(slide_repo, ar
     patients = pd.read_parquet(tmp_path / "run" / "patients.parquet").set_index("case_id")
     assert patients.loc[case, "risk"] == pytest.approx(slides.loc[["S0", "S1"], "risk"].mean())
     assert patients.loc[case, "n_failed"] == 1  # its missing slide
+    # the risk's unit, S(t) and the group beside the risk, for slides and patients; NaN/None where a slide failed
+    head = predictor.version.info.survival
+    columns = ["risk", "risk_scale", *(f"S({t:g})" for t in head.times), "risk_group"]
+    assert list(slides.columns[slides.columns.get_loc("risk"):][:len(columns)]) == columns
+    np.testing.assert_allclose(slides.loc["S0", [f"S({t:g})" for t in head.times]].to_numpy(float),
+                               cox_survival(head, slides.loc["S0", "risk"]), atol=2e-6)
+    assert np.isnan(slides.loc["missing", f"S({head.times[0]:g})"]) and pd.isna(slides.loc["missing", "risk_group"])
+    patient_risk = patients.loc[case, "risk"]
+    assert patients.loc[case, "risk_group"] == head.groups[risk_group(head, patient_risk)]
+    np.testing.assert_allclose(patients.loc[case, [f"S({t:g})" for t in head.times]].to_numpy(float),
+                               cox_survival(head, patient_risk), atol=1e-6)
     assert (tmp_path / "run" / "features" / "S0.h5").is_file()
     assert (tmp_path / "run" / "heatmaps" / "S0.png").is_file() and not (tmp_path / "run" / "heatmaps" / "missing.png").exists()
 

@@ -41,12 +41,25 @@ def add_parser(sub) -> None:
     enc.add_argument("--patch-size", type=int, help="patch side in pixels (default: the encoder's, 256 for the ResNets)")
     enc.add_argument("--mpp", type=float, metavar="UM_PER_PX",
                      help="µm/px the encoder's patches are cut at (default: the encoder's, 0.5 for the ResNets)")
+    q = p.add_argument_group("INT8 encoder (with --encoder --int8, or --add-engine onnxruntime_int8)")
+    q.add_argument("--int8", action="store_true", help="also build the INT8 graph for CPUs (model.int8.onnx), calibrated "
+                   "on --calibration's tissue patches and kept only where its accuracy gates pass")
+    q.add_argument("--calibration", metavar="SLIDES", help="a slide, or a folder of slides, to cut calibration patches from")
+    q.add_argument("--calibration-patches", type=int, metavar="N", help="calibration patches, a quarter of them held "
+                   "back for the gates (default: 512)")
+    q.add_argument("--force", action="store_true", help="keep an INT8 graph whose gates failed (recorded; auto never "
+                   "serves it, --encoder-engine onnxruntime_int8 does)")
     run = p.add_argument_group("with --run")
     run.add_argument("--fold", type=int, help="a cross-validated run: export fold K's model (folds/K) instead of the "
                      "model refitted on every patient")
     run.add_argument("--artifacts", type=_artifacts,
                      help=f"artifacts besides model.onnx and the opset-23 graph, comma-separated "
                      f"(default: {','.join(extra)}; none for neither; torch compiles for about a minute)")
+    run.add_argument("--survival-times", type=_months, metavar="MONTHS",
+                     help="months at which the version reports S(t), comma-separated (default: 12,24,36,60, those "
+                     "within the training follow-up)")
+    run.add_argument("--risk-groups", choices=["median", "tertiles"],
+                     help="risk groups cut on the training patients' risks (default: median, two groups)")
     eng = p.add_argument_group("with --add-engine")
     eng.add_argument("--replace", action="store_true", help="rebuild an engine the version already has")
     eng.add_argument("--max-bag", type=int, help=f"tensorrt: largest bag the plan accepts (default: {plan['max_bag'].default})")
@@ -62,6 +75,16 @@ def add_parser(sub) -> None:
         "libhistosurv_kernels.so where it runs). Default: SDPA and torch pooling",
     )
     p.set_defaults(handler=run_export)
+
+
+def _months(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: months as numbers separated by commas, e.g. 12,24,36,60") from None
+    if not values or any(not (0 < t < 1e4) for t in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: months must be positive (and below 10,000)")
+    return values
 
 
 def _artifacts(text: str) -> tuple[str, ...]:
@@ -84,11 +107,17 @@ def run_export(args: argparse.Namespace) -> int:
         "--mpp": args.mpp is not None and not args.encoder,
         "--artifacts": args.artifacts is not None and not args.run,
         "--fold": args.fold is not None and not args.run,
+        "--survival-times": args.survival_times is not None and not args.run,
+        "--risk-groups": args.risk_groups is not None and not args.run,
         "--replace": args.replace and not args.add_engine,
         "--max-bag": args.max_bag is not None and not args.add_engine,
         "--precision": args.precision is not None and not args.add_engine,
         "--device": args.device is not None and not args.add_engine,
         "--kernels": args.kernels is not None and not args.add_engine,
+        "--int8": args.int8 and not args.encoder,
+        **{flag: given and not (args.int8 or args.add_engine) for flag, given in (
+            ("--calibration", args.calibration is not None), ("--calibration-patches", args.calibration_patches is not None),
+            ("--force", args.force))},
     }
     for flag, wrong in misplaced.items():
         if wrong:
@@ -102,7 +131,7 @@ def run_export(args: argparse.Namespace) -> int:
     from ..export.run import run_to_export
 
     mv = export_run(run_to_export(args.run, args.fold), args.repo, args.name, args.version, log=print,
-                    artifacts=args.artifacts)
+                    artifacts=args.artifacts, survival_times=args.survival_times, risk_groups=args.risk_groups or "median")
     onnx = mv.info.engines["onnxruntime"]
     print(
         f"exported {mv.name} version {mv.version} to {mv.path}: model.onnx (opset {onnx.details['opset']}, "
@@ -118,9 +147,11 @@ def _goes_with(flag: str) -> str:
     """Where a flag belongs: --encoder, --run, or --add-engine with the artifacts that take it."""
     from ..export.artifacts import ARTIFACTS
 
-    if flag in ("--weights", "--patch-size", "--mpp"):
+    if flag in ("--weights", "--patch-size", "--mpp", "--int8"):
         return "--encoder"
-    if flag in ("--artifacts", "--fold"):
+    if flag in ("--calibration", "--calibration-patches", "--force"):
+        return "--encoder --int8, or --add-engine onnxruntime_int8"
+    if flag in ("--artifacts", "--fold", "--survival-times", "--risk-groups"):
         return "--run"
     option = flag[2:].replace("-", "_")
     owners = sorted({a.name for a in ARTIFACTS if option in a.options})
@@ -133,7 +164,8 @@ def _add_engine(args: argparse.Namespace) -> int:
 
     if not args.name:
         raise InputError("--add-engine needs --name, the model to build it for")
-    options = {"max_bag": args.max_bag, "precision": args.precision, "device": args.device, "kernels": args.kernels}
+    options = {"max_bag": args.max_bag, "precision": args.precision, "device": args.device, "kernels": args.kernels,
+               **_int8_options(args)}
     mv, key = add_engine(args.repo, args.name, args.add_engine, args.version, args.replace, log=print, **options)
     entry = mv.info.engines[key]
     print(f"built {mv.path / entry.file} ({key}); check it with: histosurv verify --repo {args.repo} "
@@ -142,8 +174,11 @@ def _add_engine(args: argparse.Namespace) -> int:
 
 
 def _export_encoder(args: argparse.Namespace) -> int:
+    from ..errors import InputError
     from ..export.encoder_export import export_encoder
 
+    if args.int8 and not args.calibration:
+        raise InputError("--int8 needs --calibration SLIDES: the INT8 graph is calibrated on tissue patches of real slides")
     mv = export_encoder(args.repo, args.encoder, args.name, args.weights, args.patch_size, args.version, log=print,
                         mpp=args.mpp)
     record = mv.encoder_record
@@ -153,4 +188,17 @@ def _export_encoder(args: argparse.Namespace) -> int:
         f"{list(spec.shape)} -> features {list(mv.outputs[0].shape)}), {record.patch_size} px patches at "
         f"{record.mpp:g} µm/px, weights: {record.weights.describe()}"
     )
+    if args.int8:
+        from ..export.quantize import QuantizationGateError
+        from ..export.repository_writer import add_engine
+
+        try:
+            mv, key = add_engine(args.repo, mv.name, "onnxruntime_int8", mv.version, log=print, **_int8_options(args))
+        except QuantizationGateError as e:
+            raise QuantizationGateError(f"{mv.name} version {mv.version} is published without its INT8 graph: {e}") from e
+        print(f"built {mv.path / mv.info.engines[key].file} ({key})")
     return 0
+
+
+def _int8_options(args: argparse.Namespace) -> dict:
+    return {"calibration": args.calibration, "calibration_patches": args.calibration_patches, "force": args.force or None}

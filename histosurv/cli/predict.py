@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 
+from ._explain_options import add_explain_options, explain_slides
 from ._slide_options import add_slide_options, print_notes, progress_printer, slide_config
 
 
@@ -39,6 +40,7 @@ def add_parser(sub) -> None:
     many.add_argument("--clinical", help="CSV with case_id and slide_id (outcomes optional: then the c-index is printed)")
     many.add_argument("--features-dir", help="folder of <slide_id>.h5")
     p.add_argument("--out", help="write per-patient risks to this CSV (default: print)")
+    add_explain_options(p)
     add_slide_options(p)
     p.set_defaults(handler=run)
 
@@ -62,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     genes = GeneTable.read(args.genes) if args.genes else None
     if args.covariate and args.clinical:
         raise InputError("--covariate is for one case; with --clinical the covariates are the table's columns")
+    if args.explain and args.clinical:
+        raise InputError("--explain explains one case: use it with --case-id and --slide or --features")
     if args.slide:
         return _predict_slides(args, predictor, genes, started)
     if args.features:
@@ -79,12 +83,24 @@ def run(args: argparse.Namespace) -> int:
     results = score_cases(predictor, cases, genes, covariates)
     print_notes("predict", predictor.notes)
     _report(args, predictor, results, table, time.perf_counter() - started)
+    if args.explain:
+        _explain_features(args, predictor, genes, covariates, results[0])
     return 0
+
+
+def _explain_features(args, predictor, genes, covariates, result) -> None:
+    from ..data.features import read_bag
+
+    bags = [read_bag(p, predictor.feature_dim) for p in args.features]
+    vector = predictor.genes_for(genes, args.case_id) if genes is not None else None
+    clinical = predictor.clinical_for(covariates, args.case_id, "--covariate")
+    print(json.dumps({"explanations": explain_slides(args, predictor, bags, result.slides, vector, clinical)}, indent=1))
 
 
 def _predict_slides(args, predictor, genes, started: float) -> int:
     from ..errors import InputError
     from ..runtime.pipeline import featurize_slide, open_encoder
+    from ..runtime.predict import survival_fields
 
     if not args.case_id:
         raise InputError("--slide needs --case-id (the row of the gene table to use)")
@@ -104,22 +120,28 @@ def _predict_slides(args, predictor, genes, started: float) -> int:
     clinical = predictor.clinical_for(_covariate_table(args, predictor), args.case_id, "--covariate")
     slides = [featurize_slide(s, encoder, config, progress_printer(s)) for s in args.slide]
     result = predictor.patient(args.case_id, [s.bag for s in slides], vector, clinical)
+    explanations = explain_slides(args, predictor, [s.bag for s in slides], result.slides, vector, clinical,
+                                  args.slide) if args.explain else None
     stages = {k: round(sum(s.seconds[k] for s in slides), 3) for k in ("open", "mask", "grid", "read", "encode", "wait")}
     stages["fuse"] = round(predictor.timings["fuse"], 3)
     stages["total"] = round(time.perf_counter() - started, 3)
     print(json.dumps({
         "case_id": result.case_id,
         "risk": result.risk,
+        **survival_fields(predictor.version, result.survival, result.risk_group),
         "model": predictor.version.label,
         "encoder": encoder.version.label,
+        "encoder_engine": encoder.engine.key,
         "patch_mpp": encoder.mpp,
         **({"overrides": choice.overrides} if choice.overrides else {}),
         "slides": [
-            {"slide": r.source, "risk": r.risk, "n_patches": r.n_patches, "mpp": f.grid.mpp, "level": f.grid.level,
+            {"slide": r.source, "risk": r.risk, **survival_fields(predictor.version, r.survival, r.risk_group),
+             "n_patches": r.n_patches, "mpp": f.grid.mpp, "level": f.grid.level,
              "tissue_fraction": round(f.mask.tissue_fraction, 4), "reader": f.slide["backend"]}
             for r, f in zip(result.slides, slides)
         ],
         "seconds": stages,
+        **({"explanations": explanations} if explanations is not None else {}),
     }, indent=1))
     return 0
 
@@ -150,6 +172,13 @@ def _print_c_index(frame, unknown: str) -> None:
             print(line(part, what))
 
 
+def _groups_line(head) -> str:
+    cuts = [f"{c:+.4f}" for c in head.cutoffs]
+    bounds = ["risk <= " + cuts[0]] + [f"{a} < risk <= {b}" for a, b in zip(cuts, cuts[1:])] + [f"risk > {cuts[-1]}"]
+    return (", ".join(f"{g} ({b})" for g, b in zip(head.groups, bounds))
+            + f": cut at the {head.grouping} of the training risks ({head.fitted_on})")
+
+
 def _covariate_table(args, predictor):
     """--covariate NAME=VALUE pairs as a one-row table for ``predictor.clinical_for`` (None: none given)."""
     import pandas as pd
@@ -176,7 +205,7 @@ def _report(args, predictor, results, table, seconds: float) -> None:
     import pandas as pd
 
     from ..data.atomic import atomic_path
-    from ..runtime.predict import training_splits
+    from ..runtime.predict import survival_fields, training_splits
 
     frame = pd.DataFrame(
         {
@@ -189,6 +218,9 @@ def _report(args, predictor, results, table, seconds: float) -> None:
     survival = predictor.version.info.survival
     if survival is not None:  # the unit in the file itself: a Cox log-hazard and minus summed survival differ
         frame.insert(2, "risk_scale", survival.risk_scale)
+    curves = pd.DataFrame([survival_fields(predictor.version, r.survival, r.risk_group) for r in results])
+    for k, column in enumerate(curves.columns):  # S(12), S(24), ..., risk_group: beside the risk they come from
+        frame.insert(3 + k, column, curves[column].to_numpy())
     if table is not None and {"survival_months", "censorship"} <= set(table.columns):
         outcomes = table.drop_duplicates("case_id").set_index("case_id")[["survival_months", "censorship"]]
         frame = frame.join(outcomes, on="case_id")
@@ -204,12 +236,17 @@ def _report(args, predictor, results, table, seconds: float) -> None:
     elif args.features:
         r = results[0]
         overrides = {"overrides": predictor.overrides} if predictor.overrides else {}
-        print(json.dumps({"case_id": r.case_id, "risk": r.risk, **overrides, "slides": [
-            {"source": s.source, "risk": s.risk, "n_patches": s.n_patches} for s in r.slides]}, indent=1))
+        print(json.dumps({"case_id": r.case_id, "risk": r.risk, **survival_fields(predictor.version, r.survival, r.risk_group),
+                          **overrides, "slides": [
+            {"source": s.source, "risk": s.risk, **survival_fields(predictor.version, s.survival, s.risk_group),
+             "n_patches": s.n_patches} for s in r.slides]}, indent=1))
     else:
         print(frame.to_string(index=False))
     if survival is not None:
         print(f"risk: {survival.risk_definition}")
+        if survival.has_curves:
+            print(f"S(t): the predicted probability of surviving beyond t months; risk_group: "
+                  f"{_groups_line(survival)}")
     if "survival_months" in frame and (frame["censorship"] == 0).any() and len(frame) > 1:
         _print_c_index(frame, unknown)
     t = predictor.timings

@@ -26,6 +26,7 @@ from torch import nn
 from ..data.atomic import atomic_path
 from ..errors import HistosurvError
 from ..runtime.manifest import EngineEntry
+from ..runtime.survival import discrete_bin_index
 from .models import risk_from_logits
 from .models.clinical import clinical_spec_of
 
@@ -49,12 +50,25 @@ class FusedAttentionMissing(HistosurvError, RuntimeError):
 
 
 class SingleBag(nn.Module):
-    """The serving signature: one slide's unbatched tensors -> ``risk`` (1,) and ``attention`` (N,)."""
+    """The serving signature: one slide's unbatched tensors -> ``risk`` (1,), ``attention`` (N,) where the
+    model has patch attention, and, where the model carries a fitted survival reference
+    (``model.survival_reference``, a :class:`SurvivalHead` with times and cut-offs, set by export),
+    ``survival`` (T,) S at the reference's times and ``risk_group`` (1,) INT64."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.has_attention = "features" in model.input_names
+        head = getattr(model, "survival_reference", None)
+        self.has_curves = head is not None and head.has_curves
+        if self.has_curves:
+            # buffers of the wrapper, not the model: the reference weights stay the training run's
+            device = next(model.parameters()).device
+            self.register_buffer("cutoffs", torch.tensor(head.cutoffs, dtype=torch.float32, device=device))
+            if head.kind == "cox":
+                self.register_buffer("baseline_hazard", torch.tensor(head.baseline_hazard, dtype=torch.float32, device=device))
+            else:
+                self.register_buffer("bins_ended", torch.from_numpy(discrete_bin_index(head)).to(device))
 
     def forward(self, features=None, coords=None, genes=None, clinical=None):
         given = (("features", features), ("coords", coords), ("genes", genes), ("clinical", clinical))
@@ -62,11 +76,26 @@ class SingleBag(nn.Module):
         head = self.model.cfg.survival_head
         if self.has_attention:
             logits, attention = self.model(**batched, return_attention=True)
-            return risk_from_logits(logits, head), attention[0]
-        return (risk_from_logits(self.model(**batched), head),)
+            outputs = (risk_from_logits(logits, head), attention[0])
+        else:
+            logits = self.model(**batched)
+            outputs = (risk_from_logits(logits, head),)
+        if self.has_curves:
+            outputs += self._curves(logits, outputs[0], head)
+        return outputs
+
+    def _curves(self, logits, risk, head: str):
+        if head == "cox":
+            # clamped as runtime/survival.py does: exp(80) is finite, and 0 * inf would be NaN where H0 is 0
+            survival = torch.exp(-self.baseline_hazard * torch.exp(risk.clamp(max=80.0)))
+        else:
+            log_survival = torch.cumsum(torch.nn.functional.logsigmoid(-logits[0]), dim=0)
+            survival = torch.exp(torch.cat([log_survival.new_zeros(1), log_survival]).index_select(0, self.bins_ended))
+        group = (risk[:, None] > self.cutoffs[None, :]).sum(dim=1)
+        return survival, group
 
     def output_names(self) -> list[str]:
-        return ["risk", "attention"] if self.has_attention else ["risk"]
+        return ["risk"] + ["attention"] * self.has_attention + ["survival", "risk_group"] * self.has_curves
 
 
 def example_inputs(model: nn.Module, n: int = EXAMPLE_N, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ from ..runtime.triton_config import render_config_pbtxt
 from .artifacts import ARTIFACTS, BuildContext, artifact, artifacts_for, default_artifacts
 from .models.clinical import clinical_spec_of
 from .run import load_run
+from .survival_reference import reference_from_run
 
 __all__ = [
     "export_run",
@@ -67,6 +68,10 @@ def tensor_specs(model: torch.nn.Module) -> tuple[list[TensorSpec], list[TensorS
     outputs = [TensorSpec("risk", "FP32", (1,))]
     if "features" in model.input_names:
         outputs.append(TensorSpec("attention", "FP32", (-1,)))
+    reference = getattr(model, "survival_reference", None)
+    if reference is not None and reference.has_curves:
+        outputs.append(TensorSpec("survival", "FP32", (len(reference.times),)))
+        outputs.append(TensorSpec("risk_group", "INT64", (1,)))
     return inputs, outputs
 
 
@@ -78,12 +83,23 @@ def export_run(
     log=lambda _: None,
     artifacts: tuple[str, ...] | None = None,
     options: dict | None = None,
+    survival_times: tuple[float, ...] | None = None,
+    risk_groups: str = "median",
 ) -> ModelVersion:
     """Exports the run's model as ``repository/name/<version>`` (default name: its architecture;
     version: one above the highest): every ``always`` artifact of the registry, plus ``artifacts``
     (default: the ``default`` ones). ``options`` go to the builders, e.g. ``{"device": "cpu"}`` for a
-    CPU torch package on a GPU box (default: this machine's device)."""
+    CPU torch package on a GPU box (default: this machine's device). ``survival_times`` (months) and
+    ``risk_groups`` ("median" or "tertiles") set the version's survival curves and risk groups, fitted on
+    the run's training patients (survival_reference.py)."""
     model, run_config = load_run(run_dir)
+    head, notes = reference_from_run(run_dir, _survival_head(model, run_config), survival_times, risk_groups)
+    for note in notes:
+        log(f"note: {note}")
+    if head.has_curves:
+        model.survival_reference = head
+        log(f"survival: S(t) at {', '.join(f'{t:g}' for t in head.times)} months; risk groups "
+            f"{'/'.join(head.groups)} cut at {', '.join(f'{c:+.4f}' for c in head.cutoffs)} ({head.fitted_on})")
     return export_model(model, run_config, repository, name, version, log, artifacts, run_dir=run_dir, options=options)
 
 
@@ -243,7 +259,7 @@ def _version_info(model, run_config: dict, run_dir, engines: dict, files: dict) 
         trained_on=trained_on(run_config) if "features" in model.input_names else None,
         genes=genes,
         clinical=clinical_spec_of(model),
-        survival=_survival_head(model, run_config),
+        survival=getattr(model, "survival_reference", None) or _survival_head(model, run_config),
         modalities=modalities_of(model),
         training=training,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -7,6 +7,7 @@
       history.csv          one row per epoch
       splits.csv           case_id -> train / val / test
       test_predictions.csv held-out risks with outcomes
+      train_predictions.csv the training patients' risks with outcomes (export fits S(t) and risk groups on them)
       baseline.json        coxnet's c-index on the same patients (when the baseline was fitted)
 
 A cross-validated run (``histosurv train --folds K``) has the same files for the model refitted on
@@ -33,7 +34,8 @@ from ..data.typed_json import to_json_dict
 from ..errors import InputError, MissingInputError
 from .models import build_model
 from .models.clinical import clinical_spec_of
-from .training import TrainResult
+from .survival_reference import TRAIN_PREDICTIONS
+from .training import TrainResult, predict_patients
 
 __all__ = ["save_run", "save_cv_run", "run_to_export", "load_run", "load_weights", "RUN_CONFIG", "RUN_WEIGHTS"]
 
@@ -92,6 +94,17 @@ def _write_run(tmp: Path, config: dict, result: TrainResult, cohort: Cohort, bas
                 "censorship": (~e).astype(int),
             }
         ).to_csv(tmp / "test_predictions.csv", index=False)
+    # the training patients' risks: export fits the survival curves' baseline and the risk-group cut-offs on them
+    train = list(result.splits.train)
+    t, e = cohort.times_events(train)
+    pd.DataFrame(
+        {
+            "case_id": [cohort.patients[i].case_id for i in train],
+            "risk": predict_patients(result.model, cohort, train),
+            "survival_months": t,
+            "censorship": (~e).astype(int),
+        }
+    ).to_csv(tmp / TRAIN_PREDICTIONS, index=False)
     if baseline is not None:
         (tmp / "baseline.json").write_text(json.dumps(_metrics(baseline) | {"architecture": "coxnet",
                                                                            "model": asdict(baseline.model_config)}, indent=1))

@@ -43,9 +43,11 @@ __all__ = ["DEFAULT_SIZES", "ENCODER_BATCHES", "ENCODER_COSINE", "TOLERANCES", "
 DEFAULT_SIZES = (1, 17, 1000, 16384)
 ENCODER_BATCHES = (1, 4, 16)
 RISK_FLOOR = 0.01
-RISK_FLOORS = {"fp32": RISK_FLOOR, "fp16": 0.1, "bf16": 0.1}  # per the precision an engine computes in
-TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}  # relative, per the precision an engine computes in
+RISK_FLOORS = {"fp32": RISK_FLOOR, "fp16": 0.1, "bf16": 0.1, "int8": 0.1}  # per the precision an engine computes in
+TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": 0.1}  # relative, per the precision an engine computes in
 ENCODER_COSINE = 0.999  # FP16 encoder engines: the smallest cosine similarity allowed for any patch's features
+# INT8 encoder engines, as their export gate (export/quantize.py MIN_COSINE), here on verify's example patches
+ENCODER_COSINES = {"fp16": ENCODER_COSINE, "bf16": ENCODER_COSINE, "int8": 0.99}
 
 
 @dataclass
@@ -76,6 +78,10 @@ class ParityReport:
         return math.nan if any(math.isnan(v) for v in values) else max(values, default=0.0)
 
     @property
+    def max_survival_abs(self) -> float:
+        return max((r.get("survival_abs", 0.0) for r in self.rows), default=0.0)
+
+    @property
     def max_risk_rel(self) -> float:
         return max((r.get("risk_rel", 0.0) for r in self.rows), default=0.0)
 
@@ -83,8 +89,9 @@ class ParityReport:
     def passed(self) -> bool:
         if any("passed" in r for r in self.rows):  # judged per row (patch encoders)
             return bool(self.rows) and all(r.get("passed") is True for r in self.rows)
-        worst = max(self.max_risk_rel, self.max_attention_rel, self.max_features_rel)
-        return bool(self.rows) and worst <= self.tolerance
+        worst = max(self.max_risk_rel, self.max_attention_rel, self.max_features_rel, self.max_survival_abs)
+        groups_agree = all(r.get("risk_group_agrees", True) for r in self.rows)
+        return bool(self.rows) and worst <= self.tolerance and groups_agree
 
     def judge(self, row: dict) -> dict:
         """Marks an encoder row passed or not: within the relative tolerance, and (FP16) every patch's
@@ -100,6 +107,7 @@ class ParityReport:
         d.update(
             max_risk_rel=self.max_risk_rel,
             max_attention_rel=self.max_attention_rel,
+            max_survival_abs=self.max_survival_abs,
             max_features_rel=self.max_features_rel,
             min_features_cosine=self.min_features_cosine,
             passed=self.passed,
@@ -123,6 +131,8 @@ def reference_model(mv: ModelVersion) -> torch.nn.Module:
     clinical = mv.info.clinical
     model = build_model(mv.info.architecture, mv.info.config, clinical=clinical)
     load_weights(model, mv.path / mv.info.reference.file)
+    if mv.info.survival is not None and mv.info.survival.has_curves:
+        model.survival_reference = mv.info.survival  # the graph's survival and risk_group come from it
     return model.eval()
 
 
@@ -157,8 +167,8 @@ def verify_version(
         limit = tolerance if tolerance is not None else TOLERANCES[engine.precision]
         report = ParityReport(engine_name, engine.device, getattr(engine, "providers", []), limit,
                               risk_floor=RISK_FLOORS.get(engine.precision, RISK_FLOOR))
-        if is_encoder and engine.precision in ("fp16", "bf16"):
-            report.min_cosine = ENCODER_COSINE
+        if is_encoder and engine.precision in ENCODER_COSINES:
+            report.min_cosine = ENCODER_COSINES[engine.precision]
         for n in checked_sizes:
             if is_encoder:
                 row = report.judge(_compare_encoder(model, engine, n, eager))
@@ -171,6 +181,8 @@ def verify_version(
             log(
                 f"{engine_name:16s} N={n:6d}  risk torch {row['risk_torch']:+.6f} engine {row['risk_engine']:+.6f}  "
                 f"rel diff {row['risk_rel']:.2e}  attention rel diff {row.get('attention_rel', 0):.2e}"
+                + (f"  S(t) abs diff {row['survival_abs']:.2e}  group {row['risk_group_engine']}"
+                   f"{'' if row['risk_group_agrees'] else ' DIFFERS'}" if "survival_abs" in row else "")
             )
         reports.append(report)
     if write:
@@ -217,11 +229,13 @@ def _skip_reason(mv: ModelVersion, key: str) -> str | None:
 def _compare(model: torch.nn.Module, engine, n: int, floor: float = RISK_FLOOR) -> dict:
     inputs = example_inputs(model, n=n, seed=n)
     t0 = time.perf_counter()
+    wrapper = SingleBag(model)
     with torch.inference_mode():
-        expected = SingleBag(model)(**inputs)  # the exported graph's own signature: risk[, attention]
+        # the exported graph's own signature: risk[, attention][, survival, risk_group]
+        expected = dict(zip(wrapper.output_names(), wrapper(**inputs)))
     t1 = time.perf_counter()
-    risk = expected[0].item()
-    attention = expected[1].numpy() if len(expected) > 1 else None
+    risk = expected["risk"].item()
+    attention = expected["attention"].numpy() if "attention" in expected else None
     out = engine.run({k: v.numpy() for k, v in inputs.items()})
     t2 = time.perf_counter()
     got = float(out["risk"].reshape(-1)[0])
@@ -236,6 +250,13 @@ def _compare(model: torch.nn.Module, engine, n: int, floor: float = RISK_FLOOR) 
     }
     if attention is not None:
         row["attention_rel"] = float(np.abs(out["attention"] - attention).max() / np.abs(attention).max())
+    if "survival" in expected:
+        # S is a probability: compared absolutely. The group may differ only where the risk lies on a cut-off
+        # within the engines' own risk difference.
+        row["survival_abs"] = float(np.abs(out["survival"].astype(np.float64) - expected["survival"].numpy()).max())
+        row["risk_group_torch"], row["risk_group_engine"] = int(expected["risk_group"][0]), int(out["risk_group"].reshape(-1)[0])
+        margin = float(np.abs(wrapper.cutoffs.numpy() - risk).min())
+        row["risk_group_agrees"] = row["risk_group_torch"] == row["risk_group_engine"] or margin <= 2 * row["risk_abs"] + 1e-6
     return row
 
 

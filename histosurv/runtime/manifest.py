@@ -93,6 +93,16 @@ class SurvivalHead:
     n_bins: int | None = None  # discrete heads
     time_bins: tuple[float, ...] | None = None  # bin edges in months, where training recorded them
     risk: str = ""  # what the served risk is, its sign and unit (risk_definition); empty in older manifests
+    # What the risk means in time, fitted on the training patients at export (absent in older versions,
+    # which then return risk only): the months S(t) is reported at, in the 'survival' output ...
+    times: tuple[float, ...] | None = None
+    baseline_hazard: tuple[float, ...] | None = None  # Cox heads: Breslow's H0 at ``times``
+    # ... and the risk groups of the 'risk_group' output: group k holds cutoffs[k-1] < risk <= cutoffs[k]
+    grouping: str | None = None  # "median" or "tertiles"
+    groups: tuple[str, ...] | None = None  # labels, lowest risk first
+    cutoffs: tuple[float, ...] | None = None
+    reference_curve: dict | None = None  # the training patients' Kaplan-Meier curve: {"time": [...], "survival": [...]}
+    fitted_on: str = ""  # which patients, how many, how many events
 
     @property
     def risk_scale(self) -> str:
@@ -102,6 +112,11 @@ class SurvivalHead:
     @property
     def risk_definition(self) -> str:
         return self.risk or risk_definition(self.kind, self.n_bins)
+
+    @property
+    def has_curves(self) -> bool:
+        """Whether the version returns 'survival' and 'risk_group' (fitted at export from a training run)."""
+        return bool(self.times) and bool(self.cutoffs)
 
 
 def risk_scale(kind: str, n_bins: int | None = None) -> str:
@@ -234,7 +249,10 @@ class ModelManifest:
             raise RepositoryError(f"{path}: damaged manifest (not a JSON object)")
         schema = d.get("schema")
         if schema == SCHEMA_V1:
-            d = upgrade_v1(d)
+            try:
+                d = upgrade_v1(d)
+            except (KeyError, AttributeError, TypeError) as e:  # a field of the wrong kind, or missing
+                raise RepositoryError(f"{path}: damaged manifest ({type(e).__name__}: {e})") from e
         elif schema != SCHEMA:
             raise RepositoryError(
                 f"{path}: manifest schema {schema!r}; this histosurv reads {SCHEMA!r} and {SCHEMA_V1!r}. "

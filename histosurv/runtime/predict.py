@@ -19,8 +19,9 @@ from .encoder_match import check_bag
 from .finite import check_input_range, check_outputs
 from .engines import Engine, load_engine
 from .repository import ModelRepository, ModelVersion
+from .survival import group_label, patient_survival, risk_group, survival_columns
 
-__all__ = ["FusionPredictor", "SlideRisk", "PatientRisk", "score_cases", "training_splits"]
+__all__ = ["FusionPredictor", "SlideRisk", "PatientRisk", "patient_risk", "survival_fields", "score_cases", "training_splits"]
 
 
 @dataclass
@@ -29,6 +30,8 @@ class SlideRisk:
     n_patches: int
     attention: np.ndarray | None = None  # (N,), where the model exposes patch attention
     source: str = ""
+    survival: np.ndarray | None = None  # (T,) S at the version's times, where the version has curves
+    risk_group: int | None = None  # index into the version's group labels
 
 
 @dataclass
@@ -36,6 +39,8 @@ class PatientRisk:
     case_id: str
     risk: float  # mean of the slide risks (AMMASurv section II.E)
     slides: list[SlideRisk] = field(default_factory=list)
+    survival: np.ndarray | None = None  # from the patient's risk and slides (runtime/survival.py)
+    risk_group: int | None = None  # from the patient's risk and the stored cut-offs
 
 
 class FusionPredictor:
@@ -131,14 +136,16 @@ class FusionPredictor:
         t0 = time.perf_counter()
         out = check_outputs(self.engine.run(inputs), self.version.name)
         self.timings["fuse"] += time.perf_counter() - t0
-        return SlideRisk(float(out["risk"].reshape(-1)[0]), len(bag), out.get("attention"), bag.source)
+        group = out.get("risk_group")
+        return SlideRisk(float(out["risk"].reshape(-1)[0]), len(bag), out.get("attention"), bag.source,
+                         out.get("survival"), None if group is None else int(group.reshape(-1)[0]))
 
     def patient(self, case_id: str, bags: Sequence[Bag], genes: np.ndarray | None = None,
                 clinical: np.ndarray | None = None) -> PatientRisk:
         if not bags:
             raise InputError(f"case {case_id!r}: no slides to score")
         slides = [self.slide(b, genes, clinical) for b in bags]
-        return PatientRisk(case_id, float(np.mean([s.risk for s in slides])), slides)
+        return patient_risk(self.version, case_id, slides)
 
     def inputs_for(self, bag: Bag, genes: np.ndarray | None, clinical: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The engine inputs for ``bag``, ``genes`` and ``clinical`` covariates (wire values), checked against
@@ -180,6 +187,28 @@ class FusionPredictor:
         if bad.size:
             raise InputError(f"'genes' is not finite for {', '.join(self.gene_names[i] for i in bad[:5])}")
         return genes
+
+
+def patient_risk(version: ModelVersion, case_id: str, slides: list[SlideRisk]) -> PatientRisk:
+    """The patient's risk (mean of its slides'), with its S(t) and group where the version has them."""
+    risk = float(np.mean([s.risk for s in slides]))
+    head = version.info.survival
+    if len(slides) == 1 or head is None or not head.has_curves or slides[0].survival is None:
+        return PatientRisk(case_id, risk, slides, slides[0].survival if len(slides) == 1 else None,
+                           slides[0].risk_group if len(slides) == 1 else None)
+    return PatientRisk(case_id, risk, slides, patient_survival(head, risk, [s.survival for s in slides]),
+                       risk_group(head, risk))
+
+
+def survival_fields(version: ModelVersion, survival: np.ndarray | None, group: int | None) -> dict:
+    """Table columns S(t) per reported time, risk_group (its label) and the label's index, for one row."""
+    head = version.info.survival
+    if head is None or not head.has_curves:
+        return {}
+    values = [np.nan] * len(head.times) if survival is None else [float(v) for v in np.asarray(survival).reshape(-1)]
+    fields = dict(zip(survival_columns(head), values))
+    fields["risk_group"] = "" if group is None else group_label(head, group)
+    return fields
 
 
 def training_splits(version: ModelVersion) -> tuple[dict[str, str] | None, str]:

@@ -58,12 +58,14 @@ def score_archive(
     retry_failed: bool = False,
     heatmaps: bool = False,
     progress_stream=None,
+    explain: bool = False,
     log=lambda _: None,
 ) -> BatchResult:
     """Scores every slide of ``manifest`` not yet committed in ``out``; ``ray`` (``"auto"`` or a
     cluster address) runs the slides on Ray Data instead of in this process. ``log`` gets the
     notes of the encoder choice (overrides in effect, facts that could not be checked) and of the
-    clinical covariates (none given to a model that takes them) first."""
+    clinical covariates (none given to a model that takes them) first. ``explain`` writes each slide's
+    explanation as OUT/explanations/<slide_id>.json (local backend only: it costs a fusion pass per gene group)."""
     rows = read_manifest(manifest)
     config = config.pinned()
     check_gene_table(config)  # arguments first: nothing is written for a run that cannot start
@@ -84,19 +86,27 @@ def score_archive(
 
         records = score_on_ray(todo, config, run, ray, workers, heatmaps_dir)
     elif todo:
-        records = _score_here(todo, config, run, heatmaps_dir)
+        records = _score_here(todo, config, run, heatmaps_dir, run.root / "explanations" if explain else None)
     else:
         records = iter(())
     for record in records:
         run.commit(record)  # committed one by one as they come: a kill loses only slides in flight
         progress.update(record)
-    slides, patients = run.write_tables(rows)
+        if str(record.get("cache", "")).startswith("recomputed"):  # a damaged cache entry: said, not hidden
+            run.log("cache", record["slide_id"], record["cache"])
+            log(f"slide {record['slide_id']}: cached features {record['cache']}")
+    slides, patients = run.write_tables(rows, survival_head(config))
     return BatchResult(slides, patients, progress.done, len(rows) - len(todo), int((slides["status"] == "failed").sum()),
                        progress.per_hour)
 
 
-def _score_here(todo, config, run, heatmaps_dir):
-    scorer = SlideScorer(config, run.features, heatmaps_dir)
+def survival_head(config: ScoringConfig):
+    """The model version's survival head: the risk's unit, and its curves and groups where it has them."""
+    return ModelRepository(config.repository).version(config.model, config.version, verify=False).info.survival
+
+
+def _score_here(todo, config, run, heatmaps_dir, explanations_dir=None):
+    scorer = SlideScorer(config, run.features, heatmaps_dir, explanations_dir)
     for row in todo:
         run.log("started", row.slide_id)
         yield scorer.score(row)

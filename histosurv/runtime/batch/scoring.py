@@ -11,6 +11,7 @@ slides some are always broken, and one of them must not cost the others.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass, replace
@@ -20,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ...data.atomic import write_text_atomic
 from ...data.covariates import encode_table
 from ...data.features import Bag, read_bag, write_bag
 from ...data.tables import GeneTable, read_clinical
@@ -30,8 +32,12 @@ from ..pipeline import SlideConfig, featurize_slide, open_encoder
 from ..predict import FusionPredictor
 from ..repository import ModelRepository, sha256_file
 from .manifest import SlideRow
+from .rundir import DiskFull, disk_full, is_disk_full, stop_when_full
 
-__all__ = ["ScoringConfig", "SlideScorer", "check_covariates", "check_gene_table", "read_covariates"]
+__all__ = ["ScoringConfig", "SlideScorer", "check_covariates", "check_gene_table", "read_covariates", "cache_problem",
+           "write_cached"]
+
+CHECKSUM_SUFFIX = ".sha256"
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,8 @@ class ScoringConfig:
 class SlideScorer:
     """Holds the engines (built once, in a process or a Ray actor) and scores slides one by one."""
 
-    def __init__(self, config: ScoringConfig, features_dir: str | os.PathLike, heatmaps_dir: str | os.PathLike | None = None):
+    def __init__(self, config: ScoringConfig, features_dir: str | os.PathLike, heatmaps_dir: str | os.PathLike | None = None,
+                 explanations_dir: str | os.PathLike | None = None):
         self.config = config = config if config.version is not None and config.encoder_version else config.pinned()
         self.predictor = FusionPredictor.from_repository(
             config.repository, config.model, config.version, config.engine, allow_mismatch=config.allow_mismatch
@@ -88,21 +95,29 @@ class SlideScorer:
         self.covariates, _ = read_covariates(config.covariates, self.predictor)  # the notes are the driver's to print
         self.features_dir = Path(features_dir)
         self.heatmaps_dir = Path(heatmaps_dir) if heatmaps_dir else None
+        self.explanations_dir = Path(explanations_dir) if explanations_dir else None
 
-    def featurize(self, row: SlideRow, plan=None) -> tuple[Bag, dict]:
+    def featurize(self, row: SlideRow, plan=None) -> tuple[Bag, dict, str]:
         """The slide's features: from the run's cache when they were made from this very file, else
-        computed (from ``plan`` where the tiling was done elsewhere) and cached."""
+        computed (from ``plan`` where the tiling was done elsewhere) and cached. The third value says
+        which: ``hit``, ``computed``, or ``recomputed: <why the cached file was not used>``."""
         cached = self.features_dir / f"{row.slide_id}.h5"
         seconds: dict = {}
+        cache = "computed"
         if cached.exists() and Path(row.path).is_file():
             t0 = time.perf_counter()
-            bag = read_bag(cached, self.encoder.feature_dim)
-            if bag.attrs.get("slide_sha256") == sha256_file(row.path) and self._made_here(bag):
-                return bag, {"cache": time.perf_counter() - t0}
+            problem = cache_problem(cached)
+            if problem is None:
+                bag = read_bag(cached, self.encoder.feature_dim)
+                if bag.attrs.get("slide_sha256") == sha256_file(row.path) and self._made_here(bag):
+                    return bag, {"cache": time.perf_counter() - t0}, "hit"
+            else:
+                cache = f"recomputed: {problem}"
         result = featurize_slide(row.path, self.encoder, self.config.slide, plan=plan)
-        write_bag(cached, result.bag)
+        with stop_when_full(cached, f"the features of slide {row.slide_id!r}"):
+            write_cached(cached, result.bag)
         seconds.update(result.seconds)
-        return result.bag, seconds
+        return result.bag, seconds, cache
 
     def _made_here(self, bag: Bag) -> bool:
         """Whether a cached bag was made by this run's encoder (record and scale), so it can be reused."""
@@ -121,22 +136,38 @@ class SlideScorer:
             "error": "",
             "risk": float(risk.risk),
             "n_patches": int(risk.n_patches),
+            **({} if risk.survival is None else {"survival": [float(v) for v in np.asarray(risk.survival).reshape(-1)],
+                                                  "risk_group": risk.risk_group}),
             "slide_sha256": str(bag.attrs.get("slide_sha256", "")),
             "seconds": {"fuse": round(fuse_s, 4)},
         }
         if self.heatmaps_dir is not None and risk.attention is not None:
             record["heatmap"] = str(self._heatmap(row, bag, np.asarray(risk.attention)))
+        if self.explanations_dir is not None:
+            record["explanation"] = str(self._explain(row, bag, genes, clinical, risk.attention))
         return record
+
+    def _explain(self, row: SlideRow, bag: Bag, genes, clinical, attention) -> Path:
+        """OUT/explanations/<slide_id>.json: occlusion gene attributions and the top patches (coordinates;
+        no crops in a batch run), or why a part is not given (see ``runtime.explain``)."""
+        from ..explain import explain_bag, write_explanation
+
+        explanation = explain_bag(self.predictor, bag, genes, clinical, attention)
+        return write_explanation(explanation, self.explanations_dir / f"{row.slide_id}.json")
 
     def score(self, row: SlideRow) -> dict:
         """The slide's record, ``scored`` or ``failed``; never raises for a bad slide."""
         started = time.perf_counter()
         record = self.base_record(row)
         try:
-            bag, seconds = self.featurize(row)
-            record.update(self.fuse(row, bag))
+            bag, seconds, cache = self.featurize(row)
+            record.update(self.fuse(row, bag), cache=cache)
             record["seconds"].update({k: round(v, 4) for k, v in seconds.items()})
         except Exception as e:  # a bad slide is data; the run goes on (see the module docstring)
+            if isinstance(e, DiskFull):  # ... but a full disk is not a bad slide: the run stops (see rundir.DiskFull)
+                raise
+            if is_disk_full(e):  # a heatmap's or an explanation's write
+                raise disk_full(self.features_dir.parent, f"the outputs of slide {row.slide_id!r}", e) from e
             record.update(failure(e))
         record.setdefault("seconds", {})["total"] = round(time.perf_counter() - started, 4)
         return record
@@ -214,6 +245,43 @@ def check_covariates(config: ScoringConfig, case_ids: Sequence[str]) -> list[str
     if table is not None:
         encode_table(predictor.clinical_spec, table, list(dict.fromkeys(case_ids)), str(config.covariates))
     return notes
+
+
+def write_cached(path: Path, bag: Bag) -> None:
+    """The features file, then its sha256 beside it (``<slide>.h5.sha256``): a file without one (killed
+    between the two renames, or cached by an older histosurv) is recomputed, never trusted."""
+    _reserve(path.parent, bag.features.nbytes + bag.coords.nbytes + HDF5_MARGIN)
+    write_bag(path, bag)
+    write_text_atomic(path.with_name(path.name + CHECKSUM_SUFFIX), sha256_file(path) + "\n")
+
+
+HDF5_MARGIN = 256 * 1024  # bytes: HDF5's own structures, attributes and chunk index beside the arrays
+
+
+def _reserve(folder: Path, nbytes: int) -> None:
+    """Raises ENOSPC before HDF5 writes if ``nbytes`` do not fit. HDF5 reports a full disk when the file
+    closes, as a RuntimeError, and its library is then left in a state that crashes the interpreter at
+    exit (seen with h5py 3 on a full tmpfs); this check fails cleanly instead. A disk that fills between
+    the check and the write, or a user quota (statvfs does not see it), can still reach that path."""
+    stat = os.statvfs(folder)
+    free = stat.f_bavail * stat.f_frsize
+    if free < nbytes:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free} bytes free in {folder}, the features need "
+                      f"about {nbytes}")
+
+
+def cache_problem(path: Path) -> str | None:
+    """Why the cached features file cannot be reused (truncated, altered, no checksum), or None."""
+    sidecar = path.with_name(path.name + CHECKSUM_SUFFIX)
+    try:
+        expected = sidecar.read_text().strip()
+    except OSError:
+        return f"{path.name} has no checksum ({sidecar.name})"
+    actual = sha256_file(path)
+    if actual != expected:
+        return (f"{path.name} does not match its checksum ({path.stat().st_size} bytes, sha256 {actual[:12]}..., "
+                f"expected {expected[:12]}...): truncated or altered on disk")
+    return None
 
 
 def failure(error: Exception) -> dict:

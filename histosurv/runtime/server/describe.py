@@ -32,6 +32,12 @@ def describe_model(version: ModelVersion, engine_key: str = "") -> spb.ModelDesc
         message.survival.time_bins.extend(info.survival.time_bins or ())
         message.survival.risk_definition = info.survival.risk_definition
         message.survival.risk_scale = info.survival.risk_scale
+        if info.survival.has_curves:
+            message.survival.times.extend(info.survival.times)
+            message.survival.groups.extend(info.survival.groups or ())
+            message.survival.cutoffs.extend(info.survival.cutoffs)
+            message.survival.grouping = info.survival.grouping or ""
+            message.survival.fitted_on = info.survival.fitted_on
     if info.trained_on is not None:
         message.trained_on.CopyFrom(encoder_message(info.trained_on))
     if info.encoder is not None:

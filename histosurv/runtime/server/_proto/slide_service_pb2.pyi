@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ScoreSlideRequest(_message.Message):
-    __slots__ = ("slide_uri", "model_name", "model_version", "genes", "top_k", "encoder_name", "slide_mpp", "id", "allow_encoder_mismatch", "patch_mpp", "clinical")
+    __slots__ = ("slide_uri", "model_name", "model_version", "genes", "top_k", "encoder_name", "slide_mpp", "id", "allow_encoder_mismatch", "patch_mpp", "clinical", "explain")
     class ClinicalEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class ScoreSlideRequest(_message.Message):
     ALLOW_ENCODER_MISMATCH_FIELD_NUMBER: _ClassVar[int]
     PATCH_MPP_FIELD_NUMBER: _ClassVar[int]
     CLINICAL_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     slide_uri: str
     model_name: str
     model_version: str
@@ -38,7 +39,8 @@ class ScoreSlideRequest(_message.Message):
     allow_encoder_mismatch: bool
     patch_mpp: float
     clinical: _containers.ScalarMap[str, str]
-    def __init__(self, slide_uri: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., genes: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., encoder_name: _Optional[str] = ..., slide_mpp: _Optional[float] = ..., id: _Optional[str] = ..., allow_encoder_mismatch: _Optional[bool] = ..., patch_mpp: _Optional[float] = ..., clinical: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    explain: bool
+    def __init__(self, slide_uri: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., genes: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., encoder_name: _Optional[str] = ..., slide_mpp: _Optional[float] = ..., id: _Optional[str] = ..., allow_encoder_mismatch: _Optional[bool] = ..., patch_mpp: _Optional[float] = ..., clinical: _Optional[_Mapping[str, str]] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("stage", "done", "total")
@@ -63,7 +65,7 @@ class AttendedPatch(_message.Message):
     def __init__(self, x: _Optional[int] = ..., y: _Optional[int] = ..., attention: _Optional[float] = ..., index: _Optional[int] = ...) -> None: ...
 
 class ScoreResult(_message.Message):
-    __slots__ = ("id", "model_name", "model_version", "risk", "n_patches", "stage_seconds", "top_patches", "slide_sha256", "encoder", "patch_mpp", "overrides", "notes")
+    __slots__ = ("id", "model_name", "model_version", "risk", "n_patches", "stage_seconds", "top_patches", "slide_sha256", "encoder", "patch_mpp", "overrides", "notes", "survival", "survival_months", "risk_group", "risk_group_label", "explanation")
     class StageSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +92,11 @@ class ScoreResult(_message.Message):
     PATCH_MPP_FIELD_NUMBER: _ClassVar[int]
     OVERRIDES_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    SURVIVAL_FIELD_NUMBER: _ClassVar[int]
+    SURVIVAL_MONTHS_FIELD_NUMBER: _ClassVar[int]
+    RISK_GROUP_FIELD_NUMBER: _ClassVar[int]
+    RISK_GROUP_LABEL_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     id: str
     model_name: str
     model_version: str
@@ -102,7 +109,69 @@ class ScoreResult(_message.Message):
     patch_mpp: float
     overrides: _containers.ScalarMap[str, str]
     notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., risk: _Optional[float] = ..., n_patches: _Optional[int] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., top_patches: _Optional[_Iterable[_Union[AttendedPatch, _Mapping]]] = ..., slide_sha256: _Optional[str] = ..., encoder: _Optional[str] = ..., patch_mpp: _Optional[float] = ..., overrides: _Optional[_Mapping[str, str]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    survival: _containers.RepeatedScalarFieldContainer[float]
+    survival_months: _containers.RepeatedScalarFieldContainer[float]
+    risk_group: int
+    risk_group_label: str
+    explanation: Explanation
+    def __init__(self, id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., risk: _Optional[float] = ..., n_patches: _Optional[int] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., top_patches: _Optional[_Iterable[_Union[AttendedPatch, _Mapping]]] = ..., slide_sha256: _Optional[str] = ..., encoder: _Optional[str] = ..., patch_mpp: _Optional[float] = ..., overrides: _Optional[_Mapping[str, str]] = ..., notes: _Optional[_Iterable[str]] = ..., survival: _Optional[_Iterable[float]] = ..., survival_months: _Optional[_Iterable[float]] = ..., risk_group: _Optional[int] = ..., risk_group_label: _Optional[str] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
+
+class GeneGroupAttribution(_message.Message):
+    __slots__ = ("name", "genes", "attribution", "risk_at_baseline")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GENES_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    RISK_AT_BASELINE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    genes: _containers.RepeatedScalarFieldContainer[str]
+    attribution: float
+    risk_at_baseline: float
+    def __init__(self, name: _Optional[str] = ..., genes: _Optional[_Iterable[str]] = ..., attribution: _Optional[float] = ..., risk_at_baseline: _Optional[float] = ...) -> None: ...
+
+class GeneAttributions(_message.Message):
+    __slots__ = ("method", "baseline", "grouping", "risk", "baseline_risk", "groups", "passes", "seconds")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    GROUPING_FIELD_NUMBER: _ClassVar[int]
+    RISK_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_RISK_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    baseline: str
+    grouping: str
+    risk: float
+    baseline_risk: float
+    groups: _containers.RepeatedCompositeFieldContainer[GeneGroupAttribution]
+    passes: int
+    seconds: float
+    def __init__(self, method: _Optional[str] = ..., baseline: _Optional[str] = ..., grouping: _Optional[str] = ..., risk: _Optional[float] = ..., baseline_risk: _Optional[float] = ..., groups: _Optional[_Iterable[_Union[GeneGroupAttribution, _Mapping]]] = ..., passes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class PatchCrop(_message.Message):
+    __slots__ = ("index", "png")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    png: bytes
+    def __init__(self, index: _Optional[int] = ..., png: _Optional[bytes] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("gene_attributions", "crops", "unavailable")
+    class UnavailableEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    GENE_ATTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    CROPS_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    gene_attributions: _containers.RepeatedCompositeFieldContainer[GeneAttributions]
+    crops: _containers.RepeatedCompositeFieldContainer[PatchCrop]
+    unavailable: _containers.ScalarMap[str, str]
+    def __init__(self, gene_attributions: _Optional[_Iterable[_Union[GeneAttributions, _Mapping]]] = ..., crops: _Optional[_Iterable[_Union[PatchCrop, _Mapping]]] = ..., unavailable: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ScoreSlideEvent(_message.Message):
     __slots__ = ("progress", "result")
@@ -200,18 +269,28 @@ class EncoderRecord(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., feature_dim: _Optional[int] = ..., patch_size: _Optional[int] = ..., mpp: _Optional[float] = ..., input_size: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., feature: _Optional[str] = ..., weights: _Optional[_Union[WeightsIdentity, _Mapping]] = ..., name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class SurvivalHead(_message.Message):
-    __slots__ = ("kind", "n_bins", "time_bins", "risk_definition", "risk_scale")
+    __slots__ = ("kind", "n_bins", "time_bins", "risk_definition", "risk_scale", "times", "groups", "cutoffs", "grouping", "fitted_on")
     KIND_FIELD_NUMBER: _ClassVar[int]
     N_BINS_FIELD_NUMBER: _ClassVar[int]
     TIME_BINS_FIELD_NUMBER: _ClassVar[int]
     RISK_DEFINITION_FIELD_NUMBER: _ClassVar[int]
     RISK_SCALE_FIELD_NUMBER: _ClassVar[int]
+    TIMES_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    CUTOFFS_FIELD_NUMBER: _ClassVar[int]
+    GROUPING_FIELD_NUMBER: _ClassVar[int]
+    FITTED_ON_FIELD_NUMBER: _ClassVar[int]
     kind: str
     n_bins: int
     time_bins: _containers.RepeatedScalarFieldContainer[float]
     risk_definition: str
     risk_scale: str
-    def __init__(self, kind: _Optional[str] = ..., n_bins: _Optional[int] = ..., time_bins: _Optional[_Iterable[float]] = ..., risk_definition: _Optional[str] = ..., risk_scale: _Optional[str] = ...) -> None: ...
+    times: _containers.RepeatedScalarFieldContainer[float]
+    groups: _containers.RepeatedScalarFieldContainer[str]
+    cutoffs: _containers.RepeatedScalarFieldContainer[float]
+    grouping: str
+    fitted_on: str
+    def __init__(self, kind: _Optional[str] = ..., n_bins: _Optional[int] = ..., time_bins: _Optional[_Iterable[float]] = ..., risk_definition: _Optional[str] = ..., risk_scale: _Optional[str] = ..., times: _Optional[_Iterable[float]] = ..., groups: _Optional[_Iterable[str]] = ..., cutoffs: _Optional[_Iterable[float]] = ..., grouping: _Optional[str] = ..., fitted_on: _Optional[str] = ...) -> None: ...
 
 class ClinicalCovariate(_message.Message):
     __slots__ = ("name", "kind", "categories", "mean", "scale")
