@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
                    help="clinical covariates CSV (case_id + one column per covariate, as people write them: age, "
                    "sex, stage), for models trained with covariates; without it such a model scores without them")
     p.add_argument("--heatmaps", action="store_true", help="write OUT/heatmaps/<slide_id>.png (attention over the thumbnail)")
+    p.add_argument("--explain", action="store_true",
+                   help="write OUT/explanations/<slide_id>.json: gene attributions by occlusion (one fusion pass per "
+                   "gene group) and the most attended patches, or why the model cannot give them (not with --ray)")
     p.add_argument("--restart", action="store_true", help="discard the results already in --out and start over")
     p.add_argument("--retry-failed", action="store_true", help="score again the slides that failed before")
     p.add_argument("--ray", metavar="ADDRESS", help="run on Ray Data: 'auto' (this machine's cluster, else a local one), "
@@ -49,9 +52,14 @@ def run(args: argparse.Namespace) -> int:
         encoder_version=args.encoder_version, engine=args.engine, encoder_engine=args.encoder_engine, genes=args.genes,
         covariates=args.covariates, slide=slide_config(args), mpp=args.mpp, allow_mismatch=args.allow_encoder_mismatch,
     )
+    if args.explain and args.ray:
+        from ..errors import InputError
+
+        raise InputError("--explain runs with the local backend only; drop --ray or --explain")
     started = time.monotonic()
     result = score_archive(args.manifest, args.out, config, ray=args.ray, workers=args.ray_workers, restart=args.restart,
-                           retry_failed=args.retry_failed, heatmaps=args.heatmaps, log=lambda n: print_notes("score", [n]))
+                           retry_failed=args.retry_failed, heatmaps=args.heatmaps,
+                           explain=args.explain, log=lambda n: print_notes("score", [n]))
     slides = result.slides
     ok = slides[slides["status"] == "scored"]
     print(
