@@ -1,6 +1,6 @@
 """``histosurv`` command line: one module per command, each with ``add_parser`` and ``run``.
 
-The serving commands (predict, evaluate, tile, score, serve, synth) run on the base install. The PyTorch side
+The serving commands (predict, evaluate, tile, score, serve, synth, report) run on the base install. The PyTorch side
 (train, import, export, verify, demo) needs the ``train`` extra; where it is absent such a command is
 still listed, and running it says how to install the extra instead of failing with a traceback.
 """
@@ -17,7 +17,7 @@ from ..errors import HistosurvError
 
 __all__ = ["main"]
 
-COMMANDS = ("demo", "synth", "train", "import", "export", "verify", "tile", "predict", "evaluate", "serve", "score")
+COMMANDS = ("demo", "synth", "train", "import", "export", "verify", "tile", "predict", "evaluate", "serve", "score", "report")
 MODULES = {"import": "import_checkpoint"}  # a command named like a Python keyword
 # The commands of the PyTorch side: without torch each is listed with a note and explains itself when run.
 TRAIN_COMMANDS = frozenset({"demo", "train", "import", "export", "verify"})
