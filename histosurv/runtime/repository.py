@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.encoder_record import EncoderRecord
-from ..errors import RepositoryError
+from ..errors import InputError, RepositoryError
 from .manifest import ModelManifest, TensorSpec, VersionInfo
 
-__all__ = ["MANIFEST", "ModelRepository", "ModelVersion", "sha256_file"]
+__all__ = ["MANIFEST", "ModelRepository", "ModelVersion", "check_model_name", "sha256_file"]
 
 MANIFEST = "histosurv.json"
 
@@ -105,6 +105,16 @@ class ModelVersion:
                 raise RepositoryError(f"{path}: sha256 does not match the manifest; the file was changed or cut short")
 
 
+def check_model_name(name: str) -> None:
+    """Refuses a model name that is not one plain folder name: a request naming ``../x`` or an absolute
+    path must not make the server load a model from outside its repository."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\x00"):
+        raise InputError(
+            f"model name {name!r} is not the name of a folder of the model repository "
+            "(no '/', '\\', '..' or absolute paths)"
+        )
+
+
 class ModelRepository:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -115,8 +125,10 @@ class ModelRepository:
         return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file())
 
     def manifest(self, name: str) -> ModelManifest:
+        check_model_name(name)
         path = self.root / name / MANIFEST
-        if not path.is_file():
+        # only a folder of this repository: a name reached through a symlink the operator placed is one
+        if not path.is_file() or name not in self.models():
             known = ", ".join(self.models()) or "none"
             raise RepositoryError(f"{self.root}: no model {name!r} (models here: {known})")
         return ModelManifest.load(path)

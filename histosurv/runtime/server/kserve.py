@@ -1,7 +1,9 @@
 """``inference.GRPCInferenceService``: the KServe v2 protocol plus the Triton extensions its clients use.
 
 Errors a client causes come back as INVALID_ARGUMENT (bad tensors: the message names the tensor and
-the problem) or NOT_FOUND (unknown model or version); the server stays live. Engines run in worker
+the problem) or NOT_FOUND (unknown model or version); the server stays live. They are not inference
+failures (``nv_inference_request_failure`` and ModelStatistics' ``fail`` count only what the server
+failed to do, as Triton's reasons do); every non-OK call is counted by code in the access recorder. Engines run in worker
 threads so one slow request does not stall the event loop that serves the others.
 """
 
@@ -23,6 +25,8 @@ from ..finite import check_input_range, check_outputs
 from ..triton_config import PLATFORMS, serving_parameters
 from ._proto import grpc_service_pb2 as pb
 from ._proto import grpc_service_pb2_grpc as pb_grpc
+from . import access_log
+from ..repository import check_model_name
 from .models import LoadedModel, ModelNotFound, ModelStore, check_repository_name
 from .scheduler import QueueFull
 from .tensors import decode_inputs, encode_outputs
@@ -35,9 +39,10 @@ _DATA_TYPES = {"FP32": "TYPE_FP32", "FP16": "TYPE_FP16", "INT64": "TYPE_INT64", 
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, store: ModelStore, model_control: str = "none", metrics: ServerMetrics | None = None):
+    def __init__(self, store: ModelStore, model_control: str = "none", metrics: ServerMetrics | None = None, changed=None):
         self.store, self.model_control = store, model_control
         self.metrics = metrics or ServerMetrics(store.loaded)
+        self.changed = changed  # awaited after an explicit load or unload (the server's health follows)
 
     # --- health and metadata -------------------------------------------------------------------
 
@@ -92,6 +97,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         received = time.perf_counter_ns()
         async with self._leased(request.model_name, request.model_version, context) as model:
             stats, version = model.stats, str(model.version.version)
+            access_log.note(patches=_bag_size(request, model.version.inputs))
             try:
                 inputs = decode_inputs(request, model.version.inputs, missing_markers(model.version.info))
                 check_input_range(model.version.info, inputs)
@@ -110,9 +116,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise
             except Exception as e:
                 code, reason, message = failure_status(e, model.name)
-                stats.failed(reason, time.perf_counter_ns() - received)
+                if reason is not None:
+                    stats.failed(reason, time.perf_counter_ns() - received)
                 await context.abort(code, message)
             finished = time.perf_counter_ns()
+            access_log.note(queue_ns=timed.queue_ns, compute_ns=timed.run_ns)
             stats.executed(finished - received, timed.run_ns, timed.queue_ns, decoded - received, finished - ran)
             self.metrics.request_seconds.labels(model.name, version, "ModelInfer").observe((finished - received) / 1e9)
             self.metrics.queue_seconds.labels(model.name, version).observe(timed.queue_ns / 1e9)
@@ -123,26 +131,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request, context):
         await self._repository(request.repository_name, context)
         index = pb.RepositoryIndexResponse.ModelIndex
-        rows = [index(name=n, version=v, state=s, reason=r) for n, v, s, r in self.store.index()]
+        rows = [index(name=n, version=v, state=s, reason=self._relative(r)) for n, v, s, r in self.store.index()]
         if request.ready:
             rows = [r for r in rows if r.state == "READY"]
         return pb.RepositoryIndexResponse(models=rows)
 
     async def RepositoryModelLoad(self, request, context):
         await self._explicit(request.repository_name, context)
+        await self._model_folder(request.model_name, context)
+        if request.parameters:
+            # Triton's "config" override and "file:" contents would serve something the repository does not
+            # hold (and could name files anywhere); a version is served only as exported into the repository.
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"load parameters {', '.join(sorted(request.parameters))} are not taken: histosurv serves a model "
+                "only as exported into its repository (no config overrides or files in the request)",
+            )
         try:
             await asyncio.to_thread(self.store.load, request.model_name)
         except HistosurvError as e:
-            code = grpc.StatusCode.NOT_FOUND if request.model_name not in self.store.repository.models() else grpc.StatusCode.INTERNAL
-            await context.abort(code, f"failed to load '{request.model_name}': {e}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"failed to load '{request.model_name}': {self._relative(str(e))}")
+        finally:
+            await self._changed()
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
         await self._explicit(request.repository_name, context)
+        await self._name_shape(request.model_name, context)
         try:
             self.store.unload(request.model_name)
         except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        await self._changed()
         return pb.RepositoryModelUnloadResponse()
 
     # --- helpers -------------------------------------------------------------------------------
@@ -151,9 +171,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model name is empty")
         try:
-            return self.store.get(name, version)
+            model = self.store.get(name, version)
         except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        access_log.note(model=model.name, version=str(model.version.version))
+        return model
 
     @asynccontextmanager
     async def _leased(self, name: str, version: str, context) -> AsyncIterator[LoadedModel]:
@@ -170,6 +192,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             check_repository_name(name)
         except HistosurvError as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+
+    async def _name_shape(self, name: str, context) -> None:
+        try:
+            check_model_name(name)
+        except InputError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    async def _model_folder(self, name: str, context) -> None:
+        """Only a model folder of the repository may be loaded: never ``../x`` or an absolute path."""
+        await self._name_shape(name, context)
+        known = self.store.repository.models()
+        if name not in known:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"the model repository has no model '{name}' (models: {', '.join(known) or 'none'})",
+            )
+
+    def _relative(self, message: str) -> str:
+        """A message for a remote client, with the repository's paths relative to its root."""
+        root = str(self.store.repository.root)
+        return message.replace(root + "/", "").replace(root, "the model repository")
+
+    async def _changed(self) -> None:
+        if self.changed is not None:
+            await self.changed()
 
     async def _explicit(self, repository: str, context) -> None:
         await self._repository(repository, context)
@@ -189,20 +236,32 @@ def missing_markers(info) -> dict[str, str]:
     return markers
 
 
-def failure_status(error: Exception, model: str) -> tuple[grpc.StatusCode, str, str]:
-    """(gRPC status, Triton failure reason, message) for an exception a request ended with."""
+def failure_status(error: Exception, model: str) -> tuple[grpc.StatusCode, str | None, str]:
+    """(gRPC status, Triton failure reason, message) for an exception a request ended with. The reason
+    is None for a request refused before inference (the client's mistake): Triton does not count
+    request validation as an inference failure, and an alert on the failure ratio must not fire on it."""
     if isinstance(error, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "REJECTED", str(error)
     if isinstance(error, MissingInputError):
-        return grpc.StatusCode.NOT_FOUND, "OTHER", str(error)
+        return grpc.StatusCode.NOT_FOUND, None, str(error)
     if isinstance(error, (MismatchError, RepositoryError)):  # valid request, but this server cannot serve it as asked
-        return grpc.StatusCode.FAILED_PRECONDITION, "OTHER", str(error)
+        return grpc.StatusCode.FAILED_PRECONDITION, None, str(error)
     if isinstance(error, InputError):
-        return grpc.StatusCode.INVALID_ARGUMENT, "OTHER", str(error)
+        return grpc.StatusCode.INVALID_ARGUMENT, None, str(error)
     if isinstance(error, PermissionError):
-        return grpc.StatusCode.PERMISSION_DENIED, "OTHER", str(error)
+        return grpc.StatusCode.PERMISSION_DENIED, None, str(error)
     # an engine failure: the request fails, the server goes on
     return grpc.StatusCode.INTERNAL, "BACKEND", f"model '{model}' failed: {type(error).__name__}: {error}"
+
+
+def _bag_size(request, specs) -> int | None:
+    """Patches in the request, as its shape declares them (first dimension of the first input whose
+    first dimension is variable: features, or an encoder's patches); None where it sends none."""
+    variable = {s.name for s in specs if s.shape and s.shape[0] == -1}
+    for tensor in request.inputs:
+        if tensor.name in variable and tensor.shape:
+            return int(tensor.shape[0])
+    return None
 
 
 def _platform(model: LoadedModel) -> str:

@@ -8,6 +8,7 @@ so unloading or replacing a model does not disturb requests already running on i
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter
@@ -102,6 +103,7 @@ class LoadedModel:
                 version.name, self._encode, config.max_batch, config.max_delay, config.max_queue_patches, self._batched
             )
         self.on_batch = None  # set by the server: metrics for each batcher run
+        self.fingerprint = None  # the repository's state of this version when it was loaded (poll mode)
         self._leases = 0
         self._retired = False
         self._lock = threading.Lock()
@@ -172,6 +174,9 @@ class ModelStore:
         self.execution = execution
         self._models: dict[str, LoadedModel] = {}
         self._failures: dict[str, tuple[str, str]] = {}  # model -> (version, why its last load failed)
+        # The models asked for (at start-up, by poll or by a client) and not unloaded since: the server
+        # is ready only while every one of them serves (Triton's strict readiness).
+        self._wanted: set[str] = set()
         self._lock = threading.Lock()
         self.on_load = None  # called with each newly loaded model (the server hooks its metrics here)
 
@@ -181,52 +186,93 @@ class ModelStore:
 
     def load(self, name: str, raise_errors: bool = True) -> LoadedModel | None:
         """Loads the highest version of ``name``; on failure the version already loaded stays.
-        Requests running on the version it replaces finish on it."""
-        version = ""
+        Requests running on the version it replaces finish on it. Without ``raise_errors`` (start-up,
+        poll mode) a highest version that fails is listed with its reason and the next lower versions
+        are tried, down to the one already serving: the newest version that loads serves."""
         try:
-            manifest = self.repository.manifest(name)
-            version = str(manifest.latest)
-            mv = self.repository.version(name, manifest.latest)
-            loaded = LoadedModel(mv, load_engine(mv, self.engine, **self.engine_options), self.execution)
+            versions = sorted(self.repository.manifest(name).versions, reverse=True)
         except HistosurvError as e:
-            with self._lock:
-                self._failures[name] = (version, str(e))
-            if raise_errors:
-                raise
-            return None
+            if name not in self.repository.models():  # no model of this repository: nothing to wait for
+                if raise_errors:
+                    raise
+                return None
+            return self._failed(name, "", e, raise_errors)
+        with self._lock:
+            self._wanted.add(name)
+            serving = self._models[name].version.version if name in self._models else None
+        failure = None
+        for version in versions:
+            if failure is not None and serving is not None and version <= serving:
+                break  # what serves now is at least as new as what is left to try
+            try:
+                loaded = self._load_version(name, version)
+            except HistosurvError as e:
+                if failure is None:
+                    self._failed(name, str(version), e, raise_errors)
+                    failure = (str(version), str(e))
+                continue
+            self._install(name, loaded, failure)
+            return loaded
+        return None
+
+    def _load_version(self, name: str, version: int) -> LoadedModel:
+        fingerprint = self.fingerprint(name, version)  # taken first: a change during the load is seen next scan
+        mv = self.repository.version(name, version)
+        loaded = LoadedModel(mv, load_engine(mv, self.engine, **self.engine_options), self.execution)
+        loaded.fingerprint = fingerprint
+        return loaded
+
+    def _failed(self, name: str, version: str, error: HistosurvError, raise_errors: bool) -> None:
+        with self._lock:
+            self._wanted.add(name)
+            self._failures[name] = (version, str(error))
+        if raise_errors:
+            raise error
+
+    def _install(self, name: str, loaded: LoadedModel, failure: tuple[str, str] | None) -> None:
         if self.on_load is not None:
             self.on_load(loaded)
         with self._lock:
             old = self._models.get(name)
             self._models[name] = loaded
-            self._failures.pop(name, None)
+            if failure is None:
+                self._failures.pop(name, None)
+            else:  # the newer version that did not load stays listed beside the one serving
+                self._failures[name] = failure
         if old is not None:
             old.retire()
-        return loaded
 
     def failure(self, name: str) -> tuple[str, str]:
         """(version, reason) of the last failed load of ``name``; ("", "") if none."""
         with self._lock:
             return self._failures.get(name, ("", ""))
 
-    def fingerprints(self) -> dict[str, tuple]:
-        """What poll mode compares between scans: per model, the manifest and the highest version's
-        files (name, size, mtime). Copying a new version in, or repairing a broken one, changes it."""
-        out = {}
-        for name in self.repository.models():
-            folder = self.repository.root / name
+    def fingerprint(self, name: str, version: int | None = None) -> tuple | None:
+        """What poll mode compares between scans: the version that would serve (the manifest's highest,
+        or ``version``), its manifest record with the model's shared fields, and the files that record
+        lists (size, mtime). Other version folders, their records and files no manifest lists do not
+        count, so writing the next export does not reload the version serving."""
+        folder = self.repository.root / name
+        try:
+            manifest = self.repository.manifest(name)
+            version = manifest.latest if version is None else version
+            info = manifest.versions.get(version)
+            record = dataclasses.replace(manifest, versions={version: info})
+            return (version, record, _file_states(folder / str(version), info.files if info is not None else {}))
+        except OSError:  # the model folder moved away meanwhile: the next scan sees where it went
+            return None
+        except HistosurvError:  # an unreadable manifest: fixing it changes this, and a load is tried
             try:
-                manifest = folder / MANIFEST
-                stat = manifest.stat()
-                versions = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
-                files = ()
-                if versions:
-                    top = folder / str(max(versions))
-                    files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in top.iterdir() if p.is_file()))
-                out[name] = (stat.st_size, stat.st_mtime_ns, max(versions, default=0), files)
-            except OSError:  # a model being copied in: seen complete at a later scan
-                continue
-        return out
+                stat = (folder / MANIFEST).stat()
+            except OSError:
+                return None
+            return ("unreadable", stat.st_size, stat.st_mtime_ns)
+
+    def serves(self, name: str, fingerprint: tuple | None) -> bool:
+        """Whether the version loaded for ``name`` is the one ``fingerprint`` describes, unchanged."""
+        with self._lock:
+            loaded = self._models.get(name)
+        return loaded is not None and fingerprint is not None and loaded.fingerprint == fingerprint
 
     @contextmanager
     def lease(self, name: str, version: str = "") -> Iterator[LoadedModel]:
@@ -240,6 +286,8 @@ class ModelStore:
 
     def unload(self, name: str) -> None:
         with self._lock:
+            self._wanted.discard(name)  # unloaded on purpose: no longer one the server must serve
+            self._failures.pop(name, None)
             old = self._models.pop(name, None)
         if old is None:
             raise ModelNotFound(f"model '{name}' is not loaded")
@@ -260,6 +308,11 @@ class ModelStore:
         if version and version != str(loaded.version.version):
             raise ModelNotFound(f"model '{name}' has no loaded version '{version}' (loaded: {loaded.version.version})")
         return loaded
+
+    def loaded_version(self, name: str) -> int | None:
+        with self._lock:
+            loaded = self._models.get(name)
+        return loaded.version.version if loaded is not None else None
 
     def loaded(self) -> list[LoadedModel]:
         with self._lock:
@@ -282,8 +335,26 @@ class ModelStore:
 
     @property
     def ready(self) -> bool:
+        """Triton's strict readiness: something serves, and every model asked for serves (a fusion
+        model whose encoder failed to load would refuse every slide)."""
+        return bool(self.loaded()) and not self.not_ready()
+
+    def not_ready(self) -> list[str]:
+        """The models asked for that have no version serving."""
         with self._lock:
-            return bool(self._models)
+            return sorted(self._wanted - set(self._models))
+
+
+def _file_states(folder, names) -> tuple:
+    """(name, size, mtime) of each listed file; a missing one is (name, None, None) until it appears."""
+    states = []
+    for name in sorted(names):
+        try:
+            stat = (folder / name).stat()
+            states.append((name, stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            states.append((name, None, None))
+    return tuple(states)
 
 
 def now_ms() -> int:

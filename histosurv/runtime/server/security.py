@@ -2,8 +2,11 @@
 
 The server ships patient data (features, slides) and risk scores, so on anything but loopback it needs
 transport encryption (TLS, optionally mutual TLS so only clients holding a certificate from the lab's
-CA get in) and caller authentication (bearer tokens in gRPC metadata). Health checks stay open because
-load balancers probe them without credentials.
+CA get in) and caller authentication (bearer tokens in gRPC metadata). The health endpoints
+(``grpc.health.v1`` and KServe's ServerLive, ServerReady and ModelReady, Triton's "health" protocol
+group) stay open by default, because load balancers and orchestrators probe them without credentials;
+``--auth-health`` puts them behind the tokens too, all alike. :func:`exposure_warnings` names what is
+missing when the server listens beyond loopback.
 
 Requests that name a slide by path are the other door: left alone, a client could make the server read
 any file it can (``/etc/shadow``, another project's slides). :class:`SlideRoots` confines such paths to
@@ -15,6 +18,7 @@ exceptions the server maps to INVALID_ARGUMENT (:class:`SlideURIError`), PERMISS
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -36,9 +40,16 @@ __all__ = [
     "SlideOutsideRoots",
     "SlideNotFound",
     "HEALTH_PREFIX",
+    "HEALTH_METHODS",
+    "exposure_warnings",
 ]
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# Triton's "health" protocol group: what an orchestrator's probe calls
+HEALTH_METHODS = (
+    HEALTH_PREFIX,
+    *(f"/inference.GRPCInferenceService/{m}" for m in ("ServerLive", "ServerReady", "ModelReady")),
+)
 _PEM_MARKER = b"-----BEGIN"
 
 
@@ -106,9 +117,9 @@ def _token_lines(text: str) -> Iterable[str]:
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     """Lets a call through only with metadata ``authorization: Bearer <token>`` naming an accepted
-    token; methods under ``exempt_prefixes`` (health, by default) need none."""
+    token; methods under ``exempt_prefixes`` (the health endpoints, by default) need none."""
 
-    def __init__(self, tokens: Iterable[str], exempt_prefixes: Sequence[str] = (HEALTH_PREFIX,)):
+    def __init__(self, tokens: Iterable[str], exempt_prefixes: Sequence[str] = HEALTH_METHODS):
         # Bytes: hmac.compare_digest refuses str with non-ASCII characters.
         self._tokens = tuple(t.encode("utf-8") for t in tokens)
         if not self._tokens:
@@ -116,7 +127,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         self._exempt = tuple(exempt_prefixes)
 
     async def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith(self._exempt):
+        if self._exempt and handler_call_details.method.startswith(self._exempt):
             return await continuation(handler_call_details)
         token = _bearer_token(handler_call_details.invocation_metadata)
         if token is not None and self._accepts(token):
@@ -172,6 +183,38 @@ def refusing_handler(
     )
 
 
+# --- exposure -----------------------------------------------------------------------------------------
+
+
+def exposure_warnings(host: str, tls: bool, tokens: bool) -> list[str]:
+    """What a server listening on ``host`` lacks to be safe beyond this machine: TLS, bearer tokens,
+    or both (tokens over plaintext can be read off the network). Empty on loopback."""
+    if _is_loopback(host):
+        return []
+    where = f"gRPC on {host.strip('[]')} is reachable beyond this machine"
+    warnings = []
+    if not tls:
+        warnings.append(f"{where} without TLS: features, slides and risks cross the network readable; "
+                        "give --tls-cert and --tls-key (and --tls-client-ca for mutual TLS)")
+    if not tokens:
+        warnings.append(f"{where} without bearer tokens: anyone who reaches the port may call it; "
+                        "give --auth-token-file (or --host 127.0.0.1 for this machine only)")
+    elif not tls:
+        warnings.append(f"{where} and its bearer tokens are accepted over plaintext: they can be read off the "
+                        "network and replayed; give --tls-cert and --tls-key")
+    return warnings
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost: it may resolve to any interface
+
+
 # --- slide confinement --------------------------------------------------------------------------------
 
 
@@ -217,12 +260,10 @@ class SlideRoots:
         candidate = path if os.path.isabs(path) else self._first_existing(uri, path)
         real = os.path.realpath(candidate)
         if not any(_inside(real, root) for root in self.roots):
-            # Name the uri, not the target: the resolved path would tell the client about the filesystem.
-            raise SlideOutsideRoots(
-                f"slide {uri!r} resolves outside the slide roots; give a file under {self._listing()}"
-            )
+            # Name the uri only: the target, or the roots, would tell a remote client about the filesystem.
+            raise SlideOutsideRoots(f"slide {uri!r} resolves outside the slide roots; give a file under them")
         if not os.path.isfile(real):
-            raise SlideNotFound(f"slide {uri!r}: no such file under the slide roots ({self._listing()})")
+            raise SlideNotFound(f"slide {uri!r}: no such file under the slide roots")
         return Path(real)
 
     def _first_existing(self, uri: str, relative: str) -> str:
@@ -230,10 +271,19 @@ class SlideRoots:
             candidate = os.path.join(root, relative)
             if os.path.exists(candidate):
                 return candidate
-        raise SlideNotFound(f"slide {uri!r}: not found under any slide root ({self._listing()})")
+        raise SlideNotFound(f"slide {uri!r}: not found under any slide root")
 
-    def _listing(self) -> str:
-        return ", ".join(self.roots)
+    def redact(self, message: str, uri: str, path: str | os.PathLike | None = None) -> str:
+        """``message`` for a remote client: the slide's real ``path``, and any other path under a root,
+        named by the request's own ``uri``. (A reader's error names the file it opened; the server's log
+        keeps that.)"""
+        # One pass, the uri first: where it holds a root itself (file:///data/slides/x.svs) it stays as sent.
+        names = [re.escape(uri)] if uri else []
+        if path is not None:
+            names.append(re.escape(os.fspath(path)))
+        for root in sorted(self.roots, key=len, reverse=True):  # a nested root before its parent
+            names.append(re.escape(root) + r"(?=[/\s'\"!;,()]|$)(?:/[^\s'\"!;,()]*)?")
+        return re.sub("|".join(names), lambda _: uri or "the slide", message) if names else message
 
 
 def _checked_root(root: str | os.PathLike) -> str:

@@ -30,11 +30,16 @@ from ...data.covariates import encode_row
 from ...data.features import Bag
 from ...errors import InputError, MissingInputError
 from ..encoder_match import EncoderChoice, choose_encoder
+from ..explain import explain_bag, top_patches
+from ..explain.patches import DEFAULT_CROP
 from ..finite import check_outputs
 from ..metrics import ServerMetrics
 from ..pipeline import PatchEncoder, Ready, SlideConfig, featurize_slide
 from ..predict import FusionPredictor
+from ..survival import group_label
+from . import access_log
 from .describe import describe_model
+from .explanation import MAX_CROPS, explanation_message
 from ._proto import slide_service_pb2 as spb
 from ._proto import slide_service_pb2_grpc as spb_grpc
 from .kserve import failure_status
@@ -68,6 +73,9 @@ class SlideService(spb_grpc.SlideServiceServicer):
         self._slots = asyncio.Semaphore(config.max_active)
         self._waiting = 0
         self._executor = ThreadPoolExecutor(config.max_active, thread_name_prefix="slide")
+        # tests: called as before_progress(done, total) in a slide's worker thread before each progress
+        # event (done = 0: tiled; then after each encoded batch), e.g. to hold a slide mid-encoding
+        self.before_progress = None
 
     # --- ScoreSlide ----------------------------------------------------------------------------
 
@@ -79,6 +87,7 @@ class SlideService(spb_grpc.SlideServiceServicer):
             model = await self._lease(held, request.model_name, request.model_version, context)
             fusion = FusionPredictor(model.version, model.engine)
             cancelled = threading.Event()
+            path = None
             try:
                 path = self.config.roots.resolve(request.slide_uri)
                 genes = self._genes(fusion, request.genes)
@@ -96,6 +105,9 @@ class SlideService(spb_grpc.SlideServiceServicer):
                     self._slots.release()
                 yield _progress("fuse", 0, 1)
                 result = await self._fuse(model, fusion, slide.bag, genes, clinical, request.top_k, request.id)
+                if request.explain:
+                    yield _progress("explain", 0, 1)
+                    await self._explain(model, fusion, slide.bag, genes, clinical, result, path)
             except asyncio.CancelledError:
                 cancelled.set()
                 model.stats.failed("CANCELED", time.perf_counter_ns() - received)
@@ -103,11 +115,15 @@ class SlideService(spb_grpc.SlideServiceServicer):
             except Exception as e:
                 cancelled.set()
                 code, reason, message = failure_status(e, model.name)
-                model.stats.failed(reason, time.perf_counter_ns() - received)
-                await context.abort(code, message)
+                if reason is not None:
+                    model.stats.failed(reason, time.perf_counter_ns() - received)
+                # a reader's error names the file it opened: the client hears its own uri, not the server's paths
+                await context.abort(code, self.config.roots.redact(message, request.slide_uri, path))
             finished = time.perf_counter_ns()
             seconds = {**slide.seconds, "fuse": result.run_ns / 1e9, "queue": (admitted + result.queue_ns) / 1e9}
             seconds["total"] = (finished - received) / 1e9
+            access_log.note(patches=len(slide.bag), queue_ns=admitted + result.queue_ns,
+                            compute_ns=int(slide.seconds["total"] * 1e9) + result.run_ns)
             self._record(model, "ScoreSlide", received, finished, admitted + result.queue_ns, slide.seconds["total"], result)
             self.metrics.observe_stages(model.name, seconds)
             self.metrics.slide_patches.labels(model.name).observe(len(slide.bag))
@@ -131,6 +147,8 @@ class SlideService(spb_grpc.SlideServiceServicer):
             config = replace(config, slide_mpp=float(request.slide_mpp))
 
         def progress(done: int, total: int) -> None:
+            if self.before_progress is not None:
+                self.before_progress(done, total)
             if cancelled.is_set():
                 raise SlideCancelled()
             stage = "tiled" if done == 0 else "encode"
@@ -195,6 +213,7 @@ class SlideService(spb_grpc.SlideServiceServicer):
                     header = chunk
                     if not chunk.model_name:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first chunk must name the model (model_name)")
+                    access_log.note(request_id=chunk.id)
                     model = await self._lease(held, chunk.model_name, chunk.model_version, context)
                     fusion = FusionPredictor(model.version, model.engine)
                     problem = _check_header(chunk, fusion)
@@ -220,6 +239,7 @@ class SlideService(spb_grpc.SlideServiceServicer):
                             grpc.StatusCode.INVALID_ARGUMENT, f"bag has more than {self.config.max_bag} patches (the server's limit)"
                         )
                     rows.append(block)
+                    access_log.note(patches=n_rows)
                 if chunk.coords:
                     if len(chunk.coords) % 16:
                         await context.abort(
@@ -251,9 +271,11 @@ class SlideService(spb_grpc.SlideServiceServicer):
                 raise
             except Exception as e:
                 code, reason, message = failure_status(e, model.name)
-                model.stats.failed(reason, time.perf_counter_ns() - received)
+                if reason is not None:
+                    model.stats.failed(reason, time.perf_counter_ns() - received)
                 await context.abort(code, message)
             finished = time.perf_counter_ns()
+            access_log.note(queue_ns=result.queue_ns, compute_ns=result.run_ns)
             self._record(model, "StreamFeatures", received, finished, result.queue_ns, 0, result)
             self.metrics.slide_patches.labels(model.name).observe(len(bag))
             self.metrics.stage_seconds.labels(model.name, "fuse").observe(result.run_ns / 1e9)
@@ -267,9 +289,11 @@ class SlideService(spb_grpc.SlideServiceServicer):
 
     async def _lease(self, held: ExitStack, name: str, version: str, context) -> LoadedModel:
         try:
-            return held.enter_context(self.store.lease(name, version))
+            model = held.enter_context(self.store.lease(name, version))
         except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        access_log.note(model=model.name, version=str(model.version.version))
+        return model
 
     def _encoder(self, held: ExitStack, model: LoadedModel, request) -> tuple[LoadedModel, EncoderChoice]:
         """The loaded encoder for ``model`` and the scale to cut at, chosen as the CLI chooses them."""
@@ -334,6 +358,13 @@ class SlideService(spb_grpc.SlideServiceServicer):
             id=request_id, model_name=model.name, model_version=str(model.version.version),
             risk=float(np.asarray(outputs["risk"]).reshape(-1)[0]), n_patches=len(bag),
         )
+        head = model.version.info.survival
+        if "survival" in outputs and head is not None and head.has_curves:
+            response.survival.extend(float(v) for v in np.asarray(outputs["survival"]).reshape(-1))
+            response.survival_months.extend(head.times)
+            group = int(np.asarray(outputs["risk_group"]).reshape(-1)[0])
+            response.risk_group = group
+            response.risk_group_label = group_label(head, group)
         attention = outputs.get("attention")
         if attention is not None:
             attention = np.asarray(attention, np.float32).reshape(-1)
@@ -341,7 +372,25 @@ class SlideService(spb_grpc.SlideServiceServicer):
             for i in np.argsort(-attention, kind="stable")[:k]:
                 x, y = (int(v) for v in bag.coords[i])
                 response.top_patches.add(x=x, y=y, attention=float(attention[i]), index=int(i))
-        return _Fused(response, timed.queue_ns, timed.run_ns)
+        return _Fused(response, timed.queue_ns, timed.run_ns, attention)
+
+    async def _explain(self, model: LoadedModel, fusion: FusionPredictor, bag: Bag, genes, clinical, fused, path) -> None:
+        """Fills the result's explanation (see ``runtime.explain``): the occlusion passes run as one job of the
+        model's scheduler; the top patches' crops are read from the slide in a slide worker."""
+        k = max(1, min(len(fused.response.top_patches), MAX_CROPS))  # crops of the result's first top patches
+        explained = await model.scheduler.run(lambda: explain_bag(fusion, bag, genes, clinical, fused.attention, k=k))
+        e = explained.value
+        crops = []
+        if e.top_patches:
+            attention = np.array([p.attention for p in e.top_patches])
+            coords = np.array([[p.x, p.y] for p in e.top_patches], np.int64)
+            size = int(bag.attrs.get("patch_size_level0") or 0) or None
+            crops = await asyncio.get_running_loop().run_in_executor(
+                self._executor, top_patches, attention, coords, MAX_CROPS, path, size, DEFAULT_CROP, self.config.slide.reader
+            )
+            for crop in crops:  # rows of this re-ranking are rows of the top list: back to the bag's
+                crop.index = e.top_patches[crop.index].index
+        fused.response.explanation.CopyFrom(explanation_message(e, crops))
 
     def _record(self, model: LoadedModel, rpc: str, received: int, finished: int, queue_ns: int, input_s: float, fused) -> None:
         model.stats.executed(finished - received, fused.run_ns, queue_ns, int(input_s * 1e9))
@@ -377,6 +426,7 @@ class _Fused:
     response: spb.ScoreResult
     queue_ns: int
     run_ns: int
+    attention: np.ndarray | None = None
 
 
 def _progress(stage: str, done: int, total: int) -> spb.ScoreSlideEvent:
