@@ -1,8 +1,10 @@
-"""The real /metrics endpoint: Triton's exact names and meanings, and histograms that move by exactly
-the number of requests sent."""
+"""The real /metrics endpoint: Triton's exact names and meanings, histograms that move by exactly
+the number of requests sent, client errors kept apart from inference failures, and readiness."""
 
 from __future__ import annotations
 
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -82,8 +84,13 @@ def test_counters_and_histograms_move_by_exactly_the_requests_sent(server):
 
     assert delta("nv_inference_request_success") == 5
     assert delta("nv_inference_count") == 5 and delta("nv_inference_exec_count") == 5
-    assert delta("nv_inference_request_failure", reason="OTHER") == 3  # invalid input, as Triton counts it
-    assert delta("nv_inference_request_failure", reason="BACKEND") == 0
+    # invalid input is the client's mistake: counted by code, not as an inference failure (Triton's meaning)
+    for reason in ("REJECTED", "CANCELED", "BACKEND", "OTHER"):
+        assert delta("nv_inference_request_failure", reason=reason) == 0
+    assert value(after, "histosurv_request_errors_total", model="ammasurv", rpc="ModelInfer", code="INVALID_ARGUMENT") - value(
+        before, "histosurv_request_errors_total", model="ammasurv", rpc="ModelInfer", code="INVALID_ARGUMENT"
+    ) == 3
+    assert int(stats["inference_stats"]["fail"].get("count", 0)) == 0  # ModelStatistics agrees: no inference failed
     assert delta("histosurv_request_duration_seconds_count", rpc="ModelInfer") == 5
     assert delta("histosurv_queue_duration_seconds_count") == 5
     assert value(after, "nv_inference_pending_request_count", **labels) == 0
@@ -109,12 +116,15 @@ def test_a_full_queue_rejects_and_a_request_past_its_deadline_never_runs(tiny_re
     store.load_all()
     running = RunningServer(store, metrics_http=True)
     labels = {"model": "ammasurv", "version": 1}
-    big = _inputs(40_000)  # long enough (~1 s) that the later requests arrive while it runs
+    # the first request is held on the engine thread until released: "one running, the next queued" is a
+    # state the test sets up, whatever the speed of the machine
+    gate, scheduler = threading.Event(), store.get("ammasurv").scheduler
+    scheduler.before_run = gate.wait
 
     def call(timeout=None):
         with tritonclient.InferenceServerClient(running.url) as client:
             try:
-                client.infer("ammasurv", big, client_timeout=timeout)
+                client.infer("ammasurv", _inputs(16), client_timeout=timeout)
                 return "OK"
             except InferenceServerException as e:
                 return e.status()
@@ -125,31 +135,85 @@ def test_a_full_queue_rejects_and_a_request_past_its_deadline_never_runs(tiny_re
             _wait_pending(running, 0, running_too=True)
             queued = pool.submit(call)
             _wait_pending(running, 1)
-            rejected = call()
-            assert rejected == "StatusCode.RESOURCE_EXHAUSTED"
+            assert call() == "StatusCode.RESOURCE_EXHAUSTED"
+            gate.set()
             assert first.result() == "OK" and queued.result() == "OK"
-        # one request queued behind a running one, with a deadline shorter than the wait
+        # one request queued behind a held one, with a deadline that passes while it waits
+        gate.clear()
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(call)
             _wait_pending(running, 0, running_too=True)
             assert call(timeout=0.2) == "StatusCode.DEADLINE_EXCEEDED"
+            _until(lambda: value(running.scrape(), "nv_inference_request_failure", **labels, reason="CANCELED") == 1)
+            gate.set()
             assert first.result() == "OK"
         metrics = running.scrape()
         assert value(metrics, "nv_inference_request_failure", **labels, reason="REJECTED") == 1
         assert value(metrics, "nv_inference_request_failure", **labels, reason="CANCELED") == 1
         assert value(metrics, "nv_inference_exec_count", **labels) == 3  # the timed-out request never ran
         assert value(metrics, "nv_inference_pending_request_count", **labels) == 0
+        assert value(metrics, "histosurv_request_errors_total", model="ammasurv", rpc="ModelInfer", code="RESOURCE_EXHAUSTED") == 1
+    finally:
+        gate.set()
+        running.stop()
+
+
+def test_model_ready_is_one_for_the_version_serving_and_zero_for_a_failed_one(tiny_repo, tmp_path):
+    import shutil
+
+    from .test_model_control import add_version
+
+    repo = tmp_path / "model_repository"
+    shutil.copytree(tiny_repo / "ammasurv", repo / "ammasurv")
+    store = ModelStore(repo)
+    store.load_all()
+    running = RunningServer(store, metrics_http=True)
+    try:
+        assert value(running.scrape(), "histosurv_model_ready", model="ammasurv", version=1) == 1
+        add_version(repo / "ammasurv", 2, corrupt=True)
+        assert store.load("ammasurv", raise_errors=False) is None
+        metrics = running.scrape()
+        assert value(metrics, "histosurv_model_ready", model="ammasurv", version=1) == 1
+        assert ("histosurv_model_ready", frozenset({("model", "ammasurv"), ("version", "2")})) in metrics
+        assert value(metrics, "histosurv_model_ready", model="ammasurv", version=2) == 0
+        store.unload("ammasurv")
+        assert value(running.scrape(), "histosurv_model_ready", model="ammasurv", version=1) == 0
     finally:
         running.stop()
 
 
+def _until(condition, seconds: float = 30) -> None:
+    """Waits for a state the server reaches on its own (a cancellation counted after the client gave up)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("the server never reached the expected state")
+        time.sleep(0.02)
+
+
 def _wait_pending(running, pending: int, running_too: bool = False) -> None:
     """Until the model has ``pending`` requests queued (and, with ``running_too``, one running)."""
-    import time
-
     model = running.store.get("ammasurv")
-    for _ in range(300):
-        if model.stats.pending == pending and (not running_too or model.scheduler.waiting == pending + 1):
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"the model never had {pending} requests pending")
+    _until(lambda: model.stats.pending == pending and (not running_too or model.scheduler.waiting == pending + 1))
+
+
+def test_every_metric_the_alerts_and_dashboard_read_is_served(server):
+    """An alert on a name the server does not export would never fire, silently."""
+    import json
+    import re
+    from pathlib import Path
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    sources = [(deploy / "prometheus" / "alerts.yml").read_text(), json.dumps(json.load(open(deploy / "grafana" / "histosurv.json")))]
+    names = {n for source in sources for n in re.findall(r"\b((?:nv|histosurv)_[a-z_]+)", source)}
+    from histosurv.runtime.metrics import gpu_memory
+
+    def served(name: str) -> bool:
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        return f"# TYPE {name} " in text or f"# TYPE {family} histogram" in text
+
+    exempt = () if gpu_memory() else ("nv_gpu_",)  # GPU gauges exist only where a GPU is visible
+    missing = [n for n in sorted(names) if not served(n) and not n.startswith(exempt)]
+    assert {"histosurv_model_ready", "histosurv_request_errors_total"} <= names and not missing, missing

@@ -6,6 +6,13 @@ Triton reports latency only as cumulative sums, which cannot give percentiles no
 ``histosurv_*`` histograms can (``histogram_quantile`` over summed buckets). Triton's counters are
 written by hand: prometheus_client would rename a counter ``x`` to ``x_total``.
 
+``nv_inference_request_failure`` counts what Triton counts there: inference that the server failed to
+do (REJECTED: queue full; CANCELED: the client went away or its deadline passed; BACKEND: the engine
+failed or gave non-finite outputs). A request the server refused before inference (bad tensors, an
+unknown model, a slide outside the roots) is the client's mistake, not the server's failure: it is
+counted in ``histosurv_request_errors_total{code}`` alone, so a failure-ratio alert does not fire on
+users' mistakes. That counter has every call that ended with a status other than OK, by gRPC code.
+
 Each server owns a registry, so several servers in one process (tests, benchmarks) do not mix.
 """
 
@@ -16,7 +23,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import Metric
 
 from ..errors import StartupError
@@ -38,10 +45,17 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 class ServerMetrics:
     """The metrics of one server. ``models`` returns the loaded models (name, version, stats) at
-    scrape time; Triton's counters are read from their statistics."""
+    scrape time; Triton's counters are read from their statistics. ``index`` returns the repository's
+    (name, version, state, reason) rows (``ModelStore.index``) for ``histosurv_model_ready``."""
 
-    def __init__(self, models: Callable[[], Iterable] = lambda: ()):
+    def __init__(self, models: Callable[[], Iterable] = lambda: (), index: Callable[[], Iterable] | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
+        self.request_errors = Counter(
+            "histosurv_request_errors",
+            "Calls that ended with a gRPC status other than OK, by code: client errors (INVALID_ARGUMENT, "
+            "NOT_FOUND, ...) and server failures alike; model is empty where the call named no loaded model",
+            ["model", "rpc", "code"], registry=self.registry,
+        )
         self.request_seconds = Histogram(
             "histosurv_request_duration_seconds",
             "Time from receiving a request to sending its response, by RPC",
@@ -67,6 +81,8 @@ class ServerMetrics:
         )
         self.triton = _TritonCounters(models)
         self.registry.register(_MachineCollector())
+        if index is not None:
+            self.registry.register(_ReadinessCollector(index))
         self._http = None
 
     def observe_stages(self, model: str, seconds: dict) -> None:
@@ -176,6 +192,24 @@ def _labels(labels: dict) -> str:
         return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
     return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels.items()) + "}"
+
+
+class _ReadinessCollector:
+    """``histosurv_model_ready{model, version}``: 1 for the version serving, 0 for a version that failed
+    to load (listed beside the one still serving) or a model of the repository that is not loaded.
+    ModelReady answers the same question per call; this is what an alert can watch."""
+
+    def __init__(self, index: Callable[[], Iterable]):
+        self.index = index
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        ready = Metric("histosurv_model_ready", "Whether a model version is loaded and serving (1) or unavailable (0)", "gauge")
+        for name, version, state, _reason in self.index():
+            ready.add_sample(ready.name, {"model": name, "version": str(version)}, 1.0 if state == "READY" else 0.0)
+        yield ready
 
 
 class _MachineCollector:

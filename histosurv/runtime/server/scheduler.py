@@ -44,6 +44,9 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(instances, thread_name_prefix=f"engine-{name}")
         self._lock = threading.Lock()
         self._waiting = 0
+        # tests: called in the engine thread once a request has left the queue, before it runs (a gate
+        # that holds it there makes "one running, the next queued" a state, not a race)
+        self.before_run: Callable[[], None] | None = None
 
     async def run(self, fn: Callable[[], T]) -> Timed:
         """Runs ``fn`` on an instance once one is free; raises :class:`QueueFull` when ``max_queue``
@@ -70,6 +73,8 @@ class Scheduler:
             with self.stats.lock:
                 self.stats.pending -= 1
             try:
+                if self.before_run is not None:
+                    self.before_run()
                 return fn()
             finally:
                 with self._lock:
