@@ -197,6 +197,9 @@ def _natural(label: str):
         return (1, 0.0, label)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def encode_row(spec: ClinicalSpec, values: Mapping[str, object], case: str = "") -> np.ndarray:
     """(C,) float32 wire values for one patient's ``values`` (column -> cell); absent columns are NaN."""
     out = np.full(len(spec.covariates), np.nan, dtype=np.float32)
@@ -205,9 +208,12 @@ def encode_row(spec: ClinicalSpec, values: Mapping[str, object], case: str = "")
         value = values.get(cov.name)
         if cov.kind == "numeric":
             try:
-                out[j] = _number(value)
+                number = _number(value)
             except ValueError:
                 raise InputError(f"{where}clinical covariate {cov.name!r} must be a number, got {value!r}") from None
+            if abs(number) > _FLOAT32_MAX:  # would be sent as an infinity
+                raise InputError(f"{where}clinical covariate {cov.name!r} is {number:g}, beyond any measurement (check the units)")
+            out[j] = number
             continue
         label = category_label(value)
         if label is None:

@@ -92,6 +92,9 @@ def read_bag(path: str | os.PathLike, feature_dim: int | None = None) -> Bag:
                     f"{path}: no {' or '.join(repr(m) for m in missing)} dataset in the h5 file "
                     f"(found {sorted(f.keys())}); expected CLAM's layout: 'features' N x D, 'coords' N x 2"
                 )
+            groups = [k for k in ("features", "coords") if not isinstance(f[k], h5py.Dataset)]
+            if groups:
+                raise InputError(f"{path}: {' and '.join(repr(g) for g in groups)} must be a dataset (N rows), not an h5 group")
             features, coords = f["features"][()], f["coords"][()]
             attrs = {
                 **{k: _plain(v) for k, v in f["coords"].attrs.items()},
@@ -116,6 +119,8 @@ def validate_bag(bag: Bag, feature_dim: int | None = None) -> Bag:
         raise InputError(f"{where}: 'features' must be 2-D (N patches x D), got shape {f.shape}")
     if f.shape[0] == 0:
         raise InputError(f"{where}: empty bag: 'features' has no rows (no tissue patches were extracted)")
+    if f.shape[1] == 0:
+        raise InputError(f"{where}: 'features' has no columns (shape {f.shape}): each patch needs its D feature values")
     if feature_dim is not None and f.shape[1] != feature_dim:
         raise InputError(
             f"{where}: 'features' has {f.shape[1]} columns but the model expects {feature_dim}; "
@@ -168,16 +173,26 @@ def clam_coords_attrs(attrs: dict, name: str) -> dict:
     two, gets the level-0 footprint; TRIDENT's ``patch_size_level0`` says it outright."""
     if "patch_size_level0" not in attrs:
         return {}
-    level0 = int(attrs["patch_size_level0"])
-    read = int(attrs.get("read_size", attrs.get("patch_size", level0)))
+    level0 = _positive_int(attrs, "patch_size_level0")
+    read = _positive_int(attrs, "read_size" if "read_size" in attrs else "patch_size", level0)
     downsample = level0 / read
     return {
         "patch_size": read,
-        "patch_level": int(attrs.get("patch_level", 0)),
+        "patch_level": _positive_int(attrs, "patch_level", 0, least=0),
         "downsample": np.array([downsample, downsample]),
         "patch_size_level0": level0,
         "name": name,
     }
+
+
+def _positive_int(attrs: dict, key: str, default: int | None = None, least: int = 1) -> int:
+    """A whole-number attribute (a bag read from another tool's file may hold text, a list or 0 there)."""
+    value = attrs.get(key, default)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and float(value).is_integer() and value >= least:
+        return int(value)
+    raise InputError(f"bag attribute '{key}' must be a whole number >= {least}, got {value!r}")
 
 
 def _plain(v):

@@ -351,7 +351,8 @@ class GeneTable:
         df = _read_csv(path, "gene table")
         _require_columns(df, ["case_id"], path, "gene table")
         if df["case_id"].isna().any():
-            raise InputError(f"{path}: column 'case_id' is empty on line {int(df['case_id'].isna().idxmax()) + 2}")
+            # by position: a row with one field too many makes pandas index by the first column, labels no lines
+            raise InputError(f"{path}: column 'case_id' is empty on line {int(np.argmax(df['case_id'].isna().to_numpy())) + 2}")
         dup = df["case_id"][df["case_id"].duplicated()]
         if len(dup):
             raise InputError(f"{path}: case_id {dup.iloc[0]!r} has more than one row in the gene table")

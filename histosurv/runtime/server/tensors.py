@@ -85,12 +85,17 @@ def _has_typed_contents(tensor) -> bool:
 
 
 def _check_size(tensor, shape: tuple[int, ...], spec: TensorSpec) -> None:
-    """A fixed dimension of the spec bounds nothing on its own (rank and sizes are checked after
-    decoding); what must not happen is decoding a shape whose element count no message can hold."""
+    """A fixed dimension of the spec bounds nothing on its own (sizes are checked after decoding); what
+    must not happen is decoding a shape whose element count no message can hold, or one numpy cannot
+    make at all: more than 64 dimensions, or [0, 2^62] (no elements, but numpy refuses the extent)."""
+    if len(shape) != len(spec.shape):
+        raise BadTensor(f"'{tensor.name}' must have {len(spec.shape)} dimensions {list(spec.shape)}, got shape {list(shape)}")
     count = math.prod(shape)
     limit = 1 << 40  # far beyond any gRPC message (2 GiB at most): a count this large is a malformed shape
     if count > limit:
         raise BadTensor(f"input '{tensor.name}' has shape {list(shape)}: {count} elements, more than any request can carry")
+    if math.prod(max(d, 1) for d in shape) > limit:
+        raise BadTensor(f"input '{tensor.name}' has shape {list(shape)}: a dimension beyond what any request can carry")
 
 
 def _check_finite(name: str, array: np.ndarray, missing: str | None) -> None:
