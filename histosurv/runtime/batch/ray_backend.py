@@ -24,6 +24,7 @@ from dataclasses import asdict, replace
 
 from ...errors import InputError
 from .manifest import SlideRow
+from .rundir import DiskFull, is_disk_full
 from .scoring import ScoringConfig, SlideScorer, failure
 
 __all__ = ["score_on_ray", "connect"]
@@ -81,7 +82,18 @@ def score_on_ray(todo: list[SlideRow], config: ScoringConfig, run, address: str,
     # One slide per batch and no prefetching: a record reaches the driver (and is committed) as soon as
     # its slide is scored, not when the next one is.
     for batch in ds.iter_batches(batch_size=1, prefetch_batches=0, batch_format="numpy"):
-        yield json.loads(str(batch["record"][0]))
+        record = json.loads(str(batch["record"][0]))
+        if record["status"] == DISK_FULL:  # the driver stops the run, as the local backend does
+            raise DiskFull(record["error"])
+        yield record
+
+
+DISK_FULL = "disk_full"
+
+
+def _disk_full(error: Exception) -> dict:
+    """A worker's full disk travels to the driver as a record it never commits (see rundir.DiskFull)."""
+    return {"status": DISK_FULL, "error": str(error)}
 
 
 def _config_dict(config: ScoringConfig) -> dict:
@@ -142,11 +154,11 @@ class _Featurize:
             record.pop("tile_seconds")
             return _out(batch, record)
         try:
-            _, seconds = self.scorer.featurize(row, pickle.loads(batch["plan"][0]))
+            _, seconds, cache = self.scorer.featurize(row, pickle.loads(batch["plan"][0]))
             record.update(status="featurized", seconds={k: round(v, 4) for k, v in seconds.items()}, worker=os.getpid(),
-                          tiler=planned["tiler"])
+                          tiler=planned["tiler"], cache=cache)
         except Exception as e:  # recorded, as the local backend does
-            record.update(failure(e))
+            record.update(_disk_full(e) if is_disk_full(e) else failure(e))
         # wall time of tiling and of this actor; the fusion actor adds its own, so 'total' means what it
         # means locally
         record.setdefault("seconds", {})["total"] = round(planned["tile_seconds"] + time.perf_counter() - started, 4)
@@ -170,7 +182,7 @@ class _Fuse:
                 record.update(self.scorer.fuse(row, bag))
                 record["seconds"] = {**seconds, **record["seconds"], "total": seconds.get("total", 0.0)}
             except Exception as e:
-                record.update(failure(e))
+                record.update(_disk_full(e) if is_disk_full(e) else failure(e))
         seconds = record.setdefault("seconds", {})
         seconds["total"] = round(seconds.get("total", 0.0) + time.perf_counter() - started, 4)
         return _out(batch, record)
