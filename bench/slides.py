@@ -68,14 +68,14 @@ from _report import print_rows, write_json  # noqa: E402
 WINDOW = SLIDE_TILE  # one window per tile of the synthetic slide when aligned
 BASELINE = "openslide"
 OPENSLIDE_CACHE_BYTES = 32 * 2**20  # OpenSlide's default tile cache
-PARTS = ("readers", "pipeline")
+PARTS = ("readers", "pipeline", "clam")
 
 Location = tuple[int, int]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", type=choice_list(PARTS, "parts"), default=list(PARTS),
+    p.add_argument("--parts", type=choice_list(PARTS, "parts"), default=["readers", "pipeline"],
                    help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--width", type=int, default=20480, help="synthetic slide width, level-0 px")
     p.add_argument("--height", type=int, default=16384, help="synthetic slide height, level-0 px")
@@ -97,6 +97,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="pipeline: patches per encoder call")
     p.add_argument("--workers", type=int, default=2, help="pipeline: cuCIM decode workers")
     p.add_argument("--device", default="cpu", help="pipeline: decode and mask on cpu or cuda (GPU boxes)")
+    p.add_argument("--clam", type=int, default=256, metavar="PATCHES", help="clam part: race the real CLAM recipe (OpenSlide read_region at "
+                   "level 0, PIL resize to 224, eager torch FP32, one process) against histosurv FP32 and INT8 on the "
+                   "same PATCHES tissue patches of each slide (evenly spaced over its grid)")
+    p.add_argument("--int8-calibration", type=Path, help="--clam: slides to calibrate the INT8 encoder on (default: --svs)")
     args = p.parse_args(argv)
     if "readers" in args.parts and tiffslide is None:
         p.error("the readers part compares tiffslide, which is not installed (pip install tiffslide, or --parts pipeline)")
@@ -129,6 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pipeline_rows += bench_pipeline(path, encoder, name, args.batch_size, args.workers, args.device)
             print_pipeline_table(pipeline_rows)
             rows += pipeline_rows
+        if "clam" in args.parts:
+            from _clam import bench_clam, print_clam_table
+
+            clam_rows = []
+            for name, path in slides:
+                clam_rows += bench_clam(path, workdir / "bench_repository", args.encoder, name, args.clam, args.batch_size,
+                                        args.workers, args.int8_calibration or args.svs)
+            print_clam_table(clam_rows)
+            rows += clam_rows
     if args.json:
         facts = software_facts() | machine_facts() | {"encoder_engine": encoder_facts}
         write_json(args.json, {"facts": facts, "args": args_json(args), "rows": rows})

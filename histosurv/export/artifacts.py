@@ -167,6 +167,17 @@ def _build_encoder_torch(ctx: BuildContext, path: Path) -> EngineEntry:
     return export_encoder_pt2(ctx.model, path, ctx.version.patch_size, device=device, precision=precision)
 
 
+def _build_encoder_int8(ctx: BuildContext, path: Path) -> EngineEntry:
+    from .quantize import build_int8_encoder
+
+    if ctx.version is None:
+        raise InputError("an INT8 encoder is built into a published version: histosurv export --add-engine "
+                         "onnxruntime_int8 --calibration SLIDES (or export --encoder NAME --int8 --calibration SLIDES)")
+    gates = {k: ctx.options[k] for k in ("min_cosine", "min_spearman") if ctx.options.get(k) is not None}
+    return build_int8_encoder(ctx.version, path, ctx.options.get("calibration"), ctx.options.get("calibration_patches"),
+                              force=bool(ctx.options.get("force")), log=ctx.log, **gates)
+
+
 ARTIFACTS: tuple[Artifact, ...] = (
     Artifact("onnxruntime", "survival", "ONNX graph, every attention com.microsoft.MultiHeadAttention, dynamic bag size",
              "always", _build_onnx, _fixed("onnxruntime", "model.onnx")),
@@ -193,6 +204,11 @@ ARTIFACTS: tuple[Artifact, ...] = (
              "a GPU encoder where ONNX Runtime has no CUDA provider, a CPU encoder at twice FP32's speed",
              "on_target", _build_encoder_torch, _encoder_torch_files, options=("device", "precision"),
              keys=("torch", "torch_bf16", "torch_cuda", "torch_cuda_fp16", "torch_cuda_bf16")),
+    Artifact("onnxruntime_int8", "encoder", "the encoder's ONNX graph in INT8 for CPUs (QDQ, per-channel weights), "
+             "calibrated on tissue patches of --calibration's slides; kept only where its accuracy gates pass (or "
+             "--force, recorded), served by auto only where they passed",
+             "on_target", _build_encoder_int8, _fixed("onnxruntime_int8", "model.int8.onnx"),
+             options=("calibration", "calibration_patches", "force", "min_cosine", "min_spearman")),
 )
 
 

@@ -77,6 +77,11 @@ class Engine(abc.ABC):
         return True
 
     @classmethod
+    def precision_rank(cls, entry: EngineEntry) -> int:
+        """Order among this backend's artifacts that engine="auto" may pick: lower first (FP32 before the rest)."""
+        return 0 if entry.precision == "fp32" else 1
+
+    @classmethod
     def runs_on_gpu(cls, entry: EngineEntry) -> bool:
         """Whether this artifact would compute on a GPU here."""
         return entry.device == "cuda"
@@ -123,7 +128,7 @@ def usable_engine_keys(version: ModelVersion, first_only: bool = False) -> list[
         cls = ENGINES.get(entry.backend or "")
         if cls is not None and cls.is_installed() and cls.preferred_here(entry):
             on_cpu = not (gpu_here and cls.runs_on_gpu(entry))
-            candidates.append((on_cpu, cls.priority, entry.precision != "fp32", key, cls))
+            candidates.append((on_cpu, cls.priority, cls.precision_rank(entry), key, cls))
     usable = []
     for *_, key, cls in sorted(candidates, key=lambda c: c[:4]):
         if cls.incompatibility(version.info.engines[key]) is None:
@@ -177,6 +182,8 @@ def why_unusable(version: ModelVersion, key: str, for_auto: bool = False) -> str
     if not cls.is_installed():
         return f"{path}: {backend} is not installed here ({cls.install_hint})"
     if for_auto and not cls.preferred_here(entry):
+        if entry.precision == "int8" and (entry.details.get("gate") or {}).get("passed") is not True:
+            return f"{path}: int8 graph whose accuracy gates failed at export (kept with --force): served only when named"
         return f"{path}: {entry.precision} graph, not chosen on this machine unless named"
     problem = cls.incompatibility(entry)
     return f"{path}: {problem}" if problem else None

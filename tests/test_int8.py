@@ -1,0 +1,132 @@
+"""INT8 patch encoders (issue 24): built from the FP32 graph, calibrated on tissue patches of the real SVS
+cut by the slide path, gated at export, and served by auto only where the gates passed.
+
+The encoder is ResNet18 at 64 px patches (same graph, a sixteenth of the pixels: the demo slide then has
+~500 tissue patches and the whole build takes seconds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+from histosurv.data.cohort import load_cohort
+from histosurv.data.features import read_bag
+from histosurv.data.synth import write_synthetic_cohort
+from histosurv.export.quantize import INT8_FILE, INT8_KEY, QuantizationGateError
+from histosurv.export.repository_writer import add_engine, export_run
+from histosurv.export.run import save_run
+from histosurv.export.training import train
+from histosurv.runtime.engines import load_engine
+from histosurv.runtime.engines.base import nvidia_device_present, why_unusable
+from histosurv.runtime.repository import ModelRepository
+
+from .conftest import TINY_SYNTH, TINY_TRAIN, run_cli, tiny_model_config
+
+ENCODER = "resnet18_encoder"
+PATCH = "64"
+
+pytestmark = pytest.mark.skipif(nvidia_device_present(), reason="auto prefers a GPU engine over the CPU's INT8 graph")
+
+
+@pytest.fixture(scope="session")
+def fp32_repo(tmp_path_factory):
+    """The ResNet18 encoder at 64 px, FP32 graph only, and an AMMASurv trained on bags recorded as its features."""
+    from histosurv.export.encoder_export import export_encoder
+
+    root = tmp_path_factory.mktemp("int8")
+    repo = root / "repo"
+    encoder = export_encoder(repo, "resnet18", patch_size=int(PATCH), artifacts=())
+    cohort_dir = write_synthetic_cohort(root / "cohort", dataclasses.replace(TINY_SYNTH, feature_dim=512),
+                                        encoder_record=encoder.encoder_record)
+    cohort = load_cohort(cohort_dir / "clinical.csv", cohort_dir / "genes.csv", cohort_dir / "features")
+    result = train(cohort, "ammasurv", tiny_model_config(feature_dim=512), dataclasses.replace(TINY_TRAIN, epochs=1))
+    export_run(save_run(root / "run", result, cohort), repo, "ammasurv", artifacts=())
+    return repo, cohort_dir, cohort.patients[0].case_id
+
+
+@pytest.fixture(scope="session")
+def int8_repo(fp32_repo, cmu_svs, tmp_path_factory):
+    """The same, with the INT8 graph built by the CLI, as a user builds it."""
+    repo = tmp_path_factory.mktemp("int8_built") / "repo"
+    shutil.copytree(fp32_repo[0], repo)
+    out = run_cli("export", "--repo", repo, "--name", ENCODER, "--add-engine", INT8_KEY, "--calibration", cmu_svs.parent,
+                  "--calibration-patches", "256")
+    assert out.returncode == 0, out.stderr
+    assert "risk Spearman" in out.stdout and "passed" in out.stdout
+    return repo, *fp32_repo[1:]
+
+
+def _copy(repo, tmp_path):
+    shutil.copytree(repo, tmp_path / "repo")
+    return tmp_path / "repo"
+
+
+def test_gate_figures_are_in_the_manifest_and_verify_checks_the_artifact(int8_repo, cmu_svs):
+    repo = int8_repo[0]
+    mv = ModelRepository(repo).version(ENCODER)
+    entry = mv.info.engines[INT8_KEY]
+    assert entry.file == INT8_FILE and entry.precision == "int8" and INT8_FILE in mv.info.files
+    gate = entry.details["gate"]
+    assert gate["passed"] is True and gate["forced"] is False and gate["held_out_patches"] == 64
+    assert 0.99 <= gate["cosine_min"] <= gate["cosine_p1"] <= gate["cosine_mean"] < 1.0
+    down = gate["downstream"]
+    assert down["spearman"] >= 0.99 and down["patients"]["test"] == 64
+    assert abs(down["c_index_change"] - (down["c_index_int8"] - down["c_index_fp32"])) < 1e-12
+    assert entry.details["calibration"]["slides"] == [cmu_svs.name] and entry.details["calibration"]["patches"] == 192
+    assert entry.details["quantized_ops"]["Conv"] == 20 and entry.details["float_matmul_or_conv_ops"] == 0
+    out = run_cli("verify", "--repo", repo, "--model", ENCODER, "--engine", INT8_KEY)
+    assert out.returncode == 0, out.stderr
+    parity = ModelRepository(repo).version(ENCODER).info.parity[INT8_KEY]
+    assert parity["passed"] is True and parity["min_cosine"] == 0.99 and parity["min_features_cosine"] >= 0.99
+
+
+def test_auto_picks_a_passed_int8_graph_and_tile_records_it(int8_repo, cmu_svs, tmp_path):
+    repo = int8_repo[0]
+    assert load_engine(ModelRepository(repo).version(ENCODER), "auto").key == INT8_KEY
+    fp32 = run_cli("tile", cmu_svs, "--repo", repo, "--encoder", ENCODER, "--encoder-engine", "onnxruntime",
+                   "--out", tmp_path / "fp32.h5")
+    auto = run_cli("tile", cmu_svs, "--repo", repo, "--encoder", ENCODER, "--out", tmp_path / "int8.h5")
+    assert fp32.returncode == 0 and auto.returncode == 0, fp32.stderr + auto.stderr
+    a, b = read_bag(tmp_path / "fp32.h5"), read_bag(tmp_path / "int8.h5")
+    assert a.attrs["encoder_engine"] == "onnxruntime" and b.attrs["encoder_engine"] == INT8_KEY
+    assert (a.coords == b.coords).all() and len(a.features) > 100
+    cosine = (a.features * b.features).sum(1) / (
+        (a.features ** 2).sum(1) ** 0.5 * (b.features ** 2).sum(1) ** 0.5)
+    assert cosine.min() > 0.99 and not (a.features == b.features).all()
+
+
+def test_a_missed_gate_refuses_the_artifact(fp32_repo, cmu_svs, tmp_path):
+    repo = _copy(fp32_repo[0], tmp_path)
+    before = (repo / ENCODER / "histosurv.json").read_text()
+    with pytest.raises(QuantizationGateError, match=r"smallest per-patch cosine 0\.9\d+ < 1\.01.*--force"):
+        add_engine(repo, ENCODER, INT8_KEY, calibration=cmu_svs, calibration_patches=64, min_cosine=1.01)
+    assert not (repo / ENCODER / "1" / INT8_FILE).exists()
+    assert (repo / ENCODER / "histosurv.json").read_text() == before
+
+
+def test_force_keeps_a_failed_artifact_which_only_a_named_engine_serves(fp32_repo, cmu_svs, tmp_path):
+    repo, cohort_dir, case = fp32_repo
+    repo = _copy(repo, tmp_path)
+    add_engine(repo, ENCODER, INT8_KEY, calibration=cmu_svs, calibration_patches=64, min_spearman=1.01, force=True)
+    mv = ModelRepository(repo).version(ENCODER)
+    gate = mv.info.engines[INT8_KEY].details["gate"]
+    assert gate["passed"] is False and gate["forced"] is True and "risk rank correlation" in gate["failed"][0]
+    assert load_engine(mv, "auto").key == "onnxruntime"
+    assert "accuracy gates failed at export" in why_unusable(mv, INT8_KEY, for_auto=True)
+    args = ("predict", "--repo", repo, "--model", "ammasurv", "--case-id", case, "--genes", cohort_dir / "genes.csv",
+            "--slide", cmu_svs)
+    named = run_cli(*args, "--encoder-engine", INT8_KEY)
+    assert named.returncode == 0, named.stderr
+    assert json.loads(named.stdout[: named.stdout.rindex("}") + 1])["encoder_engine"] == INT8_KEY
+
+
+def test_cli_refuses_int8_without_calibration_and_misplaced_flags(tmp_path, capsys):
+    from histosurv.cli import main
+
+    assert main(["export", "--repo", str(tmp_path / "r"), "--encoder", "resnet18", "--int8"]) == 2
+    assert "--int8 needs --calibration" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert main(["export", "--repo", str(tmp_path / "r"), "--encoder", "resnet18", "--calibration", str(tmp_path)]) == 2
+    assert "--calibration goes with --encoder --int8" in capsys.readouterr().err
