@@ -108,6 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load-concurrency", type=int, default=16, help="part 3: requests in flight")
     p.add_argument("--load-bag", type=int, default=1024, help="part 3: patches per ModelInfer bag")
     p.add_argument("--health-every", type=int, default=4, help="part 3: every n-th request of a thread is a health check")
+    p.add_argument("--door-bags", type=positive_int_list, default=[64, 4096],
+                   help="part 4: bag sizes at which gRPC and REST are compared with the in-process engine")
+    p.add_argument("--door-calls", type=int, default=15, help="part 4: calls per door and bag size")
+    p.add_argument("--only-doors", action="store_true", help="run part 4 alone (one server, no slides)")
     p.add_argument("--build", metavar="REPO", help=argparse.SUPPRESS)  # _fixtures.ensure_repository's child
     args = p.parse_args(argv)
     if len(args.requests) == 1:
@@ -118,6 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.requests = [min(r, 3 if c == 1 else c) for c, r in zip(args.concurrency, args.requests)]
         args.slides = min(args.slides, args.slide_concurrency)
         args.load_seconds = min(args.load_seconds, 5.0)
+        args.door_calls = min(args.door_calls, 3)
     return args
 
 
@@ -130,9 +135,9 @@ class ServerProcess:
     def __init__(self, label: str, repo: Path, flags: list[str]):
         self.label = label
         self.command = [sys.executable, "-m", "histosurv", "serve", "--repo", str(repo), "--host", "127.0.0.1",
-                        "--grpc-port", "0", "--metrics-port", "0", *flags]
+                        "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", *flags]
         self.log: list[str] = []
-        self.url = self.metrics_url = None
+        self.url = self.metrics_url = self.http_url = None
         started = time.perf_counter()
         self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -141,7 +146,7 @@ class ServerProcess:
         self._drain = threading.Thread(target=self._read, args=(lines,), daemon=True)
         self._drain.start()
         deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while self.url is None or self.metrics_url is None:
+        while self.url is None or self.metrics_url is None or self.http_url is None:
             try:
                 line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
@@ -151,6 +156,8 @@ class ServerProcess:
                 raise SystemExit(f"server {label} did not start ({' '.join(self.command[2:])}):\n" + "".join(self.log[-30:]))
             if line.startswith("serving KServe v2 "):
                 self.url = line.split()[-1]
+            elif line.startswith("serving REST "):
+                self.http_url = line.split()[-1].split("://", 1)[1]
             elif line.startswith("metrics on "):
                 self.metrics_url = line.split()[-1]
         self.start_seconds = time.perf_counter() - started
@@ -429,6 +436,73 @@ def _level_row(concurrency: int, requests: int, tally: Tally, wall: float, befor
     return row
 
 
+# --- part 4: gRPC and REST against the in-process engine -------------------------------------------
+
+
+def part_doors(server: ServerProcess, engine, args, n_genes: int) -> dict:
+    """For each bag size: the in-process engine, then ModelInfer through each door, call by call in turn
+    (so background load hits all alike), at concurrency 1; every risk must equal the in-process one."""
+    import tritonclient.http as httpclient
+
+    grpc_conn = infer_client(server.url)
+    http_conn = httpclient.InferenceServerClient(server.http_url, connection_timeout=CALL_TIMEOUT, network_timeout=CALL_TIMEOUT)
+    tally, sizes = Tally(), []
+    for n in args.door_bags:
+        bag = make_bag(n, n_genes, seed=4)
+        risk = first_risk(engine.run(bag)["risk"])
+        doors = {
+            "in-process": lambda: None,
+            "gRPC": lambda inputs=infer_inputs(bag): grpc_conn.infer(MODEL, inputs, client_timeout=CALL_TIMEOUT),
+            "REST binary": lambda inputs=rest_inputs(bag, True): http_conn.infer(MODEL, inputs),
+            "REST JSON": lambda inputs=rest_inputs(bag, False): http_conn.infer(
+                MODEL, inputs, outputs=[httpclient.InferRequestedOutput("risk", binary_data=False)]),
+        }
+        doors["in-process"] = lambda: engine.run(bag)
+        for call in doors.values():  # warm-up: each door's first call (connections, ORT's first run)
+            call()
+        print(f"[4] {n}-patch bag: in-process, gRPC, REST binary, REST JSON in turn, {args.door_calls} calls each ...", flush=True)
+        ms = {label: [] for label in doors}
+        for _ in range(args.door_calls):
+            for label, call in doors.items():
+                start = time.perf_counter()
+                result = call()
+                ms[label].append((time.perf_counter() - start) * 1e3)
+                got = first_risk(result["risk"] if label == "in-process" else result.as_numpy("risk"))
+                if not rel_close(got, risk, 1e-6):
+                    tally.mismatch(f"{label} risk {got!r} != in-process {risk!r} ({n} patches)")
+        base = statistics.median(ms["in-process"])
+        rows = [{"door": label, **summarise(v), "overhead_ms": statistics.median(v) - base,
+                 "p50_vs_in_process": statistics.median(v) / base} for label, v in ms.items()]
+        sizes.append({"patches": n, "rows": rows})
+    grpc_conn.close()
+    http_conn.close()
+    return {"calls": args.door_calls, "sizes": sizes, "error_breakdown": dict(tally.errors)}
+
+
+def rest_inputs(bag: dict[str, np.ndarray], binary: bool) -> list:
+    import tritonclient.http as httpclient
+
+    inputs = []
+    for name, datatype in (("features", "FP32"), ("coords", "INT64"), ("genes", "FP32")):
+        tensor = httpclient.InferInput(name, list(bag[name].shape), datatype)
+        tensor.set_data_from_numpy(bag[name], binary_data=binary)
+        inputs.append(tensor)
+    return inputs
+
+
+def print_doors(part: dict) -> None:
+    print(f"\n4. ModelInfer through each door at concurrency 1, {part['calls']} calls each, in turn call by call "
+          "(tritonclient.grpc; tritonclient.http with binary tensors, and with JSON tensors)")
+    header = ["patches", "door", "p50 ms", "p95 ms", "p50 overhead ms", "p50 / in-proc"]
+    rows = []
+    for size in part["sizes"]:
+        for r in size["rows"]:
+            rows.append([str(size["patches"]), r["door"], cell(r.get("p50_ms")), cell(r.get("p95_ms")),
+                         cell(r["overhead_ms"], ".2f"), cell(r["p50_vs_in_process"], ".3f", "x")])
+    print_aligned(header, rows)
+    print("overhead: the door's median latency minus the in-process engine's median (same bag, same run)")
+
+
 # --- part 2: ScoreSlide with and without the batcher ------------------------------------------------
 
 
@@ -633,6 +707,20 @@ def main(argv=None) -> int:
         print_model(facts)
         n_genes = len(predictor.gene_names)
 
+        if args.only_doors:
+            server = ServerProcess("batched", repo, SLIDE_FLAGS["batched"])
+            try:
+                results["doors"] = part_doors(server, predictor.engine, args, n_genes)
+            finally:
+                code = server.stop()
+            print_doors(results["doors"])
+            problems = {f"part 4: {k}": v for k, v in results["doors"]["error_breakdown"].items()}
+            if code != 0:
+                problems["server exit status"] = code
+            print(problems_line(problems))
+            if args.json:
+                write_json(args.json, results)
+            return 1 if problems else 0
         root = tmp / "slides"
         root.mkdir()
         svs = demo_slide(log=lambda m: print(m, flush=True))
@@ -652,6 +740,7 @@ def main(argv=None) -> int:
             results["slides"]["slide"] = svs.name
             load_bag = make_bag(args.load_bag, n_genes, seed=3)
             results["load"] = part_load(servers["batched"], args, first_risk(predictor.engine.run(load_bag)["risk"]), load_bag)
+            results["doors"] = part_doors(servers["batched"], predictor.engine, args, n_genes)
         finally:
             for label, server in servers.items():
                 facts["server_exit"][label] = server.stop()
@@ -659,6 +748,7 @@ def main(argv=None) -> int:
     print_infer(results["infer"])
     print_slides(results["slides"], args)
     print_load(results["load"])
+    print_doors(results["doors"])
     problems = collect_problems(results)
     results["problems"] = problems
     facts["load_average_end"] = load_average()
@@ -683,6 +773,8 @@ def collect_problems(results: dict) -> dict:
     load = results["load"]
     for key, value in load["error_breakdown"].items():
         problems[f"part 3: {key}"] = value
+    for key, value in results["doors"]["error_breakdown"].items():
+        problems[f"part 4: {key}"] = value
     if not load["metrics_check"]:
         problems["load metrics check"] = 1
     for label, code in results["facts"]["server_exit"].items():

@@ -24,8 +24,10 @@ class RunningServer:
     """A grpc.aio server (with its metrics endpoint) on its own event loop in a background thread,
     stopped inside that loop."""
 
-    def __init__(self, store: ModelStore, model_control: str = "none", metrics_http: bool = False, **options):
+    def __init__(self, store: ModelStore, model_control: str = "none", metrics_http: bool = False, http: bool = False, **options):
+        """``http``: the KServe v2 REST routes too, on their own free port (``http_url``)."""
         self.store = store
+        self.rest = None
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -34,10 +36,16 @@ class RunningServer:
             server, port = create_server(store, "127.0.0.1:0", model_control, **options)
             await server.start()
             await set_serving(server, store.ready)
+            if http:
+                from histosurv.runtime.server.rest import RestServer, create_app
+
+                self.rest = RestServer(create_app(server, options.get("tokens"), options.get("auth_health", False)))
+                await self.rest.start("127.0.0.1", 0, options.get("tls"))
             return server, port
 
         self.server, self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(30)
         self.url = f"127.0.0.1:{self.port}"
+        self.http_url = f"127.0.0.1:{self.rest.port}" if self.rest else None
         self.metrics = self.server.metrics
         self.metrics_url = None
         if metrics_http:
@@ -49,6 +57,8 @@ class RunningServer:
             return parse_samples(response.read().decode())
 
     def stop(self) -> None:
+        if self.rest is not None:
+            asyncio.run_coroutine_threadsafe(self.rest.stop(), self.loop).result(30)
         asyncio.run_coroutine_threadsafe(self.server.stop(grace=1), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
@@ -80,7 +90,7 @@ class ServeProcess:
     def __init__(self, repo, *extra: str, command: list[str] | None = None):
         self.proc = subprocess.Popen(
             [*(command or [sys.executable, "-m", "histosurv"]), "serve", "--repo", str(repo), "--host", "127.0.0.1",
-             "--grpc-port", "0", "--metrics-port", "0", *extra],
+             "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "HISTOSURV_THREADS": "1"},
         )
         self.lines: queue.Queue[str] = queue.Queue()
