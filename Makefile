@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 CUCIM_SPEC ?= cucim-cu12==26.10.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench proto clean gpu-check gpu-bundle
+.PHONY: demo test bench proto clean gpu-check gpu-bundle system-tools fuzz image-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,18 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/histosurv demo
 
-test: $(VENV)/.installed
+# System programs some tests drive (headless Chromium opens a per-case report; promtool tests the alert
+# rules): installed from Debian's packages where apt-get can, else those tests skip and say why.
+SYSTEM_TOOLS := chromium:chromium promtool:prometheus
+system-tools:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing$$missing from Debian's packages"; \
+		(apt-get install -y -q$$missing >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q$$missing >/dev/null 2>&1)) \
+			|| echo "could not install$$missing: the tests that need them will skip"; \
+	elif [ -n "$$missing" ]; then echo "not installed:$$missing (needs apt-get as root): the tests that need them will skip"; fi
+
+test: $(VENV)/.installed system-tools
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed
@@ -37,6 +48,17 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/server.py
 	$(BIN)/python bench/batch.py
 	$(BIN)/python bench/encoders.py
+
+# The fuzz properties of tests/test_fuzz_*.py with a large budget (the suite runs them with a small one)
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/python bench/fuzz.py --examples $(FUZZ_EXAMPLES) --server-examples 1000
+
+# The serving image, built offline (buildah on a debootstrap base, as root) and smoke-tested over gRPC and REST:
+# health, metadata, an inference, the non-root user, the health check and a SIGTERM drain (deploy/image/)
+image-test: $(VENV)/.installed
+	deploy/image/build.sh
+	$(BIN)/python deploy/image/smoke_test.py
 
 # On a GPU box (offline, bare): build the CUDA kernels, run the GPU tests, measure every GPU path, and write
 # gpu-check.json / .md / .log into GPU_CHECK_OUT. It runs on the box's own Python and CUDA torch, never

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.features import write_bag
     from ..export.encoder_export import export_encoder
     from ..runtime.pipeline import SlideConfig, featurize_slide, open_encoder
-    from ..runtime.predict import FusionPredictor, score_cases
+    from ..runtime.predict import FusionPredictor, score_cases, survival_fields
     from ._slide_options import print_notes
 
     if args.threads:
@@ -107,9 +107,15 @@ def run(args: argparse.Namespace) -> int:
         gene_table = GeneTable.read(cohort_dir / "genes.csv")
         results = score_cases(predictor, cases, gene_table)
         c = concordance_index([p.time for p in patients], [p.event for p in patients], [r.risk for r in results])
-        pd.DataFrame({"case_id": [r.case_id for r in results], "risk": [r.risk for r in results]}).to_csv(
-            out / "predictions.csv", index=False
-        )
+        curves = pd.DataFrame([survival_fields(predictor.version, r.survival, r.risk_group) for r in results])
+        pd.concat([pd.DataFrame({"case_id": [r.case_id for r in results], "risk": [r.risk for r in results]}), curves],
+                  axis=1).to_csv(out / "predictions.csv", index=False)
+        head = predictor.version.info.survival
+        print(f"{len(results)} patients -> {out / 'predictions.csv'}: risk, S({'), S('.join(f'{t:g}' for t in head.times)}) "
+              f"and risk group ({'/'.join(head.groups)}, cut at the training patients' {head.grouping})")
+
+    with stage("evaluate the held-out predictions (histosurv evaluate)"):
+        evaluation = _evaluate(out, cohort_dir)
 
     with stage("export the ResNet18 patch encoder"):
         encoder_version = export_encoder(out / "model_repository", "resnet18", weights=args.encoder_weights, log=print)
@@ -125,10 +131,51 @@ def run(args: argparse.Namespace) -> int:
         write_bag(out / "features" / f"{slide.stem}.h5", features.bag)
         case = patients[0]
         slide_risk = predictor.slide(features.bag, predictor.genes_for(gene_table, case.case_id))
-        _slide_summary(slide, features, slide_risk, case.case_id, encoder_version, args.encoder_weights)
+        _slide_summary(slide, features, slide_risk, case.case_id, encoder_version, args.encoder_weights, predictor)
+
+    with stage("per-case report of the slide (histosurv report)"):
+        report = _case_report(out, predictor, encoder, features, gene_table, case.case_id, choice.notes)
 
     _summary(stage, c, len(patients), result, baseline, reports, predictor, time.perf_counter() - total)
+    print(f"evaluation: {evaluation}\nreport: {report}")
     return 0 if all(r.passed for r in reports) else 1
+
+
+def _evaluate(out: Path, cohort_dir: Path) -> Path:
+    """``histosurv evaluate`` on the held-out predictions; prints its summary, returns its folder."""
+    import pandas as pd
+
+    from ..runtime.evaluation import (EvaluationSettings, evaluate, load_cohort, read_outcomes, summary_text,
+                                      write_evaluation)
+
+    # the held-out patients' outcomes are evaluated; the training patients' give the censoring distribution
+    clinical, splits = pd.read_csv(cohort_dir / "clinical.csv"), pd.read_csv(out / "run" / "splits.csv")
+    for part, name in (("test", "held_out_clinical.csv"), ("train", "train_clinical.csv")):
+        clinical[clinical["case_id"].isin(splits.loc[splits["split"] == part, "case_id"])].to_csv(out / name, index=False)
+    cohort = load_cohort(out / "predictions.csv", out / "held_out_clinical.csv")
+    report = evaluate(cohort, EvaluationSettings(bootstrap=1000, seed=0), training=read_outcomes(out / "train_clinical.csv"))
+    write_evaluation(report, out / "evaluation")
+    print(summary_text(report))
+    return out / "evaluation"
+
+
+def _case_report(out: Path, predictor, encoder, features, gene_table, case_id: str, notes) -> Path | str:
+    """``histosurv report`` for the demo slide (skipped, with the reason, where matplotlib is missing)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return "not written: matplotlib is missing (pip install 'histosurv[report]')"
+    from ..runtime.pipeline import SlideConfig
+    from ..runtime.report import case_report, explain_case, write_report
+
+    genes = predictor.genes_for(gene_table, case_id)
+    result = predictor.patient(case_id, [features.bag], genes)
+    attributions, why_not = explain_case(predictor, features.bag, genes, None)
+    notes = [*notes, *([f"gene attributions: {why_not}"] if why_not else [])]
+    case = case_report(predictor, encoder, [features], result, SlideConfig(), 8, attributions, notes)
+    path = write_report(out / "report.html", case)
+    print(f"wrote {path} (open it in any browser; it needs no network)")
+    return path
 
 
 def _fresh_folder(out: Path) -> Path:
@@ -143,7 +190,7 @@ def _fresh_folder(out: Path) -> Path:
     return out
 
 
-def _slide_summary(slide: Path, features, slide_risk, case_id: str, encoder_version, weights) -> None:
+def _slide_summary(slide: Path, features, slide_risk, case_id: str, encoder_version, weights, predictor) -> None:
     info, grid, mask = features.slide, features.grid, features.mask
     print(
         f"{slide.name}: {info['dimensions'][0]} x {info['dimensions'][1]} px, {info['mpp']} µm/px, "
@@ -154,6 +201,10 @@ def _slide_summary(slide: Path, features, slide_risk, case_id: str, encoder_vers
         f"{len(grid)} of {grid.candidates} patches of {grid.patch_size} px at {grid.mpp:.3f} µm/px (level {grid.level})"
     )
     print(f"risk {slide_risk.risk:+.4f} (genes of synthetic case {case_id})")
+    head = predictor.version.info.survival
+    if slide_risk.survival is not None:
+        at = ", ".join(f"S({t:g}) {s:.3f}" for t, s in zip(head.times, slide_risk.survival))
+        print(f"{at}; risk group {head.groups[slide_risk.risk_group]}")
     print(features.timing_line())
     print(
         "note: AMMASurv was trained on synthetic 512-d features (scored here with the encoder-mismatch override) and "
@@ -169,7 +220,8 @@ def _summary(stage: Stages, c, n_held_out: int, result, baseline, reports, predi
     print(f"held-out c-index (PyTorch, same patients, at training):  {result.test_c_index:.4f}")
     print(f"held-out c-index of coxnet (same patients, linear baseline): {baseline.test_c_index:.4f}")
     for r in reports:
-        print(f"parity {r.engine}: largest relative risk difference {r.max_risk_rel:.1e} ({'pass' if r.passed else 'FAIL'})")
+        print(f"parity {r.engine}: largest relative risk difference {r.max_risk_rel:.1e}, S(t) {r.max_survival_abs:.1e} "
+              f"({'pass' if r.passed else 'FAIL'})")
     print(f"runtime stages: read {predictor.timings['read']:.2f} s, fuse {predictor.timings['fuse']:.2f} s")
     for name, seconds in stage.seconds.items():
         print(f"  {name:55s} {seconds:7.1f} s")
