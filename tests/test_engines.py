@@ -32,7 +32,7 @@ def _run_both(mv, engine, n, scale_coords=1, offset=0):
     inputs = example_inputs(model, n=n, seed=n)
     inputs["coords"] = inputs["coords"] * scale_coords + offset
     with torch.inference_mode():
-        risk, attention = SingleBag(model)(**inputs)
+        risk, attention = SingleBag(model)(**inputs)[:2]  # then survival, risk_group
     out = engine.run({k: v.numpy() for k, v in inputs.items()})
     return (risk.item(), attention.numpy()), (float(out["risk"][0]), out["attention"])
 
