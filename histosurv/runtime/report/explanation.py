@@ -1,21 +1,17 @@
 """The one place the report meets ``histosurv.runtime.explain``: its results become plain data.
 
-The explanation package (gene attributions by occlusion, top attended patches with crops) is built
-beside the report and its classes may change; the report depends only on what this adapter returns:
-(name, value) lists, a baseline sentence and uint8 crops. Adjust :func:`explain_case`,
-:func:`top_patches_of` and :func:`_attributions` here when the package's names change; nothing else reads it.
-
-Without the package (or a model without genes) the gene chart and the top patches say why they are
-missing.
+The report depends only on what this adapter returns ((name, value) lists, a baseline sentence and
+uint8 crops), so the explanation classes can change without touching the page. For a model without
+genes, or a case scored without them, the gene chart says why it is missing.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Iterable
 
 import numpy as np
 
+from .. import explain
 from .case import GeneAttributions, TopPatch
 
 __all__ = ["explain_case", "top_patches_of", "pairs", "CROP"]
@@ -32,17 +28,7 @@ def explain_case(predictor, bag, genes, clinical) -> tuple[GeneAttributions | No
         return None, f"model {predictor.version.name!r} takes no genes"
     if genes is None:
         return None, "the case was scored without genes"
-    explain = _explain()
-    if explain is None or not hasattr(explain, "explain_genes"):
-        return None, "this histosurv has no explanation package (histosurv.runtime.explain)"
     return _attributions(explain.explain_genes(predictor, predictor.inputs_for(bag, genes, clinical))), None
-
-
-def _explain():
-    try:
-        return importlib.import_module("histosurv.runtime.explain")
-    except ImportError:
-        return None
 
 
 def _attributions(result: Any) -> GeneAttributions:
@@ -76,9 +62,6 @@ def top_patches_of(reader, grid, attention: np.ndarray, k: int, slide: str = "")
     """(the ``k`` most attended patches of a slide with their crops, or [] and the reason shown instead)."""
     if k < 1:
         return [], "none asked for (--top-k 0)"
-    explain = _explain()
-    if explain is None or not hasattr(explain, "top_patches"):
-        return [], "this histosurv has no explanation package (histosurv.runtime.explain)"
     found = explain.top_patches(attention, grid.coords, k, slide=reader, patch_size=grid.size_level0, crop_size=CROP)
     return [TopPatch(np.asarray(p.crop, np.uint8), float(p.attention), int(p.rank), (int(p.x), int(p.y)), slide)
             for p in found], None

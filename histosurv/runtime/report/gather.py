@@ -36,7 +36,7 @@ def case_report(predictor, encoder, slides, result, config, top_k: int = 8,
         genes: gene attributions (see ``explanation.explain_case``); notes: warnings for the reader.
     """
     head = predictor.version.info.survival
-    labels = _tuple(getattr(head, "group_labels", None) or getattr(head, "groups", None))
+    labels = _tuple(getattr(head, "groups", None))  # None: a version without risk groups (or without a head)
     group = getattr(result, "risk_group", None)
     return CaseReport(
         case_id=result.case_id,
