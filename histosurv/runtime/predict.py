@@ -192,10 +192,11 @@ class FusionPredictor:
 def patient_risk(version: ModelVersion, case_id: str, slides: list[SlideRisk]) -> PatientRisk:
     """The patient's risk (mean of its slides'), with its S(t) and group where the version has them."""
     risk = float(np.mean([s.risk for s in slides]))
+    if len(slides) == 1:  # the graph's own curve and group
+        return PatientRisk(case_id, risk, slides, slides[0].survival, slides[0].risk_group)
     head = version.info.survival
-    if len(slides) == 1 or head is None or not head.has_curves or slides[0].survival is None:
-        return PatientRisk(case_id, risk, slides, slides[0].survival if len(slides) == 1 else None,
-                           slides[0].risk_group if len(slides) == 1 else None)
+    if head is None or not head.has_curves or any(s.survival is None for s in slides):
+        return PatientRisk(case_id, risk, slides)
     return PatientRisk(case_id, risk, slides, patient_survival(head, risk, [s.survival for s in slides]),
                        risk_group(head, risk))
 
