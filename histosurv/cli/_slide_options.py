@@ -9,6 +9,7 @@ every output made under it records the override.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -40,7 +41,12 @@ def add_slide_options(parser: argparse.ArgumentParser, encoder_options: bool = T
                        help=f"resolution of the tissue mask, relative to level 0 (default: {t.downsample:g})")
     group.add_argument("--batch-size", type=int, default=s.batch_size,
                        help=f"patches per encoder call (default: {s.batch_size})")
-    group.add_argument("--workers", type=int, default=s.num_workers, help=f"slide decode workers (default: {s.num_workers})")
+    group.add_argument("--threads", type=int, metavar="N",
+                       help="encoder threads (default: HISTOSURV_THREADS, else every core this process may use: "
+                       "its CPU affinity and cgroup quota)")
+    group.add_argument("--workers", type=int, default=s.num_workers, metavar="N",
+                       help="slide decode workers (default: one per four usable cores beside a CPU encoder, all "
+                       "cores but one beside a GPU encoder)")
     group.add_argument("--reader", default=s.reader, choices=["auto", "cucim", "openslide"],
                        help=f"slide reader (default: {s.reader}: cuCIM where it reads the format, else OpenSlide)")
     group.add_argument("--device", default=s.device, choices=["cpu", "cuda"],
@@ -64,6 +70,12 @@ def slide_config(args: argparse.Namespace):
             raise InputError(f"--threshold must be 'otsu' or a number 0-255, got {threshold!r}") from None
     if args.mpp is not None and not args.mpp > 0:
         raise InputError(f"--mpp must be a positive number of µm per pixel, got {args.mpp}")
+    for flag, value in (("--threads", args.threads), ("--workers", args.workers)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be at least 1, got {value}")
+    if args.threads is not None:
+        # read by every engine this process loads (and by the Ray workers it starts), as the user's own setting
+        os.environ["HISTOSURV_THREADS"] = str(args.threads)
     if args.device == "cuda":
         _check_gpu()
     return SlideConfig(

@@ -22,6 +22,7 @@ from .. import __version__
 from ..data.encoder_record import ATTRIBUTE
 from ..data.features import Bag
 from ..errors import EmptySlideError, InputError, RepositoryError
+from .cpu_budget import ENCODER_ENGINE_OPTIONS, cpu_budget
 from .encoder_match import DEFAULT_MPP, EncoderChoice, candidates, choose_encoder
 from .engines import Engine, load_engine
 from .repository import ModelRepository, ModelVersion, sha256_file
@@ -59,13 +60,13 @@ class PatchEncoder:
     ) -> "PatchEncoder":
         """Encoder ``name`` at its own scale (no survival model to match: ``tile`` for a new cohort)."""
         mv = ModelRepository(root).version(name, version)
-        return cls(mv, load_engine(mv, engine, **options))
+        return cls(mv, load_engine(mv, engine, **{**ENCODER_ENGINE_OPTIONS, **options}))
 
     @classmethod
     def from_choice(cls, choice: EncoderChoice, engine: str = "auto", **options) -> "PatchEncoder":
         mv = choice.encoder
         mv.verify_files()
-        return cls(mv, load_engine(mv, engine, **options), choice.mpp, choice.overrides)
+        return cls(mv, load_engine(mv, engine, **{**ENCODER_ENGINE_OPTIONS, **options}), choice.mpp, choice.overrides)
 
     def encode(self, patches: np.ndarray) -> np.ndarray:
         problem = self.spec.check(patches)
@@ -108,8 +109,8 @@ def open_encoder(
 class SlideConfig:
     tissue: TissueConfig = TissueConfig()
     grid: GridConfig = GridConfig()  # its patch_size and mpp are replaced by the encoder's
-    batch_size: int = 32
-    num_workers: int = 2  # cuCIM decode workers
+    batch_size: int = 32  # the fastest on a CPU or about (bench/cpu_budget.py)
+    num_workers: int | None = None  # cuCIM decode workers; None: from the cores present (cpu_budget)
     prefetch: int = 2  # batches read ahead of the encoder
     reader: str = "auto"  # cucim | openslide | auto
     device: str = "cpu"  # where slides are decoded and masked: cpu | cuda
@@ -184,7 +185,8 @@ def featurize_slide(
                     progress(index + n, len(grid))
 
             try:
-                with PatchStream(reader, grid, config.batch_size, config.num_workers, config.prefetch) as stream:
+                workers = decode_workers(config, encoder)
+                with PatchStream(reader, grid, config.batch_size, workers, config.prefetch) as stream:
                     for batch in stream:
                         t0 = time.perf_counter()
                         if submit is None:
@@ -228,6 +230,14 @@ class SlidePlan:
     mask: TissueMask
     slide_sha256: str
     seconds: dict
+
+
+def decode_workers(config: SlideConfig, encoder: PatchEncoder) -> int:
+    """The slide's decode workers: as configured, else shared with the encoder by ``cpu_budget``."""
+    if config.num_workers is not None:
+        return config.num_workers
+    on_gpu = str(getattr(encoder.engine, "device", "cpu")).startswith("cuda")
+    return cpu_budget(encoder_on_gpu=on_gpu).decode_workers
 
 
 def plan_slide(path: str | os.PathLike, patch_size: int, mpp: float, config: SlideConfig = SlideConfig()) -> SlidePlan:

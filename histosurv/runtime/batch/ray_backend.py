@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, replace
 
 from ...errors import InputError
+from ..cpu_budget import env_threads
 from .manifest import SlideRow
 from .rundir import DiskFull, is_disk_full
 from .scoring import ScoringConfig, SlideScorer, failure
@@ -62,7 +63,7 @@ def score_on_ray(todo: list[SlideRow], config: ScoringConfig, run, address: str,
     # reserved; the encoder actors share the rest, so every stage can always be scheduled.
     per_worker = max(0.25, (cpus - 0.5) / workers)
     settings = json.dumps(_config_dict(config))
-    env = {"HISTOSURV_THREADS": str(max(1, math.ceil(per_worker)))}
+    env = {"HISTOSURV_THREADS": str(env_threads() or max(1, math.ceil(per_worker)))}  # --threads wins
     items = [{**row.to_dict(), "record": "", "plan": b""} for row in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(

@@ -13,6 +13,7 @@ naming the file, before the library gets a chance to crash or, worse, to run wro
 from __future__ import annotations
 
 import abc
+import inspect
 import warnings
 from pathlib import Path
 from typing import ClassVar
@@ -166,7 +167,18 @@ def load_engine(version: ModelVersion, name: str = "auto", **options) -> Engine:
         raise EngineUnavailable(f"engine {name!r} needs backend {backend!r}, which this histosurv does not have")
     if not cls.is_installed():
         raise EngineUnavailable(f"engine {name!r} needs {backend}, which is not installed here ({cls.install_hint})")
-    return cls(version, key=name, **options)
+    return cls(version, key=name, **_for_backend(cls, options))
+
+
+TUNING_OPTIONS = frozenset({"threads", "spinning", "memory_arena"})
+
+
+def _for_backend(cls: type, options: dict) -> dict:
+    """``options`` less the tuning knobs this backend does not have (ONNX Runtime's spinning asked of a
+    torch package): they change speed, never answers, so a caller need not know which backend ``auto``
+    picks. Any other unknown option still fails, as a mistake should."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in options.items() if k in accepted or k not in TUNING_OPTIONS}
 
 
 def why_unusable(version: ModelVersion, key: str, for_auto: bool = False) -> str | None:

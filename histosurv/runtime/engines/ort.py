@@ -12,11 +12,11 @@ memory would stay at the largest bag it has seen (AMMASurv at N = 16k: 1.11 GB p
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ..cpu_budget import env_threads, usable_cores
 from ..manifest import EngineEntry
 from ..repository import ModelVersion
 from .base import Engine, EngineUnavailable, register_engine, warn_fallback
@@ -48,6 +48,7 @@ class OnnxRuntimeEngine(Engine):
         threads: int | None = None,
         allow_fallback: bool = False,
         memory_arena: bool = False,
+        spinning: bool | None = None,
     ):
         super().__init__(version, key)
         import onnxruntime as ort
@@ -56,8 +57,10 @@ class OnnxRuntimeEngine(Engine):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.enable_cpu_mem_arena = memory_arena
-        if threads or os.environ.get("HISTOSURV_THREADS"):
-            options.intra_op_num_threads = int(threads or os.environ["HISTOSURV_THREADS"])
+        # ORT sizes its pool from the host's cores; a container's quota or affinity mask may allow fewer
+        options.intra_op_num_threads = int(threads or env_threads() or usable_cores())
+        if spinning is not None:  # idle pool threads spin by default, taking the cores from a decoder beside them
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.log_severity_level = 3  # provider load failures are reported below, by us
         self.session = ort.InferenceSession(str(self.path), options, providers=self.requested)
         self.providers = self.session.get_providers()
