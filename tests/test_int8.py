@@ -130,3 +130,48 @@ def test_cli_refuses_int8_without_calibration_and_misplaced_flags(tmp_path, caps
     assert "--int8 needs --calibration" in capsys.readouterr().err and not (tmp_path / "r").exists()
     assert main(["export", "--repo", str(tmp_path / "r"), "--encoder", "resnet18", "--calibration", str(tmp_path)]) == 2
     assert "--calibration goes with --encoder --int8" in capsys.readouterr().err
+
+
+def test_score_and_serve_run_the_int8_encoder_auto_picks_and_give_predicts_risk(int8_repo, cmu_svs, tmp_path):
+    """The same slide through `predict --slide`, `score` and ScoreSlide on a loopback server, each with
+    the encoder auto picks (INT8 here): one risk, and each output names the INT8 engine."""
+    import grpc
+    import pandas as pd
+
+    from histosurv.data.tables import GeneTable
+    from histosurv.runtime.predict import FusionPredictor
+    from histosurv.runtime.server._proto import slide_service_pb2 as spb
+    from histosurv.runtime.server._proto import slide_service_pb2_grpc as spb_grpc
+    from histosurv.runtime.server.models import ModelStore
+    from histosurv.runtime.server.slide_service import SlideRoots, SlideServiceConfig
+
+    from .serving import RunningServer
+
+    repo, cohort_dir, case = int8_repo
+    predicted = run_cli("predict", "--repo", repo, "--model", "ammasurv", "--case-id", case,
+                        "--genes", cohort_dir / "genes.csv", "--slide", cmu_svs)
+    assert predicted.returncode == 0, predicted.stderr
+    predicted = json.loads(predicted.stdout[: predicted.stdout.rindex("}") + 1])
+    assert predicted["encoder_engine"] == INT8_KEY
+
+    pd.DataFrame([{"path": str(cmu_svs), "slide_id": "S0", "case_id": case}]).to_csv(tmp_path / "slides.csv", index=False)
+    scored = run_cli("score", tmp_path / "slides.csv", "--repo", repo, "--out", tmp_path / "run",
+                     "--genes", cohort_dir / "genes.csv")
+    assert scored.returncode == 0, scored.stderr
+    slides = pd.read_parquet(tmp_path / "run" / "slides.parquet")
+    assert list(slides["status"]) == ["scored"] and list(slides["encoder_engine"]) == [INT8_KEY]
+    assert slides["risk"][0] == pytest.approx(predicted["risk"], abs=1e-5)
+
+    store = ModelStore(repo)
+    store.load_all()
+    genes = FusionPredictor.from_repository(repo, "ammasurv").genes_for(GeneTable.read(cohort_dir / "genes.csv"), case)
+    server = RunningServer(store, slides=SlideServiceConfig(roots=SlideRoots([cmu_svs.parent])))
+    try:
+        with grpc.insecure_channel(server.url) as channel:
+            events = list(spb_grpc.SlideServiceStub(channel).ScoreSlide(
+                spb.ScoreSlideRequest(slide_uri=cmu_svs.name, model_name="ammasurv", genes=genes), timeout=600))
+    finally:
+        server.stop()
+    result = events[-1].result
+    assert result.encoder_engine == INT8_KEY and result.n_patches == predicted["slides"][0]["n_patches"]
+    assert result.risk == pytest.approx(predicted["risk"], abs=1e-5)

@@ -35,7 +35,7 @@ from .manifest import SlideRow
 __all__ = ["RunDirectory", "IdentityMismatch", "DiskFull", "disk_full", "is_disk_full", "stop_when_full"]
 
 SLIDE_COLUMNS = ["slide_id", "case_id", "path", "status", "error", "risk", "n_patches", "slide_sha256", "model",
-                 "model_version", "encoder"]
+                 "model_version", "encoder", "encoder_engine"]
 
 
 class IdentityMismatch(InputError):

@@ -178,6 +178,7 @@ class SlideScorer:
             "model": self.config.model,
             "model_version": int(self.config.version),
             "encoder": f"{self.encoder.version.name} v{self.encoder.version.version}",
+            "encoder_engine": self.encoder.engine.key,  # INT8 or FP32: what auto chose on this box
             "mpp": self.encoder.mpp,
         }
         if self.encoder.overrides:

@@ -131,6 +131,7 @@ class SlideService(spb_grpc.SlideServiceServicer):
             response.stage_seconds.update(seconds)
             response.slide_sha256 = slide.bag.attrs.get("slide_sha256", "")
             response.encoder = encoder_model.version.label
+            response.encoder_engine = encoder_model.engine.key
             response.patch_mpp = choice.mpp
             response.overrides.update(choice.overrides)
             response.notes.extend([*choice.notes, *clinical_notes])

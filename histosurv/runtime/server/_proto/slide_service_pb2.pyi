@@ -65,7 +65,7 @@ class AttendedPatch(_message.Message):
     def __init__(self, x: _Optional[int] = ..., y: _Optional[int] = ..., attention: _Optional[float] = ..., index: _Optional[int] = ...) -> None: ...
 
 class ScoreResult(_message.Message):
-    __slots__ = ("id", "model_name", "model_version", "risk", "n_patches", "stage_seconds", "top_patches", "slide_sha256", "encoder", "patch_mpp", "overrides", "notes", "survival", "survival_months", "risk_group", "risk_group_label", "explanation")
+    __slots__ = ("id", "model_name", "model_version", "risk", "n_patches", "stage_seconds", "top_patches", "slide_sha256", "encoder", "patch_mpp", "overrides", "notes", "survival", "survival_months", "risk_group", "risk_group_label", "encoder_engine", "explanation")
     class StageSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class ScoreResult(_message.Message):
     SURVIVAL_MONTHS_FIELD_NUMBER: _ClassVar[int]
     RISK_GROUP_FIELD_NUMBER: _ClassVar[int]
     RISK_GROUP_LABEL_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_ENGINE_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     id: str
     model_name: str
@@ -113,8 +114,9 @@ class ScoreResult(_message.Message):
     survival_months: _containers.RepeatedScalarFieldContainer[float]
     risk_group: int
     risk_group_label: str
+    encoder_engine: str
     explanation: Explanation
-    def __init__(self, id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., risk: _Optional[float] = ..., n_patches: _Optional[int] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., top_patches: _Optional[_Iterable[_Union[AttendedPatch, _Mapping]]] = ..., slide_sha256: _Optional[str] = ..., encoder: _Optional[str] = ..., patch_mpp: _Optional[float] = ..., overrides: _Optional[_Mapping[str, str]] = ..., notes: _Optional[_Iterable[str]] = ..., survival: _Optional[_Iterable[float]] = ..., survival_months: _Optional[_Iterable[float]] = ..., risk_group: _Optional[int] = ..., risk_group_label: _Optional[str] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., risk: _Optional[float] = ..., n_patches: _Optional[int] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., top_patches: _Optional[_Iterable[_Union[AttendedPatch, _Mapping]]] = ..., slide_sha256: _Optional[str] = ..., encoder: _Optional[str] = ..., patch_mpp: _Optional[float] = ..., overrides: _Optional[_Mapping[str, str]] = ..., notes: _Optional[_Iterable[str]] = ..., survival: _Optional[_Iterable[float]] = ..., survival_months: _Optional[_Iterable[float]] = ..., risk_group: _Optional[int] = ..., risk_group_label: _Optional[str] = ..., encoder_engine: _Optional[str] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ...) -> None: ...
 
 class GeneGroupAttribution(_message.Message):
     __slots__ = ("name", "genes", "attribution", "risk_at_baseline")
