@@ -91,16 +91,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the window sample")
     p.add_argument("--json", type=Path, help="also write the facts and rows here")
     p.add_argument("--encoder", default="resnet18", help="pipeline: patch encoder (resnet18 or resnet50_trunc)")
-    p.add_argument("--encoder-engine", default="auto", choices=["auto", "onnxruntime", *ENCODER_PACKAGES],
+    p.add_argument("--encoder-engine", default="auto", choices=["auto", "onnxruntime", "onnxruntime_int8", *ENCODER_PACKAGES],
                    help="pipeline: the encoder's engine; a torch package (torch_cuda_fp16: FP16 on the GPU) is "
                    "compiled into the bench repository first, not timed")
     p.add_argument("--batch-size", type=int, default=32, help="pipeline: patches per encoder call")
-    p.add_argument("--workers", type=int, default=2, help="pipeline: cuCIM decode workers")
+    p.add_argument("--int8", action="store_true", help="pipeline: also the INT8 encoder (built once, calibrated on "
+                   "--int8-calibration or --svs, not timed), three more rows per slide")
+    p.add_argument("--workers", type=int, default=None, help="pipeline: cuCIM decode workers (default: histosurv's, "
+                   "from the cores present)")
     p.add_argument("--device", default="cpu", help="pipeline: decode and mask on cpu or cuda (GPU boxes)")
     p.add_argument("--clam", type=int, default=256, metavar="PATCHES", help="clam part: race the real CLAM recipe (OpenSlide read_region at "
                    "level 0, PIL resize to 224, eager torch FP32, one process) against histosurv FP32 and INT8 on the "
                    "same PATCHES tissue patches of each slide (evenly spaced over its grid)")
-    p.add_argument("--int8-calibration", type=Path, help="--clam: slides to calibrate the INT8 encoder on (default: --svs)")
+    p.add_argument("--int8-calibration", type=Path, help="--clam, --int8: slides to calibrate the INT8 encoder on "
+                   "(default: --svs)")
     args = p.parse_args(argv)
     if "readers" in args.parts and tiffslide is None:
         p.error("the readers part compares tiffslide, which is not installed (pip install tiffslide, or --parts pipeline)")
@@ -126,11 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_reader_table(rows)
         if "pipeline" in args.parts:
             pipeline_rows = []
-            encoder = pipeline_encoder(workdir, args.encoder, args.encoder_engine)
-            encoder_facts = encoder.engine.describe()
-            print(f"encoder: {args.encoder}, {encoder_facts}")
-            for name, path in slides:
-                pipeline_rows += bench_pipeline(path, encoder, name, args.batch_size, args.workers, args.device)
+            engines = [args.encoder_engine] + (["onnxruntime_int8"] if args.int8 else [])
+            for engine in dict.fromkeys(engines):
+                encoder = pipeline_encoder(workdir, args.encoder, engine, args.int8_calibration or args.svs)
+                encoder_facts = encoder.engine.describe()
+                print(f"encoder: {args.encoder}, {encoder_facts}")
+                for name, path in slides:
+                    pipeline_rows += bench_pipeline(path, encoder, name, args.batch_size, args.workers, args.device)
             print_pipeline_table(pipeline_rows)
             rows += pipeline_rows
         if "clam" in args.parts:
@@ -378,7 +384,7 @@ def raw_tile(path: Path, location: Location) -> np.ndarray:
 # --- part 2: slide -> tissue mask -> patch grid -> patches -> features --------------------------------
 
 
-def pipeline_encoder(workdir: Path, name: str, engine: str = "auto"):
+def pipeline_encoder(workdir: Path, name: str, engine: str = "auto", calibration: Path | None = None):
     """The patch encoder as the runtime loads it: exported once into ``workdir`` (not timed)."""
     from histosurv.runtime.pipeline import PatchEncoder
 
@@ -387,6 +393,11 @@ def pipeline_encoder(workdir: Path, name: str, engine: str = "auto"):
     model = ensure_encoder(repo, name, log=log)
     if engine in ENCODER_PACKAGES:
         ensure_encoder_engine(repo, model, engine, log=log)
+    if engine == "onnxruntime_int8":
+        from _clam import _ensure_int8
+
+        if not _ensure_int8(repo, model, calibration, log=log):
+            raise SystemExit("--int8 needs --svs or --int8-calibration to calibrate the INT8 encoder on")
     return PatchEncoder.from_repository(repo, model, engine=engine)
 
 
@@ -402,14 +413,14 @@ def bench_pipeline(path: Path, encoder, slide_name: str, batch_size: int, worker
 
     from histosurv.runtime.pipeline import SlideConfig, featurize_slide
 
-    config = SlideConfig(batch_size=batch_size, num_workers=workers, device=device)
+    config = SlideConfig(batch_size=batch_size, num_workers=workers, device=device)  # workers None: histosurv's choice
     featurize_slide(path, encoder, config)  # warm-up: page cache, ORT's first-run allocations
     rows = [serial_openslide(path, encoder, config, slide_name)]
     for reader in ("openslide", "cucim"):
         on = device if reader == "cucim" else "cpu"  # OpenSlide decodes on the CPU only
         result = featurize_slide(path, encoder, replace(config, reader=reader, device=on))
         rows.append(_pipeline_row(slide_name, f"histosurv {reader}" + (f" ({on})" if on != "cpu" else ""),
-                                  len(result.grid), result.seconds, result.bag.features))
+                                  len(result.grid), result.seconds, result.bag.features, encoder.engine.key))
     reference = rows[0].pop("features")
     for row in rows[1:]:
         # GPU decode (nvJPEG) differs from libjpeg-turbo by a few pixel levels: its features are close, not equal
@@ -453,11 +464,11 @@ def serial_openslide(path: Path, encoder, config, slide_name: str) -> dict:
         seconds["wait"] = seconds["read"]  # nothing hides the reading
         slide.close()
     seconds["total"] = time.perf_counter() - t_start
-    return _pipeline_row(slide_name, "serial openslide", len(grid), seconds, features)
+    return _pipeline_row(slide_name, "serial openslide", len(grid), seconds, features, encoder.engine.key)
 
 
-def _pipeline_row(slide_name: str, method: str, patches: int, seconds: dict, features: np.ndarray) -> dict:
-    return {"part": "pipeline", "slide": slide_name, "method": method, "patches": patches,
+def _pipeline_row(slide_name: str, method: str, patches: int, seconds: dict, features: np.ndarray, engine: str) -> dict:
+    return {"part": "pipeline", "slide": slide_name, "method": method, "engine": engine, "patches": patches,
             "patches_per_s": patches / seconds["total"], **{f"{k}_s": v for k, v in seconds.items()},
             "features": features}
 
@@ -469,6 +480,7 @@ def print_pipeline_table(rows: list[dict]) -> None:
     print_rows(rows, [
         ("slide", lambda r: r["slide"]),
         ("method", lambda r: r["method"]),
+        ("encoder engine", lambda r: r["engine"]),
         ("patches", lambda r: str(r["patches"])),
         ("total s", lambda r: f"{r['total_s']:.2f}"),
         ("patches/s", lambda r: f"{r['patches_per_s']:.1f}"),
@@ -478,7 +490,7 @@ def print_pipeline_table(rows: list[dict]) -> None:
         ("encode s", lambda r: f"{r['encode_s']:.2f}"),
         ("wait s", lambda r: f"{r['wait_s']:.2f}"),
         ("same features", lambda r: "yes" if r["same_features"] else "NO"),
-    ], left=("slide", "method"))
+    ], left=("slide", "method", "encoder engine"))
 
 
 # --- output ---------------------------------------------------------------------------------------------
