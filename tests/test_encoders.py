@@ -228,7 +228,7 @@ def test_weights_identity_is_the_tensors_not_the_file(tmp_path):
     digests = {}
     for name, kwargs in [("pth", dict(weights=tmp_path / "w.pth")), ("st", dict(weights=tmp_path / "w.safetensors")),
                          ("seed0", dict(seed=0)), ("seed0_again", dict(seed=0)), ("seed1", dict(seed=1))]:
-        mv = export_encoder(repo, "resnet18", name=name, patch_size=64, **kwargs)
+        mv = export_encoder(repo, "resnet18", name=name, patch_size=64, artifacts=(), **kwargs)
         digests[name] = mv.encoder_record.weights.sha256
     assert digests["pth"] == digests["st"]
     assert digests["seed0"] == digests["seed0_again"]

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from histosurv.errors import RepositoryError
+from histosurv.errors import InputError, RepositoryError
 from histosurv.export.models import build_model
 from histosurv.export.models.ammasurv import AMMASurvConfig
 from histosurv.export.onnx_export import SingleBag, example_inputs, export_onnx
@@ -217,3 +217,15 @@ def test_changed_or_missing_files_are_refused(tiny_repo, tmp_path):
         ModelRepository(repo).version("nope")
     with pytest.raises(RepositoryError, match="no version 7"):
         ModelRepository(repo).version("ammasurv", 7)
+
+
+def test_a_tensorrt_plan_needs_the_opset23_graph_and_says_how_to_add_it(slide_repo):
+    """--artifacts none (or artifacts=()) leaves TensorRT's input out; building a plan then names the fix
+    instead of failing inside TensorRT's parser on a missing file."""
+    from histosurv.export.artifacts import BuildContext, artifact
+
+    mv = ModelRepository(slide_repo[0]).version("ammasurv")
+    assert "onnx_opset23" not in mv.info.engines
+    with pytest.raises(InputError, match="exported without: add it first with --add-engine onnx_opset23"):
+        artifact("tensorrt", "survival").build(BuildContext(mv.path, mv, {}, lambda _: None), mv.path / "model.plan")
+    assert not (mv.path / "model.plan").exists()

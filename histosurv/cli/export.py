@@ -53,8 +53,9 @@ def add_parser(sub) -> None:
     run.add_argument("--fold", type=int, help="a cross-validated run: export fold K's model (folds/K) instead of the "
                      "model refitted on every patient")
     run.add_argument("--artifacts", type=_artifacts,
-                     help=f"artifacts besides model.onnx and the opset-23 graph, comma-separated "
-                     f"(default: {','.join(extra)}; none for neither; torch compiles for about a minute)")
+                     help=f"artifacts besides model.onnx, comma-separated (default: {','.join(extra)}; none for "
+                     "model.onnx alone; torch compiles for about a minute; onnx_opset23 is what --add-engine tensorrt "
+                     "builds from)")
     run.add_argument("--survival-times", type=_months, metavar="MONTHS",
                      help="months at which the version reports S(t), comma-separated (default: 12,24,36,60, those "
                      "within the training follow-up)")

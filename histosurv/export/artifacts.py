@@ -121,6 +121,9 @@ def _build_tensorrt(ctx: BuildContext, path: Path) -> EngineEntry:
 
     if ctx.version is None:
         raise InputError("a TensorRT plan is built into a published version, on the serving GPU (--add-engine tensorrt)")
+    if "onnx_opset23" not in ctx.version.info.engines:
+        raise InputError(f"{ctx.version.path}: a TensorRT plan is built from the opset-23 graph, which this version was "
+                         "exported without: add it first with --add-engine onnx_opset23")
     options = {k: v for k, v in ctx.options.items() if k in ("max_bag", "precision")}
     return build_plan(ctx.version, path, log=ctx.log, **options)
 
@@ -181,8 +184,10 @@ def _build_encoder_int8(ctx: BuildContext, path: Path) -> EngineEntry:
 ARTIFACTS: tuple[Artifact, ...] = (
     Artifact("onnxruntime", "survival", "ONNX graph, every attention com.microsoft.MultiHeadAttention, dynamic bag size",
              "always", _build_onnx, _fixed("onnxruntime", "model.onnx")),
+    # default, not always: only a TensorRT plan is built from it, on the serving GPU, and for models with
+    # control flow (MoME's router) it is half the export's time; --artifacts none leaves it out, --add-engine adds it
     Artifact("onnx_opset23", "survival", "the same at opset 23 with standard Attention nodes: what TensorRT builds from",
-             "always", _build_opset23, _fixed("onnx_opset23", "model.opset23.onnx"),
+             "default", _build_opset23, _fixed("onnx_opset23", "model.opset23.onnx"),
              checked_with="onnxruntime", max_checked_bag=300),
     Artifact("onnxruntime_fp16", "survival", "the ONNX graph in FP16 (inputs, outputs and coordinates FP32), for GPU providers",
              "default", _build_fp16, _fixed("onnxruntime_fp16", "model.fp16.onnx")),
