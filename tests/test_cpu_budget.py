@@ -46,8 +46,8 @@ def test_usable_cores_are_the_affinity_mask_capped_by_the_quota(monkeypatch):
 
 
 @pytest.mark.parametrize("cores, on_gpu, expected", [
-    (1, False, (1, 1)),
-    (2, False, (2, 1)),
+    (1, False, (1, 2)),
+    (2, False, (2, 2)),
     (8, False, (8, 2)),
     (64, False, (64, 16)),
     (2, True, (1, 1)),
@@ -57,7 +57,10 @@ def test_the_split_by_cores(monkeypatch, cores, on_gpu, expected):
     monkeypatch.delenv("HISTOSURV_THREADS", raising=False)
     budget = cpu_budget(encoder_on_gpu=on_gpu, cores=cores)
     assert (budget.encoder_threads, budget.decode_workers) == expected
-    assert budget.spinning is False
+
+
+def test_an_int8_encoder_is_fed_smaller_batches():
+    assert (cb.encoder_batch_size("int8"), cb.encoder_batch_size("fp32"), cb.encoder_batch_size("fp16")) == (8, 32, 32)
 
 
 def test_a_users_threads_and_workers_win(monkeypatch):
@@ -88,26 +91,24 @@ def encoder_repo(slide_repo):
     return slide_repo[0]
 
 
-def test_the_onnx_runtime_session_gets_the_threads_and_no_spinning(encoder_repo, monkeypatch):
+def test_the_onnx_runtime_session_gets_the_usable_cores_and_a_users_settings(encoder_repo, monkeypatch):
     from histosurv.runtime.pipeline import PatchEncoder
 
     monkeypatch.delenv("HISTOSURV_THREADS", raising=False)
     encoder = PatchEncoder.from_repository(encoder_repo, "resnet18_encoder", engine="onnxruntime")
-    options = encoder.engine.session.get_session_options()
-    assert options.intra_op_num_threads == cb.usable_cores()
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert encoder.engine.session.get_session_options().intra_op_num_threads == cb.usable_cores()
     monkeypatch.setenv("HISTOSURV_THREADS", "1")
-    encoder = PatchEncoder.from_repository(encoder_repo, "resnet18_encoder", engine="onnxruntime", spinning=True)
+    encoder = PatchEncoder.from_repository(encoder_repo, "resnet18_encoder", engine="onnxruntime", spinning=False)
     options = encoder.engine.session.get_session_options()
     assert options.intra_op_num_threads == 1
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_the_split_never_changes_a_feature(encoder_repo, cmu_svs):
     from histosurv.runtime.pipeline import PatchEncoder, SlideConfig, featurize_slide
 
     encoder = PatchEncoder.from_repository(encoder_repo, "resnet18_encoder", engine="onnxruntime")
-    chosen = featurize_slide(cmu_svs, encoder, SlideConfig(batch_size=16))
+    chosen = featurize_slide(cmu_svs, encoder, SlideConfig())
     for workers, batch in ((1, 7), (3, 32)):
         other = featurize_slide(cmu_svs, encoder, SlideConfig(num_workers=workers, batch_size=batch))
         np.testing.assert_array_equal(other.bag.coords, chosen.bag.coords)
@@ -115,7 +116,7 @@ def test_the_split_never_changes_a_feature(encoder_repo, cmu_svs):
         np.testing.assert_allclose(other.bag.features, chosen.bag.features, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("flag", ["--threads", "--workers"])
+@pytest.mark.parametrize("flag", ["--threads", "--workers", "--batch-size"])
 def test_tile_refuses_zero_threads_or_workers_before_reading_anything(flag, tmp_path, cmu_svs, encoder_repo):
     out = run_cli("tile", cmu_svs, "--repo", encoder_repo, "--out", tmp_path / "x.h5", flag, "0")
     assert out.returncode == 2, out.stderr

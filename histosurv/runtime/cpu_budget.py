@@ -1,17 +1,21 @@
 """How the cores of this machine are shared between the patch encoder and the slide decoder.
 
-On a box without a GPU the encoder is 85-95% of the work from slide to features (``bench/slides.py``),
-so ONNX Runtime's intra-op pool gets every core the process may use and decoding, which only has to
-stay ahead of the encoder, gets one worker per four cores (at least one). ONNX Runtime's pool spins
-while it waits for work; beside a decode thread on the same cores that spinning takes the decoder's
-time, so on a CPU encoder it is turned off (``bench/cpu_budget.py`` measured each choice; the README
-gives the table). With the encoder on a GPU the CPU only decodes: every core but one decodes.
+On a box without a GPU the encoder is 85-95% of the work from slide to features, so ONNX Runtime's
+intra-op pool gets every core the process may use: leaving one core of two to the decoder cost 40-50%
+of the speed (``bench/cpu_budget.py``; the README gives the table). Decoding only has to stay ahead of
+the encoder: two cuCIM workers, or one per four cores on bigger boxes. On two cores the number of decode
+workers and whether ONNX Runtime's idle threads spin moved the speed by less than the run-to-run noise
+(8%), so both stay at their defaults. With the encoder on a GPU the CPU only decodes: every core but
+one decodes.
+
+Batch size: FP32 encoders ran at the same speed from 1 to 64 patches a call, INT8 ones 1.2-1.3x faster
+at 1-8 than at 32 (their activations stay in the caches), so an INT8 encoder is fed 8 at a time.
 
 "The cores the process may use" is the CPU affinity mask and, in a container, the cgroup's CPU quota
 (``docker --cpus``, a Kubernetes limit): ONNX Runtime sizes its default pool from the host's cores,
 which in a 2-CPU container on a 64-core host is 32 threads fighting over 2 CPUs.
 
-Every figure can be overridden: ``--threads`` and ``--workers`` on the commands, or
+Every figure can be overridden: ``--threads``, ``--workers`` and ``--batch-size`` on the commands, or
 ``HISTOSURV_THREADS`` in the environment (Ray workers are given theirs this way).
 """
 
@@ -22,15 +26,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CpuBudget", "ENCODER_ENGINE_OPTIONS", "cpu_budget", "usable_cores", "env_threads"]
+__all__ = ["CpuBudget", "cpu_budget", "encoder_batch_size", "usable_cores", "env_threads"]
 
 CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
 CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
-# How patch encoders are loaded: the slide's decoder shares the cores, and the encoder's idle threads
-# would otherwise spin on them; a caller's own options win.
-ENCODER_ENGINE_OPTIONS = {"spinning": False}
 CORES_PER_DECODER = 4  # one decode worker keeps up with the encoder of four cores (bench/cpu_budget.py)
+MIN_DECODERS = 2
+BATCH = {"int8": 8}  # patches per encoder call by the encoder's precision (bench/cpu_budget.py); others 32
+DEFAULT_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -38,11 +42,9 @@ class CpuBudget:
     cores: int  # the cores this process may use
     encoder_threads: int  # ONNX Runtime intra-op threads (torch threads for torch engines)
     decode_workers: int  # cuCIM decode workers of the slide reader
-    spinning: bool  # whether the encoder's idle threads spin (only where nothing else needs the cores)
 
     def describe(self) -> str:
-        return (f"{self.cores} usable cores: {self.encoder_threads} encoder threads"
-                f"{'' if self.spinning else ' (no spinning)'}, {self.decode_workers} decode workers")
+        return f"{self.cores} usable cores: {self.encoder_threads} encoder threads, {self.decode_workers} decode workers"
 
 
 def _cgroup_quota(v2: Path = CGROUP_V2_CPU_MAX, v1_quota: Path = CGROUP_V1_QUOTA,
@@ -102,8 +104,10 @@ def cpu_budget(encoder_on_gpu: bool = False, threads: int | None = None, workers
     threads = threads or env_threads()
     if encoder_on_gpu:
         # the GPU encodes: the CPU's work is decoding, and one core stays free for the GPU's host thread
-        return CpuBudget(cores, threads or 1, workers or max(1, cores - 1), spinning=False)
-    encoder_threads = threads or cores
-    decode_workers = workers or max(1, cores // CORES_PER_DECODER)
-    # spinning pays only where the encoder has the cores to itself, which a slide path never gives it
-    return CpuBudget(cores, encoder_threads, decode_workers, spinning=False)
+        return CpuBudget(cores, threads or 1, workers or max(1, cores - 1))
+    return CpuBudget(cores, threads or cores, workers or max(MIN_DECODERS, cores // CORES_PER_DECODER))
+
+
+def encoder_batch_size(precision: str) -> int:
+    """Patches per encoder call where the user gave none: the fastest measured for the precision."""
+    return BATCH.get(precision, DEFAULT_BATCH)

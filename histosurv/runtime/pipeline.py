@@ -22,7 +22,7 @@ from .. import __version__
 from ..data.encoder_record import ATTRIBUTE
 from ..data.features import Bag
 from ..errors import EmptySlideError, InputError, RepositoryError
-from .cpu_budget import ENCODER_ENGINE_OPTIONS, cpu_budget
+from .cpu_budget import cpu_budget, encoder_batch_size
 from .encoder_match import DEFAULT_MPP, EncoderChoice, candidates, choose_encoder
 from .engines import Engine, load_engine
 from .repository import ModelRepository, ModelVersion, sha256_file
@@ -60,13 +60,13 @@ class PatchEncoder:
     ) -> "PatchEncoder":
         """Encoder ``name`` at its own scale (no survival model to match: ``tile`` for a new cohort)."""
         mv = ModelRepository(root).version(name, version)
-        return cls(mv, load_engine(mv, engine, **{**ENCODER_ENGINE_OPTIONS, **options}))
+        return cls(mv, load_engine(mv, engine, **options))
 
     @classmethod
     def from_choice(cls, choice: EncoderChoice, engine: str = "auto", **options) -> "PatchEncoder":
         mv = choice.encoder
         mv.verify_files()
-        return cls(mv, load_engine(mv, engine, **{**ENCODER_ENGINE_OPTIONS, **options}), choice.mpp, choice.overrides)
+        return cls(mv, load_engine(mv, engine, **options), choice.mpp, choice.overrides)
 
     def encode(self, patches: np.ndarray) -> np.ndarray:
         problem = self.spec.check(patches)
@@ -109,7 +109,7 @@ def open_encoder(
 class SlideConfig:
     tissue: TissueConfig = TissueConfig()
     grid: GridConfig = GridConfig()  # its patch_size and mpp are replaced by the encoder's
-    batch_size: int = 32  # the fastest on a CPU or about (bench/cpu_budget.py)
+    batch_size: int | None = None  # patches per encoder call; None: the fastest for the encoder (cpu_budget)
     num_workers: int | None = None  # cuCIM decode workers; None: from the cores present (cpu_budget)
     prefetch: int = 2  # batches read ahead of the encoder
     reader: str = "auto"  # cucim | openslide | auto
@@ -186,7 +186,8 @@ def featurize_slide(
 
             try:
                 workers = decode_workers(config, encoder)
-                with PatchStream(reader, grid, config.batch_size, workers, config.prefetch) as stream:
+                batch = config.batch_size or encoder_batch_size(encoder.engine.precision)
+                with PatchStream(reader, grid, batch, workers, config.prefetch) as stream:
                     for batch in stream:
                         t0 = time.perf_counter()
                         if submit is None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from ...errors import HistosurvError, RepositoryError
-from ..cpu_budget import ENCODER_ENGINE_OPTIONS
 from ..engines import Engine, load_engine
 from ..repository import MANIFEST, ModelRepository, ModelVersion
 from .batching import DynamicBatcher
@@ -219,8 +218,7 @@ class ModelStore:
     def _load_version(self, name: str, version: int) -> LoadedModel:
         fingerprint = self.fingerprint(name, version)  # taken first: a change during the load is seen next scan
         mv = self.repository.version(name, version)
-        options = {**ENCODER_ENGINE_OPTIONS, **self.engine_options} if mv.is_encoder else self.engine_options
-        loaded = LoadedModel(mv, load_engine(mv, self.engine, **options), self.execution)
+        loaded = LoadedModel(mv, load_engine(mv, self.engine, **self.engine_options), self.execution)
         loaded.fingerprint = fingerprint
         return loaded
 
