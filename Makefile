@@ -38,8 +38,12 @@ system-tools:
 			|| echo "could not install$$missing: the tests that need them will skip"; \
 	elif [ -n "$$missing" ]; then echo "not installed:$$missing (needs apt-get as root): the tests that need them will skip"; fi
 
+# Two pytest-xdist workers, a test file each at a time (module fixtures are built once), each with half
+# the cores: much of the suite is single-threaded Python (torch.export tracing, CLI start-ups), which
+# leaves a core idle in one process. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed system-tools
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/engines.py

@@ -23,7 +23,22 @@ from histosurv.export.repository_writer import export_run
 from histosurv.export.run import save_run
 from histosurv.export.training import TrainConfig, train
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _threads_per_process() -> int:
+    """`make test` runs the suite in pytest-xdist workers that share the cores: each gets its part (torch,
+    ONNX Runtime and every CLI it starts), or each would take them all and they would fight."""
+    from histosurv.runtime.cpu_budget import usable_cores
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, usable_cores() // max(1, workers)))
+
+
+THREADS = _threads_per_process()
+torch.set_num_threads(THREADS)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("HISTOSURV_THREADS", str(THREADS))
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 TINY_SYNTH = SynthConfig(n_patients=60, n_genes=24, n_signal_genes=4, feature_dim=32, min_patches=8, max_patches=24)
 

@@ -21,6 +21,8 @@ from histosurv.export.cross_validation import baseline_config
 from histosurv.export.models.ammasurv import AMMASurvConfig
 from histosurv.export.training import Splits, predict_patients, recipe, train
 
+from .conftest import THREADS
+
 FLOOR = 0.62
 
 
@@ -34,7 +36,7 @@ def _cohort(root, n, seed, signal):
 
 @pytest.mark.slow
 def test_ammasurv_and_coxnet_learn_at_200_patients(tmp_path, capsys):
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)  # the share of the cores this test process has (see conftest)
     cohort, _ = _cohort(tmp_path, 200, seed=0, signal="share")
     external, oracle_risk = _cohort(tmp_path, 600, seed=100, signal="share")
     everyone = list(range(len(external.patients)))

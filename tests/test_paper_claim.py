@@ -19,6 +19,8 @@ from histosurv.export.concordance import concordance_index
 from histosurv.export.models.ammasurv import AMMASurvConfig
 from histosurv.export.training import predict_patients, recipe, train
 
+from .conftest import THREADS
+
 
 def _cohort(root, seed, n):
     d = write_synthetic_cohort(root / f"seed{seed}", SynthConfig(n_patients=n, seed=seed, biology_seed=0))
@@ -27,7 +29,7 @@ def _cohort(root, seed, n):
 
 @pytest.mark.slow
 def test_ammasurv_beats_both_single_modality_ablations(tmp_path, capsys):
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)  # the share of the cores this test process has (see conftest)
     cohort = _cohort(tmp_path, seed=0, n=400)
     external = _cohort(tmp_path, seed=100, n=1000)
     everyone = range(len(external.patients))
