@@ -1,6 +1,6 @@
 """The foundation-model ViTs against their reference implementations: UNI, UNI2-h, Virchow2, H-optimus-0
 and Prov-GigaPath against timm's own models, CONCH v1.5 against TRIDENT's CONCHVisionTower, Phikon-v2
-against transformers' Dinov2Model.
+against transformers' Dinov2Model, Phikon against transformers' ViTModel.
 
 tests/golden/vit.json was written by tests/golden/make_vit.py with timm 1.0.31 and transformers 5.25.0
 (in a venv of its own): each model as its authors create it, its full-size key names and shapes as
@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from histosurv.data.encoder_record import IMAGENET_MEAN, IMAGENET_STD
 from histosurv.errors import InputError
 from histosurv.export.encoder_export import _check_onnx_runs, export_encoder_onnx
 from histosurv.export.models.encoders import ENCODERS, LAYOUTS, VITS, build_vit
@@ -29,8 +30,9 @@ from .golden import load_golden, seeded_state_dict, shapes_of
 GOLDEN = load_golden("vit")
 NAMES = sorted(VITS)
 # per layout: a key every file has (the last norm's gain) and the position embedding, as the authors name them
-NORM_KEY = {"conch_v1_5": "ln_contrast.weight", "phikon_v2": "layernorm.weight"}
-POS_KEY = {"conch_v1_5": "trunk.pos_embed", "phikon_v2": "embeddings.position_embeddings"}
+NORM_KEY = {"conch_v1_5": "ln_contrast.weight", "phikon_v2": "layernorm.weight", "phikon": "layernorm.weight"}
+POS_KEY = {"conch_v1_5": "trunk.pos_embed", "phikon_v2": "embeddings.position_embeddings",
+           "phikon": "embeddings.position_embeddings"}
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -55,7 +57,11 @@ def test_full_size_layout_is_the_published_one(name):
     with torch.device("meta"):
         model = build_vit(name)
     ours = {k: list(v.shape) for k, v in ENCODERS[name].weights_of(model).items()}
-    assert ours == GOLDEN["models"][name]["layout"]
+    layout = LAYOUTS.get(name, TIMM)
+    # keys the published file also carries that the feature never uses (Phikon's pooler): accepted, not stored
+    unused = {k: list(v.shape) for k, v in (layout.unused(model) if layout.unused else {}).items()}
+    assert sorted(unused) == GOLDEN["models"][name].get("unused", [])
+    assert {**ours, **unused} == GOLDEN["models"][name]["layout"]
 
 
 def test_features_match_the_reference_at_seeded_weights(small):
@@ -106,6 +112,11 @@ def test_published_files_load_as_they_are_and_wrong_ones_are_refused_by_name(sma
     ("phikon_v2", "uni", "missing 43 keys (embeddings.cls_token"),  # timm names for transformers'
     ("uni", "phikon_v2", "missing 34 keys (blocks.0.attn.proj.bias"),
     ("conch_v1_5", "phikon_v2", "missing 44 keys (attn_pool_contrast.ln_k.bias"),
+    ("phikon", "uni", "missing 38 keys (embeddings.cls_token"),
+    ("uni", "phikon", "missing 34 keys (blocks.0.attn.proj.bias"),
+    # DINOv2's names beside ViTModel's: the renamed blocks and the mask token are named, not only the widths
+    ("phikon", "phikon_v2", "missing 16 keys (encoder.layer.0.intermediate.dense.bias"),
+    ("phikon_v2", "phikon", "missing 21 keys (embeddings.mask_token"),
 ])
 def test_another_encoders_weights_are_refused(name, given, problem):
     source = ENCODERS[given].weights_of(build_vit(given, depth=2))
@@ -133,15 +144,43 @@ def test_resize_and_crop_in_the_graph_are_what_pil_does(name):
     assert np.abs(got - want).max() <= 1.5 / 255  # PIL rounds to whole levels
 
 
-def test_phikon_v2_takes_its_224_px_tiles_as_cut():
+@pytest.mark.parametrize("name", ["phikon_v2", "phikon"])
+def test_phikons_take_their_224_px_tiles_as_cut(name):
     """Owkin's tiles are 224 px at 20x, fed as cut (TRIDENT's Resize(224) + CenterCrop(224) is then the
     identity): the graph only scales to [0, 1] and normalises with ImageNet's mean and std."""
-    model = build_vit("phikon_v2", depth=1)
+    model = build_vit(name, depth=1)
     patch = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    mean, std = torch.tensor(ENCODERS["phikon_v2"].preprocessing.mean), torch.tensor(ENCODERS["phikon_v2"].preprocessing.std)
+    assert (ENCODERS[name].preprocessing.mean, ENCODERS[name].preprocessing.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = torch.tensor(ENCODERS[name].preprocessing.mean), torch.tensor(ENCODERS[name].preprocessing.std)
     want = ((patch.float() / 255 - mean) / std).permute(0, 3, 1, 2)
     assert torch.allclose(model.preprocess(patch), want, atol=1e-6)
-    assert ENCODERS["phikon_v2"].record(224, 0.5, None).input_size == 224
+    assert ENCODERS[name].record(224, 0.5, None).input_size == 224
+
+
+def test_phikon_files_load_with_or_without_the_unused_pooler():
+    """ViTModel saves its pooler by default and owkin/phikon's files carry it (346 MB: 200 keys, the
+    198 of the trunk and pooler.dense.*); the model card loads with add_pooling_layer=False, which saves
+    198. Both load to the same network; half a pooler, or one of another width, is refused by name."""
+    family = ENCODERS["phikon"]
+    with torch.device("meta"):
+        full = build_vit("phikon")
+    assert (len(family.weights_of(full)), len(full.trunk.state_dict())) == (198, 150)
+    assert len(GOLDEN["models"]["phikon"]["layout"]) == 200
+    model = build_vit("phikon", depth=GOLDEN["depth"])
+    trunk = seeded_state_dict(shapes_of(family.weights_of(model)), GOLDEN["seed"])
+    pooler = {"pooler.dense.weight": torch.randn(768, 768), "pooler.dense.bias": torch.randn(768)}
+    family.load_weights(model, {**trunk, **pooler}, "model.safetensors")
+    other = build_vit("phikon", depth=GOLDEN["depth"])
+    family.load_weights(other, trunk, "no_pooler.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
+    stored = family.weights_of(model)
+    assert stored.keys() == trunk.keys() and all(torch.equal(stored[k], trunk[k]) for k in trunk)
+    half = {**trunk, "pooler.dense.weight": pooler["pooler.dense.weight"]}
+    with pytest.raises(InputError, match=f"half.bin: {_what('phikon')}missing 1 keys \\(pooler.dense.bias\\)"):
+        family.load_weights(other, half, "half.bin")
+    wide = {**trunk, **pooler, "pooler.dense.bias": torch.zeros(1024)}
+    with pytest.raises(InputError, match=f"wide.bin: {_what('phikon')}wrong shapes \\(pooler.dense.bias: \\(1024,\\) for \\(768,\\)"):
+        family.load_weights(other, wide, "wide.bin")
 
 
 def test_conch_position_embedding_is_resampled_once_when_weights_arrive():
@@ -162,8 +201,8 @@ def test_conch_position_embedding_is_resampled_once_when_weights_arrive():
 
 def test_a_vit_exports_to_onnx_with_its_preprocessing_and_matches_pytorch(small, tmp_path):
     name, model, _ = small
-    if name not in ("uni", "virchow2", "conch_v1_5", "phikon_v2"):
-        pytest.skip("resize families, native-size families, the pooled and the transformers-layout one keep the suite short")
+    if name not in ("uni", "virchow2", "conch_v1_5", "phikon_v2", "phikon"):
+        pytest.skip("resize families, native-size families, the pooled and the transformers-layout ones keep the suite short")
     path = tmp_path / "model.onnx"
     # the weights beside the graph, as the ViT-H and ViT-g encoders (over 2 GB) need; runs it at batch 1 and 3
     entry = export_encoder_onnx(model, path, ENCODERS[name].patch_size, external_above=1 << 20)

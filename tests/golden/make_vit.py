@@ -5,6 +5,7 @@
     mkdir -p /tmp/ref/TRIDENT && git -C <TRIDENT clone> archive a91fa8490e0210ebbbe58452c3babe009e0ab7ca \
         trident/patch_encoder_models/model_zoo/conchv1_5 | tar -x -C /tmp/ref/TRIDENT
     PYTHONPATH=. /tmp/timmvenv/bin/python tests/golden/make_vit.py --trident /tmp/ref/TRIDENT
+    PYTHONPATH=. /tmp/timmvenv/bin/python tests/golden/make_vit.py --only phikon   # one entry, the others kept
 
 (timm imports torchvision, which does not import beside the CPU torch the project installs, so this
 runs in a venv of its own; histosurv itself is not imported here.) The references:
@@ -18,6 +19,10 @@ runs in a venv of its own; histosurv itself is not imported here.) The reference
   transformers writes and reads as the published file (its legacy ``attention.attention.query`` names:
   ``revert_weight_conversion``), and the features come from ``Dinov2Model.from_pretrained`` of a folder
   holding the seeded weights in that layout, so the key names are proven by transformers' own loader.
+* Phikon: transformers' ``ViTModel`` with owkin/phikon's config, the same way: the published file is
+  what ``ViTModel`` (``add_pooling_layer=True``, its default, as Owkin saved it) writes, pooler
+  included; the features come from ``ViTModel.from_pretrained(folder, add_pooling_layer=False)``, as
+  the model card and TRIDENT load it, which must use every key but the pooler's.
 
 For each encoder: the timm model as its authors create it (arguments from their model cards and
 TRIDENT's loaders, see ../shared/research/encoders.md), once at full size on the meta device, for the
@@ -64,6 +69,12 @@ CONCH_V1_5_IMAGE = 448  # TRIDENT's Conchv15InferenceEncoder._build(img_size=448
 PHIKON_V2_CONFIG = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4, patch_size=16,
                         image_size=224, layer_norm_eps=1e-6, layerscale_value=1.0, hidden_act="gelu", qkv_bias=True,
                         use_swiglu_ffn=False)
+
+# owkin/phikon config.json (the ViTConfig fields that shape the network; layer_norm_eps 1e-6 since the hub's
+# discussion #1, merged; see histosurv/export/models/encoders.py)
+PHIKON_CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16,
+                     image_size=224, layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True)
+PHIKON_POOLER = ["pooler.dense.bias", "pooler.dense.weight"]
 
 
 def features(model, images: torch.Tensor, rule: str) -> torch.Tensor:
@@ -122,40 +133,85 @@ def phikon_v2() -> dict:
             "config": PHIKON_V2_CONFIG, "feature": "cls", "layout": layout, "image_size": 224, "features": feats.tolist()}
 
 
+def phikon() -> dict:
+    from safetensors.torch import save_file
+    from transformers import ViTConfig, ViTModel
+    from transformers.core_model_loading import revert_weight_conversion
+
+    with torch.device("meta"):
+        full = ViTModel(ViTConfig(**PHIKON_CONFIG))  # add_pooling_layer=True: the published file's keys
+    layout = layout_of(revert_weight_conversion(full, full.state_dict()))
+    config = ViTConfig(**{**PHIKON_CONFIG, "num_hidden_layers": GOLDEN_DEPTH})
+    blank = ViTModel(config)
+    published = seeded_state_dict(shapes_of(revert_weight_conversion(blank, blank.state_dict())), SEED)
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)
+        save_file(published, f"{folder}/model.safetensors", metadata={"format": "pt"})
+        small, info = ViTModel.from_pretrained(folder, add_pooling_layer=False, output_loading_info=True)
+    problems = {k: sorted(v) for k, v in info.items() if v}
+    assert problems == {"unexpected_keys": PHIKON_POOLER}, problems  # every published key used but the pooler's
+    with torch.no_grad():
+        feats = small.eval()(pixel_values=seeded_images(224)).last_hidden_state[:, 0]
+    return {"reference": "transformers ViTModel.from_pretrained(add_pooling_layer=False) (owkin/phikon config), "
+                         "last_hidden_state[:, 0]",
+            "config": PHIKON_CONFIG, "feature": "cls", "layout": layout, "unused": PHIKON_POOLER, "image_size": 224,
+            "features": feats.tolist()}
+
+
+def timm_entry(name: str) -> dict:
+    arch, kwargs, rule = MODELS[name]
+    with torch.device("meta"):
+        full = timm.create_model(arch, pretrained=False, **kwargs)
+    small = timm.create_model(arch, pretrained=False, **{**kwargs, "depth": GOLDEN_DEPTH}).eval()
+    shapes = shapes_of(small.state_dict())
+    small.load_state_dict(seeded_state_dict(shapes, SEED), strict=True)
+    size = small.patch_embed.img_size[0]
+    g = torch.Generator().manual_seed(SEED)
+    images = torch.randn(BATCH, 3, size, size, generator=g)
+    with torch.no_grad():
+        feats = features(small, images, rule)
+    print(f"{name}: {arch}, {sum(v.numel() for v in full.state_dict().values()) / 1e6:.0f} M parameters, "
+          f"feature {tuple(feats.shape)}")
+    return {
+        "arch": arch,
+        "kwargs": {k: v if isinstance(v, (int, float, str, bool)) else getattr(v, "__name__", "SwiGLUPacked")
+                   for k, v in kwargs.items()},
+        "feature": rule,
+        "layout": {k: list(v.shape) for k, v in full.state_dict().items()},
+        "image_size": size,
+        "features": feats.tolist(),
+    }
+
+
 def main() -> None:
     import transformers
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trident", type=Path, required=True, help=f"mahmoodlab/TRIDENT at {TRIDENT_COMMIT}")
+    parser.add_argument("--trident", type=Path, help=f"mahmoodlab/TRIDENT at {TRIDENT_COMMIT} (for conch_v1_5)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="recompute these entries and keep the others as "
+                        "vit.json holds them: the same weights give features that move by float rounding (about 1e-6) "
+                        "between machines and thread counts, so a new entry need not rewrite the others")
     args = parser.parse_args()
+    makers = {**{name: lambda name=name: timm_entry(name) for name in MODELS},
+              "conch_v1_5": lambda: conch_v1_5(args.trident), "phikon_v2": phikon_v2, "phikon": phikon}
+    names = args.only or list(makers)
+    if unknown := sorted(set(names) - set(makers)):
+        parser.error(f"unknown entries {unknown}; known: {', '.join(makers)}")
+    if "conch_v1_5" in names and args.trident is None:
+        parser.error("conch_v1_5 needs --trident")
     out = {"timm": timm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
            "depth": GOLDEN_DEPTH, "seed": SEED, "models": {}}
-    for name, (arch, kwargs, rule) in MODELS.items():
-        with torch.device("meta"):
-            full = timm.create_model(arch, pretrained=False, **kwargs)
-        small = timm.create_model(arch, pretrained=False, **{**kwargs, "depth": GOLDEN_DEPTH}).eval()
-        shapes = shapes_of(small.state_dict())
-        small.load_state_dict(seeded_state_dict(shapes, SEED), strict=True)
-        size = small.patch_embed.img_size[0]
-        g = torch.Generator().manual_seed(SEED)
-        images = torch.randn(BATCH, 3, size, size, generator=g)
-        with torch.no_grad():
-            feats = features(small, images, rule)
-        out["models"][name] = {
-            "arch": arch,
-            "kwargs": {k: v if isinstance(v, (int, float, str, bool)) else getattr(v, "__name__", "SwiGLUPacked")
-                       for k, v in kwargs.items()},
-            "feature": rule,
-            "layout": {k: list(v.shape) for k, v in full.state_dict().items()},
-            "image_size": size,
-            "features": feats.tolist(),
-        }
-        print(f"{name}: {arch}, {sum(v.numel() for v in full.state_dict().values()) / 1e6:.0f} M parameters, "
-              f"feature {tuple(feats.shape)}")
-    for name, make in (("conch_v1_5", lambda: conch_v1_5(args.trident)), ("phikon_v2", phikon_v2)):
-        out["models"][name] = entry = make()
-        print(f"{name}: {entry['reference']}, {sum(_numel(s) for s in entry['layout'].values()) / 1e6:.0f} M parameters, "
-              f"feature {len(entry['features'])} x {len(entry['features'][0])}")
+    if args.only:
+        kept = json.loads((HERE / "vit.json").read_text())
+        differ = {k: (kept[k], out[k]) for k in out if k != "models" and kept[k] != out[k]}
+        assert not differ, f"vit.json was written with other versions or settings: {differ}"
+        out = kept
+    for name in names:
+        entry = makers[name]()
+        if name not in MODELS:
+            print(f"{name}: {entry['reference']}, {sum(_numel(s) for s in entry['layout'].values()) / 1e6:.0f} M "
+                  f"parameters, feature {len(entry['features'])} x {len(entry['features'][0])}")
+        out["models"][name] = entry
     (HERE / "vit.json").write_text(json.dumps(out) + "\n")
 
 

@@ -20,7 +20,7 @@ from ...errors import InputError
 from .resnet import RESNETS, build_resnet, load_torchvision_state_dict
 from .swin import CTRANSPATH, build_ctranspath, load_ctranspath_state_dict
 from .vit import PatchPreprocess, ViTConfig, ViTEncoder
-from .vit_layouts import HF_DINOV2, TIMM, TRIDENT_CONCH, Layout, load_published
+from .vit_layouts import HF_DINOV2, HF_VIT, TIMM, TRIDENT_CONCH, Layout, load_published
 
 __all__ = ["EncoderFamily", "ENCODERS", "VITS", "LAYOUTS", "family", "build_encoder", "build_vit"]
 
@@ -130,9 +130,20 @@ VITS: dict[str, tuple[ViTConfig, int, Preprocessing, str]] = {
         224, Preprocessing(),
         "Phikon-v2 (Owkin), DINOv2 ViT-L/16; native 224 px tiles; CLS, 1024-d",
     ),
+    # owkin/phikon config.json: ViTModel, hidden 768, 12 layers, 12 heads, intermediate 3072, patch 16, image
+    # 224, hidden_act "gelu" (exact), qkv_bias true, layer_norm_eps 1e-6 (huggingface.co/owkin/phikon, config.json
+    # as changed by discussion #1, "Update layer_norm_eps to match timm", merged by Owkin: "layer_norm_eps=1e-6
+    # following iBOT official implementation"; an earlier revision, e9ad8d13, had transformers' default 1e-12). No layer
+    # scale, no registers. Feature last_hidden_state[:, 0] of ViTModel(add_pooling_layer=False) (model card,
+    # TRIDENT's PhikonInferenceEncoder at a91fa84, with ImageNet mean/std and 224 px tiles at 20x)
+    "phikon": (
+        ViTConfig(patch_size=16, dim=768, depth=12, heads=12, mlp_hidden=3072, init_values=None),
+        224, Preprocessing(),
+        "Phikon (Owkin), iBOT ViT-B/16; native 224 px tiles; CLS, 768-d",
+    ),
 }
 # how each publishes its weights (vit_layouts.py); timm's VisionTransformer state_dict unless named here
-LAYOUTS: dict[str, Layout] = {"conch_v1_5": TRIDENT_CONCH, "phikon_v2": HF_DINOV2}
+LAYOUTS: dict[str, Layout] = {"conch_v1_5": TRIDENT_CONCH, "phikon_v2": HF_DINOV2, "phikon": HF_VIT}
 
 
 def build_vit(name: str, depth: int | None = None) -> ViTEncoder:
