@@ -15,7 +15,7 @@ import pytest
 from histosurv.data.cohort import load_cohort
 from histosurv.data.features import read_bag
 from histosurv.data.synth import write_synthetic_cohort
-from histosurv.export.quantize import INT8_FILE, INT8_KEY, QuantizationGateError
+from histosurv.export.quantize import INT8_FILE, INT8_KEY, QuantizationGateError, quantizable_ops
 from histosurv.export.repository_writer import add_engine, export_run
 from histosurv.export.run import save_run
 from histosurv.export.training import train
@@ -101,7 +101,9 @@ def test_auto_picks_a_passed_int8_graph_and_tile_records_it(int8_repo, cmu_svs, 
 def test_a_missed_gate_refuses_the_artifact(fp32_repo, cmu_svs, tmp_path):
     repo = _copy(fp32_repo[0], tmp_path)
     before = (repo / ENCODER / "histosurv.json").read_text()
-    with pytest.raises(QuantizationGateError, match=r"smallest per-patch cosine 0\.9\d+ < 1\.01.*--force"):
+    # the fallback runs first (48 calibration patches are enough to judge on) and cannot reach 1.01 either
+    with pytest.raises(QuantizationGateError, match=r"smallest per-patch cosine 0\.9\d+ < 1\.01\); with the \d+ "
+                       r"most sensitive of \d+ ops in FP32 \(--fp32-fallback 0\.5\) as well.*--force"):
         add_engine(repo, ENCODER, INT8_KEY, calibration=cmu_svs, calibration_patches=64, min_cosine=1.01)
     assert not (repo / ENCODER / "1" / INT8_FILE).exists()
     assert (repo / ENCODER / "histosurv.json").read_text() == before
@@ -110,9 +112,11 @@ def test_a_missed_gate_refuses_the_artifact(fp32_repo, cmu_svs, tmp_path):
 def test_force_keeps_a_failed_artifact_which_only_a_named_engine_serves(fp32_repo, cmu_svs, tmp_path):
     repo, cohort_dir, case = fp32_repo
     repo = _copy(repo, tmp_path)
-    add_engine(repo, ENCODER, INT8_KEY, calibration=cmu_svs, calibration_patches=64, min_spearman=1.01, force=True)
+    add_engine(repo, ENCODER, INT8_KEY, calibration=cmu_svs, calibration_patches=64, min_spearman=1.01, force=True,
+               fp32_fallback=0)
     mv = ModelRepository(repo).version(ENCODER)
     gate = mv.info.engines[INT8_KEY].details["gate"]
+    assert mv.info.engines[INT8_KEY].details["fp32_fallback"] == {"fp32_ops": [], "max_share": 0, "searched": False}
     assert gate["passed"] is False and gate["forced"] is True and "risk rank correlation" in gate["failed"][0]
     assert load_engine(mv, "auto").key == "onnxruntime"
     assert "accuracy gates failed at export" in why_unusable(mv, INT8_KEY, for_auto=True)
@@ -130,6 +134,35 @@ def test_cli_refuses_int8_without_calibration_and_misplaced_flags(tmp_path, caps
     assert "--int8 needs --calibration" in capsys.readouterr().err and not (tmp_path / "r").exists()
     assert main(["export", "--repo", str(tmp_path / "r"), "--encoder", "resnet18", "--calibration", str(tmp_path)]) == 2
     assert "--calibration goes with --encoder --int8" in capsys.readouterr().err
+    assert main(["export", "--repo", str(tmp_path / "r"), "--encoder", "resnet18", "--fp32-fallback", "0.2"]) == 2
+    assert "--fp32-fallback goes with --encoder --int8" in capsys.readouterr().err
+
+
+def test_a_missed_gate_is_met_by_keeping_the_most_sensitive_ops_fp32(fp32_repo, int8_repo, cmu_svs, tmp_path):
+    """A cosine gate at 40% of the all-INT8 graph's distance from 1: the fallback keeps the ops that hurt
+    most in FP32 (about half of them here), the held-back patches then pass, and the graph has exactly the
+    recorded convolutions float."""
+    import onnx
+
+    all_int8 = ModelRepository(int8_repo[0]).version(ENCODER).info.engines[INT8_KEY].details["gate"]["cosine_min"]
+    strict = 1 - (1 - all_int8) * 0.4
+    repo = _copy(fp32_repo[0], tmp_path)
+    add_engine(repo, ENCODER, INT8_KEY, calibration=cmu_svs, calibration_patches=256, min_cosine=strict, fp32_fallback=1.0)
+    details = ModelRepository(repo).version(ENCODER).info.engines[INT8_KEY].details
+    gate, fallback = details["gate"], details["fp32_fallback"]
+    assert fallback["all_int8"]["passed"] is False and fallback["all_int8"]["cosine_min"] < strict
+    assert gate["passed"] and gate["cosine_min"] >= strict and gate["held_out_patches"] == 64
+    kept = fallback["fp32_ops"]
+    source = repo / ENCODER / "1" / "model.onnx"
+    assert fallback["passed"] and 0 < len(kept) < fallback["of_ops"] == len(quantizable_ops(source))
+    assert fallback["trail"][-1]["fp32_ops"] == len(kept) and fallback["trail"][-1]["passed"]
+    assert all(not t["passed"] for t in fallback["trail"][:-1])
+    graph = onnx.load(str(repo / ENCODER / "1" / INT8_FILE)).graph
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    float_convs = {n.name for n in graph.node if n.op_type == "Conv" and n.input[1] not in dequantized}
+    kept_convs = {n.name for n in onnx.load(str(source)).graph.node if n.op_type == "Conv"} & set(kept)
+    assert float_convs == kept_convs and details["float_matmul_or_conv_ops"] == len(kept_convs)
+    assert load_engine(ModelRepository(repo).version(ENCODER), "auto").key == INT8_KEY
 
 
 def test_score_and_serve_run_the_int8_encoder_auto_picks_and_give_predicts_risk(int8_repo, cmu_svs, tmp_path):

@@ -49,6 +49,8 @@ def add_parser(sub) -> None:
                    "back for the gates (default: 512)")
     q.add_argument("--force", action="store_true", help="keep an INT8 graph whose gates failed (recorded; auto never "
                    "serves it, --encoder-engine onnxruntime_int8 does)")
+    q.add_argument("--fp32-fallback", type=float, metavar="SHARE", help="where the all-INT8 graph misses a gate, keep "
+                   "its most sensitive ops FP32, as few as pass and at most this share of them (default 0.5; 0: none)")
     run = p.add_argument_group("with --run")
     run.add_argument("--fold", type=int, help="a cross-validated run: export fold K's model (folds/K) instead of the "
                      "model refitted on every patient")
@@ -118,7 +120,7 @@ def run_export(args: argparse.Namespace) -> int:
         "--int8": args.int8 and not args.encoder,
         **{flag: given and not (args.int8 or args.add_engine) for flag, given in (
             ("--calibration", args.calibration is not None), ("--calibration-patches", args.calibration_patches is not None),
-            ("--force", args.force))},
+            ("--force", args.force), ("--fp32-fallback", args.fp32_fallback is not None))},
     }
     for flag, wrong in misplaced.items():
         if wrong:
@@ -150,7 +152,7 @@ def _goes_with(flag: str) -> str:
 
     if flag in ("--weights", "--patch-size", "--mpp", "--int8"):
         return "--encoder"
-    if flag in ("--calibration", "--calibration-patches", "--force"):
+    if flag in ("--calibration", "--calibration-patches", "--force", "--fp32-fallback"):
         return "--encoder --int8, or --add-engine onnxruntime_int8"
     if flag in ("--artifacts", "--fold", "--survival-times", "--risk-groups"):
         return "--run"
@@ -202,4 +204,5 @@ def _export_encoder(args: argparse.Namespace) -> int:
 
 
 def _int8_options(args: argparse.Namespace) -> dict:
-    return {"calibration": args.calibration, "calibration_patches": args.calibration_patches, "force": args.force or None}
+    return {"calibration": args.calibration, "calibration_patches": args.calibration_patches, "force": args.force or None,
+            "fp32_fallback": args.fp32_fallback}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -51,6 +52,7 @@ CALIBRATION_BATCH = 16
 TRAIN_PATIENTS = 256  # calibration patches the downstream model is trained on (their FP32 features)
 DIRECTIONS = 8  # random log-hazard directions the downstream figures are averaged over
 RIDGE = 1e-6  # coxnet's l1_ratio: (0, 1], so 'ridge' is an all but zero L1 share
+MATMUL_OR_CONV = ("Conv", "MatMul", "Gemm")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 
 
@@ -154,9 +156,12 @@ def _shifted_grids(plan, reader):
 # --- quantisation ---------------------------------------------------------------------------------------
 
 
-def quantize_encoder(source: Path, path: Path, patches: np.ndarray, settings: dict) -> dict:
-    """model.int8.onnx at ``path`` from the FP32 graph ``source``, activation ranges from ``patches``.
-    Returns what was quantised (op counts) for the record."""
+def quantize_encoder(source: Path, path: Path, patches: np.ndarray, settings: dict, exclude=(), only=None,
+                     ranges: Path | None = None) -> dict:
+    """model.int8.onnx at ``path`` from the FP32 graph ``source``, activation ranges from ``patches``;
+    ``exclude`` ops left FP32, or ``only`` these quantised. ``ranges``: a file the calibrated ranges are
+    kept in (written by the first call, reused by the next: the fallback re-quantises in a second, where
+    calibrating again would take minutes). Returns what was quantised (op counts) for the record."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -177,18 +182,44 @@ def quantize_encoder(source: Path, path: Path, patches: np.ndarray, settings: di
         quantize_static(
             str(source), str(tmp), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
             reduce_range=settings["reduce_range"], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=getattr(CalibrationMethod, settings["calibration_method"]), nodes_to_exclude=keep_fp32,
+            calibrate_method=getattr(CalibrationMethod, settings["calibration_method"]),
+            nodes_to_exclude=keep_fp32 + list(exclude), nodes_to_quantize=list(only) if only else None,
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": 99.99},
+            calibration_cache_path=None if ranges is None else str(ranges),
         )
         onnx.checker.check_model(str(tmp))
-    quantized = onnx.load(str(path)).graph
+    return {**structure_of(path), "fp32_preprocessing_nodes": len(keep_fp32)}
+
+
+def structure_of(path: Path) -> dict:
+    """How many of a QDQ graph's Conv/MatMul/Gemm ops take dequantised INT8 inputs, and how many not."""
+    import onnx
+
+    quantized = onnx.load(str(path), load_external_data=False).graph
     dq_inputs = {n.output[0] for n in quantized.node if n.op_type == "DequantizeLinear"}
     ops: dict[str, int] = {}
     for n in quantized.node:
-        if n.op_type in ("Conv", "MatMul", "Gemm") and any(i in dq_inputs for i in n.input):
+        # both operands dequantised: ONNX Runtime runs it in INT8 (an op left FP32 may still be fed a
+        # dequantised activation by a quantised neighbour, but its weights stay float)
+        if n.op_type in MATMUL_OR_CONV and all(i in dq_inputs for i in n.input[:2]):
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    left = sum(1 for n in quantized.node if n.op_type in ("Conv", "MatMul", "Gemm")) - sum(ops.values())
-    return {"quantized_ops": ops, "float_matmul_or_conv_ops": left, "fp32_preprocessing_nodes": len(keep_fp32)}
+    left = sum(1 for n in quantized.node if n.op_type in MATMUL_OR_CONV) - sum(ops.values())
+    return {"quantized_ops": ops, "float_matmul_or_conv_ops": left}
+
+
+def quantizable_ops(source: Path) -> list[str]:
+    """The names of the FP32 graph's nodes that static quantisation gives INT8 inputs or outputs (ONNX
+    Runtime's registries: Conv and MatMul, and the Add, Relu, MaxPool ... whose inputs and outputs it
+    quantises too; the preprocessing's never), in graph order."""
+    import onnx
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    from .fp16 import preprocessing_nodes
+
+    graph = onnx.load(str(source), load_external_data=False).graph
+    keep = preprocessing_nodes(graph)
+    quantised = set(QDQRegistry) | set(QLinearOpsRegistry)  # what quantize_static quantises when not told
+    return [n.name for n in graph.node if n.op_type in quantised and n.name not in keep]
 
 
 @contextlib.contextmanager
@@ -207,7 +238,7 @@ def _quiet_root_logger():
 # --- gates ----------------------------------------------------------------------------------------------
 
 
-def _features(path: Path, patches: np.ndarray, batch: int = 32) -> np.ndarray:
+def features_of(path: Path, patches: np.ndarray, batch: int = 32) -> np.ndarray:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -294,23 +325,31 @@ def measure_gates(fp32_path: Path, int8_path: Path, held_out: np.ndarray, calibr
                   min_cosine: float = MIN_COSINE, min_spearman: float = MIN_SPEARMAN, seed: int = 0) -> dict:
     """The gate figures of ``int8_path`` against ``fp32_path`` on ``held_out`` patches (the downstream
     model is trained on the FP32 features of ``calibrated``), and whether they pass."""
+    t0 = time.perf_counter()
+    reference = features_of(fp32_path, held_out), features_of(fp32_path, calibrated[:TRAIN_PATIENTS])
+    figures = judge(reference, features_of(int8_path, held_out), min_cosine, min_spearman, seed)
+    figures["seconds"] = round(time.perf_counter() - t0, 2)
+    return figures
+
+
+def judge(reference: tuple[np.ndarray, np.ndarray], f8: np.ndarray, min_cosine: float = MIN_COSINE,
+          min_spearman: float = MIN_SPEARMAN, seed: int = 0) -> dict:
+    """The gates on features ``f8`` of the patches whose FP32 features are ``reference[0]``;
+    ``reference[1]``: FP32 features of the patches the downstream model is trained on."""
     from .encoder_export import cosine_per_patch
 
-    t0 = time.perf_counter()
-    f32, f8 = _features(fp32_path, held_out), _features(int8_path, held_out)
+    f32, train = reference
     cosine = cosine_per_patch(f8, f32)
     finite = bool(np.isfinite(cosine).all())
-    train = _features(fp32_path, calibrated[:TRAIN_PATIENTS])
     downstream = downstream_effect(train, f32, f8, seed) if finite else {"spearman": float("nan")}
     figures = {
-        "held_out_patches": int(len(held_out)),
+        "held_out_patches": int(len(f32)),
         "cosine_min": float(np.min(cosine)),
         "cosine_p1": float(np.percentile(cosine, 1)) if finite else float("nan"),
         "cosine_mean": float(np.mean(cosine)),
         "features_rel_max": float(np.abs(f8 - f32).max() / max(float(np.abs(f32).max()), 1e-12)),
         "downstream": downstream,
         "thresholds": {"cosine_min": min_cosine, "spearman": min_spearman},
-        "seconds": round(time.perf_counter() - t0, 2),
     }
     failed = []
     if not figures["cosine_min"] >= min_cosine:  # NaN fails
@@ -326,12 +365,20 @@ def measure_gates(fp32_path: Path, int8_path: Path, held_out: np.ndarray, calibr
 
 def build_int8_encoder(version, path: Path, calibration=None, calibration_patches_count: int | None = None,
                        force: bool = False, min_cosine: float = MIN_COSINE, min_spearman: float = MIN_SPEARMAN,
-                       seed: int = 0, log=lambda _: None) -> EngineEntry:
-    """The INT8 artifact of encoder ``version`` at ``path``: calibrate, quantise, measure the gates; a
-    missed gate removes the file and raises :class:`QuantizationGateError` unless ``force``."""
+                       fp32_fallback: float | None = None, seed: int = 0, log=lambda _: None) -> EngineEntry:
+    """The INT8 artifact of encoder ``version`` at ``path``: calibrate, quantise, measure the gates; where
+    the all-INT8 graph misses them, keep its most sensitive ops FP32 (at most ``fp32_fallback`` of them,
+    :mod:`.int8_fallback`) and measure again; a missed gate removes the file and raises
+    :class:`QuantizationGateError` unless ``force``."""
+    from .int8_fallback import MAX_FP32_SHARE
+    from .int8_fallback import fp32_fallback as search_fallback
+
     if calibration is None:
         raise InputError("an INT8 encoder is calibrated on tissue patches of real slides: give --calibration "
                          "SLIDE_OR_FOLDER")
+    share = MAX_FP32_SHARE if fp32_fallback is None else fp32_fallback
+    if not 0 <= share <= 1:
+        raise InputError(f"--fp32-fallback is a share of the quantised ops, 0 to 1, not {share}")
     source = version.path / version.info.engines["onnxruntime"].file if "onnxruntime" in version.info.engines else None
     if source is None or not source.is_file():
         raise InputError(f"{version.path}: no FP32 ONNX graph (model.onnx) to quantise")
@@ -347,18 +394,39 @@ def build_int8_encoder(version, path: Path, calibration=None, calibration_patche
     settings = quantization_settings()
     log(f"quantising ({settings['format']}, {settings['weights']}, activations {settings['activations']}, "
         f"{len(calibrate)} calibration patches; CPU {settings['cpu_isa']}) ...")
-    t0 = time.perf_counter()
-    structure = quantize_encoder(source, path, calibrate, settings)
-    seconds = time.perf_counter() - t0
-    log(f"measuring the gates on {len(held_out)} held-back patches ...")
-    gate = measure_gates(source, path, held_out, calibrate, min_cosine, min_spearman, seed)
+    with tempfile.TemporaryDirectory(prefix="histosurv-int8-", dir=path.parent) as tmp:
+        ranges = Path(tmp) / "ranges.json"
+        t0 = time.perf_counter()
+        structure = quantize_encoder(source, path, calibrate, settings, ranges=ranges)
+        seconds = time.perf_counter() - t0
+        log(f"measuring the gates on {len(held_out)} held-back patches ...")
+        gate = measure_gates(source, path, held_out, calibrate, min_cosine, min_spearman, seed)
+        log(_gate_line(gate))
+        fallback = None
+        if not gate["passed"]:
+            fallback = search_fallback(source, path, calibrate, settings, ranges, share, min_cosine, min_spearman,
+                                       seed, log)
+        if fallback is not None:
+            all_int8 = {k: gate[k] for k in ("cosine_min", "cosine_p1", "passed", "failed")}
+            all_int8["spearman"] = gate["downstream"]["spearman"]
+            fallback["all_int8"] = all_int8
+            structure.update(structure_of(path))  # the search leaves its last graph at path
+            log(f"measuring the gates on {len(held_out)} held-back patches, {len(fallback['fp32_ops'])} ops FP32 ...")
+            gate = measure_gates(source, path, held_out, calibrate, min_cosine, min_spearman, seed)
+            log(_gate_line(gate))
     gate["forced"] = bool(force and not gate["passed"])
-    log(_gate_line(gate))
+    if force and not gate["passed"]:
+        log("  kept anyway (--force)")
     if not gate["passed"] and not force:
         path.unlink(missing_ok=True)
+        tried = ""
+        if fallback is not None:
+            tried = (f"; with the {len(fallback['fp32_ops'])} most sensitive of {fallback['of_ops']} ops in FP32 "
+                     f"(--fp32-fallback {share:g}) as well")
         raise QuantizationGateError(
-            f"{path.name}: INT8 gate failed ({'; '.join(gate['failed'])}); the artifact is refused. "
-            "Calibrate on more or other slides, or keep it anyway with --force (recorded in the manifest)"
+            f"{path.name}: INT8 gate failed ({'; '.join(gate['failed'])}){tried}; the artifact is refused. "
+            "Calibrate on more or other slides, allow more FP32 ops with --fp32-fallback, or keep it anyway with "
+            "--force (recorded in the manifest)"
         )
     details = {
         **settings, **structure,
@@ -366,6 +434,7 @@ def build_int8_encoder(version, path: Path, calibration=None, calibration_patche
                         "patch_size": record.patch_size, "mpp": record.mpp},
         "quantize_seconds": round(seconds, 1),
         "gate": gate,
+        "fp32_fallback": fallback if fallback is not None else {"fp32_ops": [], "max_share": share, "searched": False},
         "for": "ONNX Runtime CPU",
     }
     return EngineEntry(path.name, "onnxruntime", "int8", device="cpu", details=_json_safe(details))
@@ -375,7 +444,7 @@ def _gate_line(gate: dict) -> str:
     d = gate["downstream"]
     c = (f", c-index {d['c_index_fp32']:.4f} -> {d['c_index_int8']:.4f} ({d['c_index_change']:+.4f})"
          if "c_index_change" in d else "")
-    verdict = "passed" if gate["passed"] else ("FAILED, kept (--force)" if gate["forced"] else "FAILED")
+    verdict = "passed" if gate["passed"] else "FAILED"
     return (f"  per-patch cosine min {gate['cosine_min']:.5f}, 1st percentile {gate['cosine_p1']:.5f}, mean "
             f"{gate['cosine_mean']:.5f}; risk Spearman {d['spearman']:.5f}{c}: {verdict}")
 
