@@ -79,7 +79,7 @@ def fp32_fallback(source: Path, path: Path, calibrate: np.ndarray, settings: dic
         return None
     t0 = time.perf_counter()
     log(f"  the all-INT8 graph missed a gate: ranking its {len(ops)} quantised ops by sensitivity ...")
-    with tempfile.TemporaryDirectory(prefix="histosurv-int8-", dir=path.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix="histosurv-int8-") as tmp:
         ranked = rank_by_sensitivity(source, calibrate[:SENSITIVITY_PATCHES], settings, ranges, ops, Path(tmp))
     reference = features_of(source, calibrate)
     trail, figures, kept = [], None, []

@@ -394,7 +394,7 @@ def build_int8_encoder(version, path: Path, calibration=None, calibration_patche
     settings = quantization_settings()
     log(f"quantising ({settings['format']}, {settings['weights']}, activations {settings['activations']}, "
         f"{len(calibrate)} calibration patches; CPU {settings['cpu_isa']}) ...")
-    with tempfile.TemporaryDirectory(prefix="histosurv-int8-", dir=path.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix="histosurv-int8-") as tmp:
         ranges = Path(tmp) / "ranges.json"
         t0 = time.perf_counter()
         structure = quantize_encoder(source, path, calibrate, settings, ranges=ranges)
