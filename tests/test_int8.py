@@ -208,3 +208,24 @@ def test_score_and_serve_run_the_int8_encoder_auto_picks_and_give_predicts_risk(
     result = events[-1].result
     assert result.encoder_engine == INT8_KEY and result.n_patches == predicted["slides"][0]["n_patches"]
     assert result.risk == pytest.approx(predicted["risk"], abs=1e-5)
+
+
+def test_calibration_batches_shrink_for_large_graphs_and_do_not_change_the_graph(fp32_repo, cmu_svs, tmp_path, monkeypatch):
+    """Calibration's memory grows with its batch (UNI: 24 GB at 16, 9 GB at 4), so large graphs calibrate
+    in smaller batches; MinMax ranges are over every patch whatever the batches: the same INT8 graph."""
+    from histosurv.export import quantize
+
+    source = fp32_repo[0] / ENCODER / "1" / "model.onnx"
+    weights = source.stat().st_size
+    assert quantize.calibration_batch(source, available=64 << 30) == 16
+    # (6.5 + batch) x the weights within 60% of what is available
+    assert quantize.calibration_batch(source, available=int(weights * (6.5 + 4) / 0.6) + 1) == 4
+    assert quantize.calibration_batch(source, available=weights) == 1
+    patches, _ = quantize.calibration_patches(cmu_svs, 64, 0.5, 48)
+    settings = quantize.quantization_settings()
+    graphs = {}
+    for batch in (16, 4):
+        monkeypatch.setattr(quantize, "calibration_batch", lambda _source, b=batch: b)
+        quantize.quantize_encoder(source, tmp_path / f"b{batch}.onnx", patches, settings)
+        graphs[batch] = (tmp_path / f"b{batch}.onnx").read_bytes()
+    assert graphs[16] == graphs[4]

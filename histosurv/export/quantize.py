@@ -48,7 +48,9 @@ MIN_COSINE = 0.99  # every held-back patch's INT8 features at least this close t
 MIN_SPEARMAN = 0.99  # rank correlation of a FP32-trained model's risks on INT8 vs FP32 features
 DEFAULT_CALIBRATION_PATCHES = 512
 HOLD_OUT = 0.25  # of the calibration patches: held back for the gates, never calibrated on
-CALIBRATION_BATCH = 16
+CALIBRATION_BATCH = 16  # patches per calibration run, at most (see calibration_batch)
+CALIBRATION_MEMORY_SHARE = 0.6  # of the memory available, for calibrating
+CALIBRATION_FLOOR = 6.5  # calibration's memory at batch 1, in multiples of the graph's weights (ViT-L: 7.9 GB)
 TRAIN_PATIENTS = 256  # calibration patches the downstream model is trained on (their FP32 features)
 DIRECTIONS = 8  # random log-hazard directions the downstream figures are averaged over
 RIDGE = 1e-6  # coxnet's l1_ratio: (0, 1], so 'ridge' is an all but zero L1 share
@@ -167,14 +169,16 @@ def quantize_encoder(source: Path, path: Path, patches: np.ndarray, settings: di
 
     from .fp16 import preprocessing_nodes
 
+    batch = calibration_batch(source)
+
     class Batches(CalibrationDataReader):
         def __init__(self):
             # whole batches only: the histogram calibrators stack batches and fail on a short last one
-            self._it = iter(range(0, len(patches) - CALIBRATION_BATCH + 1, CALIBRATION_BATCH))
+            self._it = iter(range(0, len(patches) - batch + 1, batch))
 
         def get_next(self):
             start = next(self._it, None)
-            return None if start is None else {"patches": patches[start : start + CALIBRATION_BATCH]}
+            return None if start is None else {"patches": patches[start : start + batch]}
 
     graph = onnx.load(str(source), load_external_data=False).graph
     keep_fp32 = sorted(preprocessing_nodes(graph))
@@ -205,6 +209,31 @@ def structure_of(path: Path) -> dict:
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
     left = sum(1 for n in quantized.node if n.op_type in MATMUL_OR_CONV) - sum(ops.values())
     return {"quantized_ops": ops, "float_matmul_or_conv_ops": left}
+
+
+def calibration_batch(source: Path, available: int | None = None) -> int:
+    """Patches per calibration run: ``CALIBRATION_BATCH`` where memory allows, fewer for large graphs.
+
+    ONNX Runtime calibrates on a copy of the graph with a ReduceMin and a ReduceMax on every tensor, and
+    its peak memory grows with the batch, not with the number of patches. Measured on UNI (ViT-L, 1.2 GB
+    of weights, 48 or 64 patches): batch 16 peaked at 24.2 GB (the OOM killer's, on this 24 GB box),
+    batch 4 at 9.2 GB, batch 1 at 7.9 GB; so about (6.5 + batch) x the weights. MinMax ranges are the
+    minimum and maximum over every patch whatever the batches, so the graph made is the same."""
+    weights = sum(f.stat().st_size for f in (source, source.with_name(source.name + ".data")) if f.is_file())
+    if available is None:
+        available = _available_memory()
+    fits = int(CALIBRATION_MEMORY_SHARE * available / max(weights, 1) - CALIBRATION_FLOOR)
+    return max(1, min(CALIBRATION_BATCH, fits))
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 << 30  # unknown: assume a 16 GB box
 
 
 def quantizable_ops(source: Path) -> list[str]:
