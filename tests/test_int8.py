@@ -77,6 +77,8 @@ def test_gate_figures_are_in_the_manifest_and_verify_checks_the_artifact(int8_re
     assert abs(down["c_index_change"] - (down["c_index_int8"] - down["c_index_fp32"])) < 1e-12
     assert entry.details["calibration"]["slides"] == [cmu_svs.name] and entry.details["calibration"]["patches"] == 192
     assert entry.details["quantized_ops"]["Conv"] == 20 and entry.details["float_matmul_or_conv_ops"] == 0
+    corrected = entry.details["bias_correction"]  # on by default: every INT8 convolution's bias corrected
+    assert corrected["ops"] == 20 and corrected["skipped"] == [] and corrected["rounds"] == 2
     out = run_cli("verify", "--repo", repo, "--model", ENCODER, "--engine", INT8_KEY)
     assert out.returncode == 0, out.stderr
     parity = ModelRepository(repo).version(ENCODER).info.parity[INT8_KEY]
@@ -113,10 +115,11 @@ def test_force_keeps_a_failed_artifact_which_only_a_named_engine_serves(fp32_rep
     repo, cohort_dir, case = fp32_repo
     repo = _copy(repo, tmp_path)
     add_engine(repo, ENCODER, INT8_KEY, calibration=cmu_svs, calibration_patches=64, min_spearman=1.01, force=True,
-               fp32_fallback=0)
+               fp32_fallback=0, bias_correction=False)
     mv = ModelRepository(repo).version(ENCODER)
     gate = mv.info.engines[INT8_KEY].details["gate"]
     assert mv.info.engines[INT8_KEY].details["fp32_fallback"] == {"fp32_ops": [], "max_share": 0, "searched": False}
+    assert mv.info.engines[INT8_KEY].details["bias_correction"] is None
     assert gate["passed"] is False and gate["forced"] is True and "risk rank correlation" in gate["failed"][0]
     assert load_engine(mv, "auto").key == "onnxruntime"
     assert "accuracy gates failed at export" in why_unusable(mv, INT8_KEY, for_auto=True)
@@ -136,6 +139,11 @@ def test_cli_refuses_int8_without_calibration_and_misplaced_flags(tmp_path, caps
     assert "--calibration goes with --encoder --int8" in capsys.readouterr().err
     assert main(["export", "--repo", str(tmp_path / "r"), "--encoder", "resnet18", "--fp32-fallback", "0.2"]) == 2
     assert "--fp32-fallback goes with --encoder --int8" in capsys.readouterr().err
+    assert main(["export", "--repo", str(tmp_path / "r"), "--encoder", "resnet18", "--no-bias-correction"]) == 2
+    assert "--no-bias-correction goes with --encoder --int8" in capsys.readouterr().err
+    assert main(["export", "--repo", str(tmp_path / "r"), "--name", "x", "--add-engine", "tensorrt",
+                 "--no-bias-correction"]) == 2
+    assert "--no-bias-correction do not apply to tensorrt" in capsys.readouterr().err
 
 
 def test_a_missed_gate_is_met_by_keeping_the_most_sensitive_ops_fp32(fp32_repo, int8_repo, cmu_svs, tmp_path):

@@ -51,6 +51,8 @@ def add_parser(sub) -> None:
                    "serves it, --encoder-engine onnxruntime_int8 does)")
     q.add_argument("--fp32-fallback", type=float, metavar="SHARE", help="where the all-INT8 graph misses a gate, keep "
                    "its most sensitive ops FP32, as few as pass and at most this share of them (default 0.5; 0: none)")
+    q.add_argument("--no-bias-correction", action="store_true", help="leave out the bias correction of the INT8 "
+                   "weights (on by default: each layer's bias takes out the mean shift its rounded weights cause)")
     run = p.add_argument_group("with --run")
     run.add_argument("--fold", type=int, help="a cross-validated run: export fold K's model (folds/K) instead of the "
                      "model refitted on every patient")
@@ -120,7 +122,8 @@ def run_export(args: argparse.Namespace) -> int:
         "--int8": args.int8 and not args.encoder,
         **{flag: given and not (args.int8 or args.add_engine) for flag, given in (
             ("--calibration", args.calibration is not None), ("--calibration-patches", args.calibration_patches is not None),
-            ("--force", args.force), ("--fp32-fallback", args.fp32_fallback is not None))},
+            ("--force", args.force), ("--fp32-fallback", args.fp32_fallback is not None),
+            ("--no-bias-correction", args.no_bias_correction))},
     }
     for flag, wrong in misplaced.items():
         if wrong:
@@ -152,7 +155,7 @@ def _goes_with(flag: str) -> str:
 
     if flag in ("--weights", "--patch-size", "--mpp", "--int8"):
         return "--encoder"
-    if flag in ("--calibration", "--calibration-patches", "--force", "--fp32-fallback"):
+    if flag in ("--calibration", "--calibration-patches", "--force", "--fp32-fallback", "--no-bias-correction"):
         return "--encoder --int8, or --add-engine onnxruntime_int8"
     if flag in ("--artifacts", "--fold", "--survival-times", "--risk-groups"):
         return "--run"
@@ -205,4 +208,4 @@ def _export_encoder(args: argparse.Namespace) -> int:
 
 def _int8_options(args: argparse.Namespace) -> dict:
     return {"calibration": args.calibration, "calibration_patches": args.calibration_patches, "force": args.force or None,
-            "fp32_fallback": args.fp32_fallback}
+            "fp32_fallback": args.fp32_fallback, "bias_correction": False if args.no_bias_correction else None}

@@ -176,7 +176,8 @@ def _build_encoder_int8(ctx: BuildContext, path: Path) -> EngineEntry:
     if ctx.version is None:
         raise InputError("an INT8 encoder is built into a published version: histosurv export --add-engine "
                          "onnxruntime_int8 --calibration SLIDES (or export --encoder NAME --int8 --calibration SLIDES)")
-    gates = {k: ctx.options[k] for k in ("min_cosine", "min_spearman", "fp32_fallback") if ctx.options.get(k) is not None}
+    gates = {k: ctx.options[k] for k in ("min_cosine", "min_spearman", "fp32_fallback", "bias_correction")
+             if ctx.options.get(k) is not None}
     return build_int8_encoder(ctx.version, path, ctx.options.get("calibration"), ctx.options.get("calibration_patches"),
                               force=bool(ctx.options.get("force")), log=ctx.log, **gates)
 
@@ -213,7 +214,8 @@ ARTIFACTS: tuple[Artifact, ...] = (
              "calibrated on tissue patches of --calibration's slides; kept only where its accuracy gates pass (or "
              "--force, recorded), served by auto only where they passed",
              "on_target", _build_encoder_int8, _fixed("onnxruntime_int8", "model.int8.onnx"),
-             options=("calibration", "calibration_patches", "force", "min_cosine", "min_spearman", "fp32_fallback")),
+             options=("calibration", "calibration_patches", "force", "min_cosine", "min_spearman", "fp32_fallback",
+                      "bias_correction")),
 )
 
 

@@ -10,6 +10,8 @@ The artifact (``onnxruntime_int8``, ``model.int8.onnx``) is made from the versio
   patches); the preprocessing (uint8 -> normalised float, a ViT's resize) stays FP32. On x86 CPUs without
   VNNI, ONNX Runtime's U8S8 kernels can saturate (``vpmaddubsw`` adds two u8 x s8 products in 16 bits), and
   its documentation recommends 7-bit weights (``reduce_range``) there; with VNNI (or AMX) 8 bits are exact;
+* each INT8 layer's bias then takes out the mean shift its rounded weights cause, measured on the
+  calibration patches (:mod:`.bias_correction`; ``bias_correction=False``, ``--no-bias-correction``: not);
 * gates, measured on the held-back patches: the smallest per-patch cosine of INT8 vs FP32 features
   (``MIN_COSINE``; the 1st percentile and mean are reported too), and the effect on a survival model
   trained on FP32 features (:func:`downstream_effect`: risk rank correlation ``MIN_SPEARMAN`` and the
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.atomic import atomic_path
+from .bias_correction import bias_correction_record, correct_biases
 from ..errors import HistosurvError, InputError
 from ..runtime.manifest import EngineEntry
 from ..runtime.slides.tiler import GridConfig
@@ -159,11 +162,13 @@ def _shifted_grids(plan, reader):
 
 
 def quantize_encoder(source: Path, path: Path, patches: np.ndarray, settings: dict, exclude=(), only=None,
-                     ranges: Path | None = None) -> dict:
+                     ranges: Path | None = None, bias_correction: bool = True) -> dict:
     """model.int8.onnx at ``path`` from the FP32 graph ``source``, activation ranges from ``patches``;
     ``exclude`` ops left FP32, or ``only`` these quantised. ``ranges``: a file the calibrated ranges are
     kept in (written by the first call, reused by the next: the fallback re-quantises in a second, where
-    calibrating again would take minutes). Returns what was quantised (op counts) for the record."""
+    calibrating again would take minutes). ``bias_correction``: each INT8 layer's bias takes out the mean
+    shift of its rounded weights, measured on ``patches`` (:mod:`.bias_correction`). Returns what was
+    quantised (op counts) for the record."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -191,6 +196,8 @@ def quantize_encoder(source: Path, path: Path, patches: np.ndarray, settings: di
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": 99.99},
             calibration_cache_path=None if ranges is None else str(ranges),
         )
+        if bias_correction:
+            correct_biases(source, tmp, patches)
         onnx.checker.check_model(str(tmp))
     return {**structure_of(path), "fp32_preprocessing_nodes": len(keep_fp32)}
 
@@ -199,7 +206,8 @@ def structure_of(path: Path) -> dict:
     """How many of a QDQ graph's Conv/MatMul/Gemm ops take dequantised INT8 inputs, and how many not."""
     import onnx
 
-    quantized = onnx.load(str(path), load_external_data=False).graph
+    model = onnx.load(str(path), load_external_data=False)
+    quantized = model.graph
     dq_inputs = {n.output[0] for n in quantized.node if n.op_type == "DequantizeLinear"}
     ops: dict[str, int] = {}
     for n in quantized.node:
@@ -208,7 +216,10 @@ def structure_of(path: Path) -> dict:
         if n.op_type in MATMUL_OR_CONV and all(i in dq_inputs for i in n.input[:2]):
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
     left = sum(1 for n in quantized.node if n.op_type in MATMUL_OR_CONV) - sum(ops.values())
-    return {"quantized_ops": ops, "float_matmul_or_conv_ops": left}
+    corrected = bias_correction_record(model)
+    if corrected is not None:  # the op names are in the graph's metadata; the record keeps the counts
+        corrected = {**corrected, "ops": len(corrected["ops"])}
+    return {"quantized_ops": ops, "float_matmul_or_conv_ops": left, "bias_correction": corrected}
 
 
 def calibration_batch(source: Path, available: int | None = None) -> int:
@@ -394,7 +405,8 @@ def judge(reference: tuple[np.ndarray, np.ndarray], f8: np.ndarray, min_cosine: 
 
 def build_int8_encoder(version, path: Path, calibration=None, calibration_patches_count: int | None = None,
                        force: bool = False, min_cosine: float = MIN_COSINE, min_spearman: float = MIN_SPEARMAN,
-                       fp32_fallback: float | None = None, seed: int = 0, log=lambda _: None) -> EngineEntry:
+                       fp32_fallback: float | None = None, bias_correction: bool = True, seed: int = 0,
+                       log=lambda _: None) -> EngineEntry:
     """The INT8 artifact of encoder ``version`` at ``path``: calibrate, quantise, measure the gates; where
     the all-INT8 graph misses them, keep its most sensitive ops FP32 (at most ``fp32_fallback`` of them,
     :mod:`.int8_fallback`) and measure again; a missed gate removes the file and raises
@@ -422,11 +434,12 @@ def build_int8_encoder(version, path: Path, calibration=None, calibration_patche
     calibrate, held_out = patches[held:], patches[:held]
     settings = quantization_settings()
     log(f"quantising ({settings['format']}, {settings['weights']}, activations {settings['activations']}, "
-        f"{len(calibrate)} calibration patches; CPU {settings['cpu_isa']}) ...")
+        f"{len(calibrate)} calibration patches{', bias-corrected' if bias_correction else ''}; "
+        f"CPU {settings['cpu_isa']}) ...")
     with tempfile.TemporaryDirectory(prefix="histosurv-int8-") as tmp:
         ranges = Path(tmp) / "ranges.json"
         t0 = time.perf_counter()
-        structure = quantize_encoder(source, path, calibrate, settings, ranges=ranges)
+        structure = quantize_encoder(source, path, calibrate, settings, ranges=ranges, bias_correction=bias_correction)
         seconds = time.perf_counter() - t0
         log(f"measuring the gates on {len(held_out)} held-back patches ...")
         gate = measure_gates(source, path, held_out, calibrate, min_cosine, min_spearman, seed)
@@ -434,7 +447,7 @@ def build_int8_encoder(version, path: Path, calibration=None, calibration_patche
         fallback = None
         if not gate["passed"]:
             fallback = search_fallback(source, path, calibrate, settings, ranges, share, min_cosine, min_spearman,
-                                       seed, log)
+                                       seed, log, bias_correction)
         if fallback is not None:
             all_int8 = {k: gate[k] for k in ("cosine_min", "cosine_p1", "passed", "failed")}
             all_int8["spearman"] = gate["downstream"]["spearman"]

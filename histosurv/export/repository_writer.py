@@ -160,8 +160,8 @@ def add_engine(
     options = {k: v for k, v in options.items() if v is not None}
     foreign = sorted(k for k in options if k not in entry.options)
     if foreign:  # a flag another role's artifact of this name takes (--precision: encoders' torch, not survival's)
-        takes = ", ".join(f"--{o.replace('_', '-')}" for o in entry.options) or "no options"
-        raise InputError(f"{', '.join('--' + k.replace('_', '-') for k in foreign)} do not apply to the {engine} artifact "
+        takes = ", ".join(_flag(o) for o in entry.options) or "no options"
+        raise InputError(f"{', '.join(_flag(k) for k in foreign)} do not apply to the {engine} artifact "
                          f"of {'a patch encoder' if mv.is_encoder else 'a survival model'} (it takes {takes})")
     key, file = entry.target(options)
     if key in mv.info.engines and not replace:
@@ -178,6 +178,11 @@ def add_engine(
     return publish_version(repository, manifest, mv.version, info), key
 
 
+def _flag(option: str) -> str:
+    """The command line's flag for an artifact option (bias_correction, on by default, is turned off)."""
+    return "--no-bias-correction" if option == "bias_correction" else "--" + option.replace("_", "-")
+
+
 def _check_options(engine: str, options: dict) -> None:
     kinds = [a for a in ARTIFACTS if a.name == engine]
     if not kinds:
@@ -185,10 +190,10 @@ def _check_options(engine: str, options: dict) -> None:
     takes = {o for a in kinds for o in a.options}
     foreign = sorted(k for k, v in options.items() if v is not None and k not in takes)
     if foreign:
-        flags = ", ".join("--" + f.replace("_", "-") for f in foreign)
+        flags = ", ".join(_flag(f) for f in foreign)
         owners = sorted({a.name for a in ARTIFACTS for f in foreign if f in a.options})
         goes = f"; they go with --add-engine {' or '.join(owners)}" if owners else ""
-        listed = ", ".join(f"--{o.replace('_', '-')}" for o in sorted(takes)) or "no options"
+        listed = ", ".join(_flag(o) for o in sorted(takes)) or "no options"
         raise InputError(f"{flags} do not apply to {engine} (it takes {listed}){goes}")
 
 
