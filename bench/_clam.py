@@ -4,6 +4,9 @@ CLAM's extract_features_fp.py, as it runs on a box without a GPU: one OpenSlide 
 at level 0 (a 512 px window for 256 px at 0.5 µm/px on a 0.25 µm/px slide), PIL resize to 224, eager
 PyTorch FP32, one process. histosurv: the same grid of tissue patches (same coordinates), cuCIM batched
 reads with read-ahead, the encoder in ONNX Runtime (FP32 ``onnxruntime``, INT8 ``onnxruntime_int8``).
+The INT8 row is the all-INT8 graph, kept whatever its gates say (INT8 at its fastest); ``--int8-gated``
+adds the graph ``histosurv export --int8`` keeps: the FP32 fallback, refused where its gates fail
+(built in a second repository, as a version holds one INT8 graph).
 The tissue mask and grid are made once and excluded from every row; the rows are interleaved (CLAM,
 FP32, INT8, twice) and the best of the two passes is kept, so the ratios come from one run. CLAM's
 network sees 224 px patches and histosurv's 256 px (as each is run), so CLAM does 23% fewer FLOPs a patch.
@@ -44,7 +47,11 @@ def clam_recipe(path: Path, coords: np.ndarray, size0: int, model, batch_size: i
     return time.perf_counter() - t0
 
 
-def _ensure_int8(repo: Path, model: str, calibration: Path | None, log=print) -> bool:
+def _ensure_int8(repo: Path, model: str, calibration: Path | None, log=print, gated: bool = False) -> bool:
+    """Builds the INT8 encoder into ``repo`` unless it is there: the all-INT8 graph, kept whatever its gates
+    say, or (``gated``) the graph the export keeps, with its FP32 fallback. False where it cannot be built
+    (no calibration slides; a gated graph whose gates failed)."""
+    from histosurv.export.quantize import QuantizationGateError
     from histosurv.export.repository_writer import add_engine
     from histosurv.runtime.repository import ModelRepository
 
@@ -53,27 +60,47 @@ def _ensure_int8(repo: Path, model: str, calibration: Path | None, log=print) ->
     if calibration is None:
         log("no --svs or --int8-calibration: no INT8 rows")
         return False
-    log(f"building the INT8 encoder of {model}, calibrated on {calibration} (once, not timed) ...")
-    # the all-INT8 graph, kept whatever its gates say: these benches time the slide path with INT8 at its
-    # fastest; what the gates and the FP32 fallback cost is bench/int8_encoders.py's to measure
-    add_engine(repo, model, "onnxruntime_int8", calibration=calibration, force=True, fp32_fallback=0, log=log)
+    kind = "the gated INT8 graph (FP32 fallback)" if gated else "the all-INT8 graph"
+    log(f"building {kind} of {model}, calibrated on {calibration} (once, not timed) ...")
+    if not gated:
+        # these benches time the slide path with INT8 at its fastest; what the gates and the FP32 fallback
+        # cost is bench/int8_encoders.py's and --int8-gated's to measure
+        add_engine(repo, model, "onnxruntime_int8", calibration=calibration, force=True, fp32_fallback=0, log=log)
+        return True
+    try:
+        add_engine(repo, model, "onnxruntime_int8", calibration=calibration, log=log)
+    except QuantizationGateError as e:
+        log(f"no gated INT8 row: {e}")
+        return False
     return True
 
 
+def _fallback_label(gate) -> str:
+    fallback = (gate.details or {}).get("fp32_fallback") or {}
+    kept = len(fallback.get("fp32_ops") or [])
+    total = fallback.get("of_ops")
+    return f"{kept} of {total} ops FP32" if total else f"{kept} ops FP32"
+
+
 def bench_clam(path: Path, repo: Path, encoder: str, slide_name: str, count: int, batch_size: int, workers: int,
-               calibration: Path | None) -> list[dict]:
+               calibration: Path | None, gated: bool = False) -> list[dict]:
     from _fixtures import ensure_encoder
     from histosurv.export.encoder_export import encoder_from_version
     from histosurv.runtime.pipeline import PatchEncoder, SlideConfig, featurize_slide
     from histosurv.runtime.repository import ModelRepository
 
     model = ensure_encoder(repo, encoder, log=print)
-    engines = ["onnxruntime"] + (["onnxruntime_int8"] if _ensure_int8(repo, model, calibration) else [])
-    encoders = {key: PatchEncoder.from_repository(repo, model, engine=key) for key in engines}
+    labels = {"histosurv FP32": (repo, "onnxruntime")}
+    if _ensure_int8(repo, model, calibration):
+        labels["histosurv INT8"] = (repo, "onnxruntime_int8")
+    gated_repo = repo.with_name(repo.name + "_gated")
+    if gated and ensure_encoder(gated_repo, encoder, log=print) and _ensure_int8(gated_repo, model, calibration, gated=True):
+        gate = ModelRepository(gated_repo).version(model).info.engines["onnxruntime_int8"]
+        labels[f"histosurv INT8 gated ({_fallback_label(gate)})"] = (gated_repo, "onnxruntime_int8")
+    encoders = {label: PatchEncoder.from_repository(where, model, engine=key) for label, (where, key) in labels.items()}
     mv = ModelRepository(repo).version(model)
-    gate = mv.info.engines.get("onnxruntime_int8")
     torch_model = encoder_from_version(mv)
-    first = encoders["onnxruntime"]
+    first = encoders["histosurv FP32"]
     plan = _plan(path, first.patch_size, first.mpp, count)
     config = SlideConfig(batch_size=batch_size, num_workers=workers)
     size0 = plan.grid.size_level0
@@ -81,8 +108,7 @@ def bench_clam(path: Path, repo: Path, encoder: str, slide_name: str, count: int
     for _ in range(2):  # interleaved passes; the first also warms the page cache and the sessions
         best["CLAM recipe (torch FP32)"] = min(best.get("CLAM recipe (torch FP32)", 1e9),
                                                clam_recipe(path, plan.grid.coords, size0, torch_model, batch_size))
-        for key, enc in encoders.items():
-            label = f"histosurv {'INT8' if key.endswith('int8') else 'FP32'}"
+        for label, enc in encoders.items():
             t0 = time.perf_counter()
             featurize_slide(path, enc, config, plan=plan)
             best[label] = min(best.get(label, 1e9), time.perf_counter() - t0)
@@ -90,8 +116,10 @@ def bench_clam(path: Path, repo: Path, encoder: str, slide_name: str, count: int
     rows = [{"part": "clam", "slide": slide_name, "method": k, "patches": len(plan.grid), "level": plan.grid.level,
              "read_px": plan.grid.read_size, "total_s": v, "patches_per_s": len(plan.grid) / v, "vs_clam": base / v}
             for k, v in best.items()]
-    if gate is not None:
-        print(f"INT8 gate of {model}: {gate.details.get('gate')}")
+    for label, (where, key) in labels.items():
+        if key == "onnxruntime_int8":
+            built = ModelRepository(where).version(model).info.engines[key]
+            print(f"{label}: gate {built.details.get('gate')}")
     return rows
 
 

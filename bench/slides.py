@@ -105,6 +105,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "same PATCHES tissue patches of each slide (evenly spaced over its grid)")
     p.add_argument("--int8-calibration", type=Path, help="--clam, --int8: slides to calibrate the INT8 encoder on "
                    "(default: --svs)")
+    p.add_argument("--int8-gated", action="store_true", help="clam part: also race the INT8 graph that `histosurv "
+                   "export --int8` keeps (its most sensitive ops FP32 until the accuracy gates pass; no row where they "
+                   "fail even so), beside the all-INT8 graph")
     args = p.parse_args(argv)
     if "readers" in args.parts and tiffslide is None:
         p.error("the readers part compares tiffslide, which is not installed (pip install tiffslide, or --parts pipeline)")
@@ -145,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             clam_rows = []
             for name, path in slides:
                 clam_rows += bench_clam(path, workdir / "bench_repository", args.encoder, name, args.clam, args.batch_size,
-                                        args.workers, args.int8_calibration or args.svs)
+                                        args.workers, args.int8_calibration or args.svs, gated=args.int8_gated)
             print_clam_table(clam_rows)
             rows += clam_rows
     if args.json:
