@@ -53,8 +53,9 @@ def graphs(tmp_path_factory):
     patches = (0.6 + 0.4 * rng.random((48, 3, 16, 16))).astype(np.float32)
     settings = quantization_settings()
     plain, corrected = root / "plain.onnx", root / "corrected.onnx"
-    quantize_encoder(source, plain, patches, settings, bias_correction=False)
-    quantize_encoder(source, corrected, patches, settings)
+    # nearest rounding in both: the module under test alone (GPTQ's rounding is tests/test_gptq.py's)
+    quantize_encoder(source, plain, patches, settings, bias_correction=False, weight_rounding="nearest")
+    quantize_encoder(source, corrected, patches, settings, weight_rounding="nearest")
     return source, plain, corrected, patches
 
 
@@ -114,7 +115,7 @@ def test_an_fp32_layer_is_left_alone_and_the_graph_is_rewritten_whole(graphs, tm
     keep = _names(source)
     kept = next(v for k, v in keep.items() if "grouped" in k)
     path = tmp_path / "partial.onnx"
-    quantize_encoder(source, path, patches, quantization_settings(), exclude=[kept])
+    quantize_encoder(source, path, patches, quantization_settings(), exclude=[kept], weight_rounding="nearest")
     record = bias_correction_record(path)
     assert kept not in record["ops"] and len(record["ops"]) == 3
     graph = onnx.load(str(path)).graph

@@ -79,6 +79,8 @@ def test_gate_figures_are_in_the_manifest_and_verify_checks_the_artifact(int8_re
     assert entry.details["quantized_ops"]["Conv"] == 20 and entry.details["float_matmul_or_conv_ops"] == 0
     corrected = entry.details["bias_correction"]  # on by default: every INT8 convolution's bias corrected
     assert corrected["ops"] == 20 and corrected["skipped"] == [] and corrected["rounds"] == 2
+    rounded = entry.details["weight_rounding"]  # GPTQ by default: every INT8 convolution's weights
+    assert rounded["ops"] == 20 and rounded["skipped"] == [] and rounded["output_error_gptq"] < rounded["output_error_nearest"]
     out = run_cli("verify", "--repo", repo, "--model", ENCODER, "--engine", INT8_KEY)
     assert out.returncode == 0, out.stderr
     parity = ModelRepository(repo).version(ENCODER).info.parity[INT8_KEY]
@@ -106,7 +108,10 @@ def test_a_missed_gate_refuses_the_artifact(fp32_repo, cmu_svs, tmp_path):
     # the fallback runs first (48 calibration patches are enough to judge on) and cannot reach 1.01 either
     with pytest.raises(QuantizationGateError, match=r"smallest per-patch cosine 0\.9\d+ < 1\.01\); with the \d+ "
                        r"most sensitive of \d+ ops in FP32 \(--fp32-fallback 0\.5\) as well.*--force"):
-        add_engine(repo, ENCODER, INT8_KEY, calibration=cmu_svs, calibration_patches=64, min_cosine=1.01)
+        # nearest rounding: the refusal is what is tested, and GPTQ in each of the search's tries (every one,
+        # up to half the ops) would add minutes
+        add_engine(repo, ENCODER, INT8_KEY, calibration=cmu_svs, calibration_patches=64, min_cosine=1.01,
+                   weight_rounding="nearest")
     assert not (repo / ENCODER / "1" / INT8_FILE).exists()
     assert (repo / ENCODER / "histosurv.json").read_text() == before
 
@@ -115,11 +120,12 @@ def test_force_keeps_a_failed_artifact_which_only_a_named_engine_serves(fp32_rep
     repo, cohort_dir, case = fp32_repo
     repo = _copy(repo, tmp_path)
     add_engine(repo, ENCODER, INT8_KEY, calibration=cmu_svs, calibration_patches=64, min_spearman=1.01, force=True,
-               fp32_fallback=0, bias_correction=False)
+               fp32_fallback=0, bias_correction=False, weight_rounding="nearest")
     mv = ModelRepository(repo).version(ENCODER)
     gate = mv.info.engines[INT8_KEY].details["gate"]
     assert mv.info.engines[INT8_KEY].details["fp32_fallback"] == {"fp32_ops": [], "max_share": 0, "searched": False}
     assert mv.info.engines[INT8_KEY].details["bias_correction"] is None
+    assert mv.info.engines[INT8_KEY].details["weight_rounding"] is None
     assert gate["passed"] is False and gate["forced"] is True and "risk rank correlation" in gate["failed"][0]
     assert load_engine(mv, "auto").key == "onnxruntime"
     assert "accuracy gates failed at export" in why_unusable(mv, INT8_KEY, for_auto=True)
@@ -144,6 +150,11 @@ def test_cli_refuses_int8_without_calibration_and_misplaced_flags(tmp_path, caps
     assert main(["export", "--repo", str(tmp_path / "r"), "--name", "x", "--add-engine", "tensorrt",
                  "--no-bias-correction"]) == 2
     assert "--no-bias-correction do not apply to tensorrt" in capsys.readouterr().err
+    assert main(["export", "--repo", str(tmp_path / "r"), "--encoder", "resnet18", "--weight-rounding", "nearest"]) == 2
+    assert "--weight-rounding goes with --encoder --int8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(["export", "--repo", str(tmp_path / "r"), "--encoder", "resnet18", "--int8", "--weight-rounding", "up"])
+    assert "invalid choice: 'up' (choose from gptq, nearest)" in capsys.readouterr().err.replace("'gptq', 'nearest'", "gptq, nearest")
 
 
 def test_a_missed_gate_is_met_by_keeping_the_most_sensitive_ops_fp32(fp32_repo, int8_repo, cmu_svs, tmp_path):
@@ -234,6 +245,6 @@ def test_calibration_batches_shrink_for_large_graphs_and_do_not_change_the_graph
     graphs = {}
     for batch in (16, 4):
         monkeypatch.setattr(quantize, "calibration_batch", lambda _source, b=batch: b)
-        quantize.quantize_encoder(source, tmp_path / f"b{batch}.onnx", patches, settings)
+        quantize.quantize_encoder(source, tmp_path / f"b{batch}.onnx", patches, settings, weight_rounding="nearest")
         graphs[batch] = (tmp_path / f"b{batch}.onnx").read_bytes()
     assert graphs[16] == graphs[4]

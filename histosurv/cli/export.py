@@ -12,6 +12,7 @@ import inspect
 
 def add_parser(sub) -> None:
     from ..export.artifacts import ARTIFACTS, default_artifacts
+    from ..export.gptq import WEIGHT_ROUNDINGS
     from ..export.models.encoders import ENCODERS
     from ..export.tensorrt_build import build_plan
 
@@ -53,6 +54,8 @@ def add_parser(sub) -> None:
                    "its most sensitive ops FP32, as few as pass and at most this share of them (default 0.5; 0: none)")
     q.add_argument("--no-bias-correction", action="store_true", help="leave out the bias correction of the INT8 "
                    "weights (on by default: each layer's bias takes out the mean shift its rounded weights cause)")
+    q.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, help="how the INT8 weights are rounded: gptq "
+                   "(default: each layer's rounding errors compensated on its calibration inputs, GPTQ) or nearest")
     run = p.add_argument_group("with --run")
     run.add_argument("--fold", type=int, help="a cross-validated run: export fold K's model (folds/K) instead of the "
                      "model refitted on every patient")
@@ -123,7 +126,7 @@ def run_export(args: argparse.Namespace) -> int:
         **{flag: given and not (args.int8 or args.add_engine) for flag, given in (
             ("--calibration", args.calibration is not None), ("--calibration-patches", args.calibration_patches is not None),
             ("--force", args.force), ("--fp32-fallback", args.fp32_fallback is not None),
-            ("--no-bias-correction", args.no_bias_correction))},
+            ("--no-bias-correction", args.no_bias_correction), ("--weight-rounding", args.weight_rounding is not None))},
     }
     for flag, wrong in misplaced.items():
         if wrong:
@@ -155,7 +158,8 @@ def _goes_with(flag: str) -> str:
 
     if flag in ("--weights", "--patch-size", "--mpp", "--int8"):
         return "--encoder"
-    if flag in ("--calibration", "--calibration-patches", "--force", "--fp32-fallback", "--no-bias-correction"):
+    if flag in ("--calibration", "--calibration-patches", "--force", "--fp32-fallback", "--no-bias-correction",
+                "--weight-rounding"):
         return "--encoder --int8, or --add-engine onnxruntime_int8"
     if flag in ("--artifacts", "--fold", "--survival-times", "--risk-groups"):
         return "--run"
@@ -208,4 +212,5 @@ def _export_encoder(args: argparse.Namespace) -> int:
 
 def _int8_options(args: argparse.Namespace) -> dict:
     return {"calibration": args.calibration, "calibration_patches": args.calibration_patches, "force": args.force or None,
-            "fp32_fallback": args.fp32_fallback, "bias_correction": False if args.no_bias_correction else None}
+            "fp32_fallback": args.fp32_fallback, "bias_correction": False if args.no_bias_correction else None,
+            "weight_rounding": args.weight_rounding}

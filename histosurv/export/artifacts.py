@@ -176,7 +176,8 @@ def _build_encoder_int8(ctx: BuildContext, path: Path) -> EngineEntry:
     if ctx.version is None:
         raise InputError("an INT8 encoder is built into a published version: histosurv export --add-engine "
                          "onnxruntime_int8 --calibration SLIDES (or export --encoder NAME --int8 --calibration SLIDES)")
-    gates = {k: ctx.options[k] for k in ("min_cosine", "min_spearman", "fp32_fallback", "bias_correction")
+    gates = {k: ctx.options[k] for k in ("min_cosine", "min_spearman", "fp32_fallback", "bias_correction",
+                                            "weight_rounding")
              if ctx.options.get(k) is not None}
     return build_int8_encoder(ctx.version, path, ctx.options.get("calibration"), ctx.options.get("calibration_patches"),
                               force=bool(ctx.options.get("force")), log=ctx.log, **gates)
@@ -215,7 +216,7 @@ ARTIFACTS: tuple[Artifact, ...] = (
              "--force, recorded), served by auto only where they passed",
              "on_target", _build_encoder_int8, _fixed("onnxruntime_int8", "model.int8.onnx"),
              options=("calibration", "calibration_patches", "force", "min_cosine", "min_spearman", "fp32_fallback",
-                      "bias_correction")),
+                      "bias_correction", "weight_rounding")),
 )
 
 

@@ -51,9 +51,10 @@ def rank_by_sensitivity(source: Path, patches: np.ndarray, settings: dict, range
     trial = workdir / "one.onnx"
     scored = []
     for group in groups:
-        # uncorrected: the ranking asks whose rounding hurts most, and a correction would cost a pass of
-        # the graph over the patches for every group
-        quantize_encoder(source, trial, patches, settings, only=group, ranges=ranges, bias_correction=False)
+        # nearest rounding, uncorrected: the ranking asks whose rounding hurts most, and GPTQ or a correction
+        # would cost a pass of the graph over the patches for every group
+        quantize_encoder(source, trial, patches, settings, only=group, ranges=ranges, bias_correction=False,
+                         weight_rounding="nearest")
         noise = float(((features_of(trial, patches) - reference) ** 2).sum())
         scored.append((10 * np.log10(signal / noise) if noise > 0 else float("inf"), group))
     trial.unlink(missing_ok=True)
@@ -68,7 +69,7 @@ def _groups(ops: list[str]) -> list[list[str]]:
 def fp32_fallback(source: Path, path: Path, calibrate: np.ndarray, settings: dict, ranges: Path,
                   max_share: float = MAX_FP32_SHARE, min_cosine: float = MIN_COSINE,
                   min_spearman: float = MIN_SPEARMAN, seed: int = 0, log=lambda _: None,
-                  bias_correction: bool = True) -> dict | None:
+                  bias_correction: bool = True, weight_rounding: str = "gptq") -> dict | None:
     """Search for the fewest sensitive ops to keep FP32 (see the module's text); the graph that passed on
     the calibration patches is left at ``path``. Returns the record, with ``passed`` False (and the last
     graph tried at ``path``) where even ``max_share`` of the ops in FP32 did not pass; None where the
@@ -88,7 +89,8 @@ def fp32_fallback(source: Path, path: Path, calibrate: np.ndarray, settings: dic
     trail, figures, kept = [], None, []
     for groups in _steps(ranked, cap):
         kept = [op for _, group in ranked[:groups] for op in group]
-        quantize_encoder(source, path, calibrate, settings, exclude=kept, ranges=ranges, bias_correction=bias_correction)
+        quantize_encoder(source, path, calibrate, settings, exclude=kept, ranges=ranges, bias_correction=bias_correction,
+                         weight_rounding=weight_rounding)
         figures = _cross_fitted(reference, features_of(path, calibrate), min_cosine, min_spearman, seed)
         trail.append({"fp32_ops": len(kept), **figures})
         log(f"    {len(kept)} ops FP32: calibration patches' cosine min {figures['cosine_min']:.5f}, risk Spearman "

@@ -10,8 +10,10 @@ The artifact (``onnxruntime_int8``, ``model.int8.onnx``) is made from the versio
   patches); the preprocessing (uint8 -> normalised float, a ViT's resize) stays FP32. On x86 CPUs without
   VNNI, ONNX Runtime's U8S8 kernels can saturate (``vpmaddubsw`` adds two u8 x s8 products in 16 bits), and
   its documentation recommends 7-bit weights (``reduce_range``) there; with VNNI (or AMX) 8 bits are exact;
-* each INT8 layer's bias then takes out the mean shift its rounded weights cause, measured on the
-  calibration patches (:mod:`.bias_correction`; ``bias_correction=False``, ``--no-bias-correction``: not);
+* each INT8 layer's weights are then rounded by GPTQ, so that the layer's output on the calibration
+  patches stays close rather than each weight (:mod:`.gptq`; ``weight_rounding="nearest"``,
+  ``--weight-rounding nearest``: to the nearest step), and its bias takes out the mean shift its rounded
+  weights still cause (:mod:`.bias_correction`; ``bias_correction=False``, ``--no-bias-correction``: not);
 * gates, measured on the held-back patches: the smallest per-patch cosine of INT8 vs FP32 features
   (``MIN_COSINE``; the 1st percentile and mean are reported too), and the effect on a survival model
   trained on FP32 features (:func:`downstream_effect`: risk rank correlation ``MIN_SPEARMAN`` and the
@@ -36,6 +38,7 @@ import numpy as np
 
 from ..data.atomic import atomic_path
 from .bias_correction import bias_correction_record, correct_biases
+from .gptq import WEIGHT_ROUNDINGS, round_weights, weight_rounding_record
 from ..errors import HistosurvError, InputError
 from ..runtime.manifest import EngineEntry
 from ..runtime.slides.tiler import GridConfig
@@ -162,12 +165,13 @@ def _shifted_grids(plan, reader):
 
 
 def quantize_encoder(source: Path, path: Path, patches: np.ndarray, settings: dict, exclude=(), only=None,
-                     ranges: Path | None = None, bias_correction: bool = True) -> dict:
+                     ranges: Path | None = None, bias_correction: bool = True, weight_rounding: str = "gptq") -> dict:
     """model.int8.onnx at ``path`` from the FP32 graph ``source``, activation ranges from ``patches``;
     ``exclude`` ops left FP32, or ``only`` these quantised. ``ranges``: a file the calibrated ranges are
     kept in (written by the first call, reused by the next: the fallback re-quantises in a second, where
     calibrating again would take minutes). ``bias_correction``: each INT8 layer's bias takes out the mean
-    shift of its rounded weights, measured on ``patches`` (:mod:`.bias_correction`). Returns what was
+    shift of its rounded weights, measured on ``patches`` (:mod:`.bias_correction`). ``weight_rounding``:
+    "gptq" (:mod:`.gptq`, on ``patches``) or "nearest". Returns what was
     quantised (op counts) for the record."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -196,7 +200,9 @@ def quantize_encoder(source: Path, path: Path, patches: np.ndarray, settings: di
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": 99.99},
             calibration_cache_path=None if ranges is None else str(ranges),
         )
-        if bias_correction:
+        if weight_rounding == "gptq":
+            round_weights(source, tmp, patches)
+        if bias_correction:  # after GPTQ: the mean shift of the weights as they end up
             correct_biases(source, tmp, patches)
         onnx.checker.check_model(str(tmp))
     return {**structure_of(path), "fp32_preprocessing_nodes": len(keep_fp32)}
@@ -216,10 +222,14 @@ def structure_of(path: Path) -> dict:
         if n.op_type in MATMUL_OR_CONV and all(i in dq_inputs for i in n.input[:2]):
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
     left = sum(1 for n in quantized.node if n.op_type in MATMUL_OR_CONV) - sum(ops.values())
+    rounded = weight_rounding_record(model)
     corrected = bias_correction_record(model)
     if corrected is not None:  # the op names are in the graph's metadata; the record keeps the counts
         corrected = {**corrected, "ops": len(corrected["ops"])}
-    return {"quantized_ops": ops, "float_matmul_or_conv_ops": left, "bias_correction": corrected}
+    if rounded is not None:
+        rounded = {**rounded, "ops": len(rounded["ops"])}
+    return {"quantized_ops": ops, "float_matmul_or_conv_ops": left, "weight_rounding": rounded,
+            "bias_correction": corrected}
 
 
 def calibration_batch(source: Path, available: int | None = None) -> int:
@@ -405,7 +415,8 @@ def judge(reference: tuple[np.ndarray, np.ndarray], f8: np.ndarray, min_cosine: 
 
 def build_int8_encoder(version, path: Path, calibration=None, calibration_patches_count: int | None = None,
                        force: bool = False, min_cosine: float = MIN_COSINE, min_spearman: float = MIN_SPEARMAN,
-                       fp32_fallback: float | None = None, bias_correction: bool = True, seed: int = 0,
+                       fp32_fallback: float | None = None, bias_correction: bool = True,
+                       weight_rounding: str = WEIGHT_ROUNDINGS[0], seed: int = 0,
                        log=lambda _: None) -> EngineEntry:
     """The INT8 artifact of encoder ``version`` at ``path``: calibrate, quantise, measure the gates; where
     the all-INT8 graph misses them, keep its most sensitive ops FP32 (at most ``fp32_fallback`` of them,
@@ -420,6 +431,8 @@ def build_int8_encoder(version, path: Path, calibration=None, calibration_patche
     share = MAX_FP32_SHARE if fp32_fallback is None else fp32_fallback
     if not 0 <= share <= 1:
         raise InputError(f"--fp32-fallback is a share of the quantised ops, 0 to 1, not {share}")
+    if weight_rounding not in WEIGHT_ROUNDINGS:
+        raise InputError(f"--weight-rounding is one of {', '.join(WEIGHT_ROUNDINGS)}, not {weight_rounding!r}")
     source = version.path / version.info.engines["onnxruntime"].file if "onnxruntime" in version.info.engines else None
     if source is None or not source.is_file():
         raise InputError(f"{version.path}: no FP32 ONNX graph (model.onnx) to quantise")
@@ -434,12 +447,14 @@ def build_int8_encoder(version, path: Path, calibration=None, calibration_patche
     calibrate, held_out = patches[held:], patches[:held]
     settings = quantization_settings()
     log(f"quantising ({settings['format']}, {settings['weights']}, activations {settings['activations']}, "
-        f"{len(calibrate)} calibration patches{', bias-corrected' if bias_correction else ''}; "
+        f"{len(calibrate)} calibration patches{', GPTQ-rounded' if weight_rounding == 'gptq' else ''}"
+        f"{', bias-corrected' if bias_correction else ''}; "
         f"CPU {settings['cpu_isa']}) ...")
     with tempfile.TemporaryDirectory(prefix="histosurv-int8-") as tmp:
         ranges = Path(tmp) / "ranges.json"
         t0 = time.perf_counter()
-        structure = quantize_encoder(source, path, calibrate, settings, ranges=ranges, bias_correction=bias_correction)
+        structure = quantize_encoder(source, path, calibrate, settings, ranges=ranges, bias_correction=bias_correction,
+                                     weight_rounding=weight_rounding)
         seconds = time.perf_counter() - t0
         log(f"measuring the gates on {len(held_out)} held-back patches ...")
         gate = measure_gates(source, path, held_out, calibrate, min_cosine, min_spearman, seed)
@@ -447,7 +462,7 @@ def build_int8_encoder(version, path: Path, calibration=None, calibration_patche
         fallback = None
         if not gate["passed"]:
             fallback = search_fallback(source, path, calibrate, settings, ranges, share, min_cosine, min_spearman,
-                                       seed, log, bias_correction)
+                                       seed, log, bias_correction, weight_rounding)
         if fallback is not None:
             all_int8 = {k: gate[k] for k in ("cosine_min", "cosine_p1", "passed", "failed")}
             all_int8["spearman"] = gate["downstream"]["spearman"]
