@@ -35,6 +35,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration-patches", type=int, default=None, help="as export's --calibration-patches")
     p.add_argument("--fp32-fallback", type=float, default=None, help="as export's --fp32-fallback (default 0.5)")
     p.add_argument("--no-bias-correction", action="store_true", help="as export's --no-bias-correction")
+    p.add_argument("--weight-rounding", choices=("gptq", "nearest"), help="as export's --weight-rounding (default gptq)")
     p.add_argument("--batch", type=int, default=32, help="patches per call when timed (default 32)")
     p.add_argument("--patches", type=int, default=64, help="patches timed per pass (default 64)")
     p.add_argument("--repeat", type=int, default=2)
@@ -76,6 +77,7 @@ def measure(repo: Path, model: str, svs: Path, batch: int, count: int, repeat: i
         "float_ops": details["float_matmul_or_conv_ops"],
         "fallback_ops": len(details.get("fp32_fallback", {}).get("fp32_ops", [])),
         "bias_corrected": (details.get("bias_correction") or {}).get("ops", 0),
+        "gptq": (details.get("weight_rounding") or {}).get("ops", 0),
         "cosine_min": gate["cosine_min"], "cosine_p1": gate["cosine_p1"], "spearman": down["spearman"],
         "spearman_min": down["spearman_min"], "c_index_change": down["c_index_change"], "passed": gate["passed"],
         "failed": gate.get("failed", []), "held_out": gate["held_out_patches"],
@@ -105,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 t = time.perf_counter()
                 add_engine(repo, model, "onnxruntime_int8", calibration=args.svs, calibration_patches=args.calibration_patches,
                            fp32_fallback=args.fp32_fallback, bias_correction=False if args.no_bias_correction else None,
+                           weight_rounding=args.weight_rounding,
                            force=True, log=lambda m: print(f"  {m}", flush=True))
                 print(f"  built in {time.perf_counter() - t:.0f} s", flush=True)
             rows.append(measure(repo, model, args.svs, args.batch, args.patches, args.repeat))
@@ -114,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_rows(rows, [
         ("encoder", lambda r: r["encoder"]), ("quantised", lambda r: r["quantized_ops"]),
         ("left FP32", lambda r: str(r["float_ops"])), ("of which fallback", lambda r: str(r["fallback_ops"])),
-        ("bias-corrected", lambda r: str(r["bias_corrected"])),
+        ("GPTQ-rounded", lambda r: str(r["gptq"])), ("bias-corrected", lambda r: str(r["bias_corrected"])),
         ("cosine min", lambda r: cell(r["cosine_min"], ".5f")), ("cosine p1", lambda r: cell(r["cosine_p1"], ".5f")),
         ("Spearman", lambda r: cell(r["spearman"], ".4f")), ("worst", lambda r: cell(r["spearman_min"], ".4f")),
         ("Δ c-index", lambda r: cell(r["c_index_change"], "+.4f")), ("gates", lambda r: "passed" if r["passed"] else "failed"),
