@@ -83,7 +83,7 @@ def _fallback_label(gate) -> str:
 
 
 def bench_clam(path: Path, repo: Path, encoder: str, slide_name: str, count: int, batch_size: int, workers: int,
-               calibration: Path | None, gated: bool = False) -> list[dict]:
+               calibration: Path | None, gated: bool = False, passes: int = 2) -> list[dict]:
     from _fixtures import ensure_encoder
     from histosurv.export.encoder_export import encoder_from_version
     from histosurv.runtime.pipeline import PatchEncoder, SlideConfig, featurize_slide
@@ -105,7 +105,7 @@ def bench_clam(path: Path, repo: Path, encoder: str, slide_name: str, count: int
     config = SlideConfig(batch_size=batch_size, num_workers=workers)
     size0 = plan.grid.size_level0
     best: dict[str, float] = {}
-    for _ in range(2):  # interleaved passes; the first also warms the page cache and the sessions
+    for _ in range(max(2, passes)):  # interleaved; the first also warms the page cache and the sessions
         best["CLAM recipe (torch FP32)"] = min(best.get("CLAM recipe (torch FP32)", 1e9),
                                                clam_recipe(path, plan.grid.coords, size0, torch_model, batch_size))
         for label, enc in encoders.items():
@@ -123,9 +123,9 @@ def bench_clam(path: Path, repo: Path, encoder: str, slide_name: str, count: int
     return rows
 
 
-def print_clam_table(rows: list[dict]) -> None:
+def print_clam_table(rows: list[dict], passes: int = 2) -> None:
     print("\nslide -> features on the CPU, the same tissue patches (mask and grid excluded); vs CLAM = CLAM's time / "
-          "this row's, best of 2 interleaved passes\n")
+          f"this row's, best of {max(2, passes)} interleaved passes\n")
     print_rows(rows, [
         ("slide", lambda r: r["slide"]),
         ("method", lambda r: r["method"]),

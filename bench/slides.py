@@ -85,7 +85,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="keep (and reuse) the synthetic slide here, not in a temporary folder")
     p.add_argument("--svs", type=Path, help="also measure this real slide (e.g. cmu_small_region.svs)")
     p.add_argument("--windows", type=int, default=1000, help="windows per set (aligned, unaligned)")
-    p.add_argument("--repeat", type=int, default=3, help="timed passes per reader and set; the best is reported")
+    p.add_argument("--repeat", type=int, default=3, help="timed passes per reader and set (clam part: interleaved "
+                   "passes, at least 2); the best is reported")
     p.add_argument("--batched", type=pair_list("WORKERSxBATCH", "1x16,2x16"), default=[(1, 16), (2, 16)],
                    help="cuCIM batched configurations as WORKERSxBATCH, comma-separated (default 1x16,2x16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the window sample")
@@ -148,8 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             clam_rows = []
             for name, path in slides:
                 clam_rows += bench_clam(path, workdir / "bench_repository", args.encoder, name, args.clam, args.batch_size,
-                                        args.workers, args.int8_calibration or args.svs, gated=args.int8_gated)
-            print_clam_table(clam_rows)
+                                        args.workers, args.int8_calibration or args.svs, gated=args.int8_gated,
+                                        passes=args.repeat)
+            print_clam_table(clam_rows, args.repeat)
             rows += clam_rows
     if args.json:
         facts = software_facts() | machine_facts() | {"encoder_engine": encoder_facts}
