@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .bias_correction import _is_dq, _pruned
+
 __all__ = ["MAX_PATCHES", "RECORD_KEY", "WEIGHT_ROUNDINGS", "round_weights", "weight_rounding_record", "gptq_round",
            "conv_windows"]
 
@@ -63,17 +65,17 @@ def round_weights(source: Path, path: Path, patches: np.ndarray, max_patches: in
         covariances = _input_covariances(model, chunk, patches, rng)
         for layer in chunk:
             h = covariances[_window(layer.node)]
-            rounded = gptq_round(layer.weights, h, layer.scale, layer.bound)
+            target = initializers[layer.integers]
+            weights, nearest = layer.rows(source, numpy_helper.to_array(target))
+            rounded = gptq_round(weights, h, layer.scale, layer.bound)
             if rounded is None:
                 skipped.append(layer.node.name)
                 continue
             done.append(layer.node.name)
-            before += _output_error(layer.nearest, layer.weights, layer.scale, h)
-            after += _output_error(rounded, layer.weights, layer.scale, h)
-            target = initializers[layer.integers]
-            dtype = numpy_helper.to_array(target).dtype
+            before += _output_error(nearest, weights, layer.scale, h)
+            after += _output_error(rounded, weights, layer.scale, h)
             values = rounded.T if layer.node.op_type == "MatMul" else rounded.reshape(target.dims)
-            target.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values).astype(dtype), target.name))
+            target.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values).astype(np.int8), target.name))
     record = {
         "ops": done, "skipped": skipped, "patches": int(len(patches)),
         # sum over the layers of each one's output error, (W_q - W) H (W_q - W)^T, nearest vs GPTQ rounding
@@ -150,11 +152,22 @@ def _output_error(integers: np.ndarray, weights: np.ndarray, scale: np.ndarray, 
 
 
 class _Layer:
-    """One op to re-round: its FP32 weights as [out, in], its scales, and the initializer of its integers."""
+    """One op to re-round: where its FP32 weights and its integers are, its scales and integer range."""
 
-    def __init__(self, node, weights: np.ndarray, nearest: np.ndarray, scale: np.ndarray, integers: str, bound: int):
-        self.node, self.weights, self.nearest, self.scale = node, weights, nearest, scale
-        self.integers, self.bound = integers, bound
+    def __init__(self, node, original, scale: np.ndarray, integers: str, bound: int, width: int):
+        self.node, self.original, self.scale = node, original, scale  # original: the FP32 graph's TensorProto
+        self.integers, self.bound, self.width = integers, bound, width
+
+    def rows(self, source: Path, integers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The FP32 weights (float64) and the integers, a row per output channel, columns in the order of
+        the layer's input rows; read when the layer's turn comes (a ViT-L's weights are 1.2 GB in float32)."""
+        from onnx import numpy_helper
+
+        weights = numpy_helper.to_array(self.original, base_dir=str(source.parent)).astype(np.float64)
+        if self.node.op_type == "MatMul":  # [in, out], scales along out
+            return weights.T, integers.T.astype(np.int32)
+        # [out, in, kh, kw]: columns in unfold's (channel, kh, kw) order
+        return weights.reshape(weights.shape[0], -1), integers.reshape(integers.shape[0], -1).astype(np.int32)
 
 
 def _layers(model, source: Path) -> tuple[list[_Layer], list[str]]:
@@ -186,13 +199,9 @@ def _layers(model, source: Path) -> tuple[list[_Layer], list[str]]:
             skipped.append(node.name)  # a Gemm, a grouped or 1-D/3-D Conv, asymmetric or shared weights
             continue
         scale = numpy_helper.to_array(initializers[w_dq.input[1]]).astype(np.float64).reshape(-1)
-        weights = numpy_helper.to_array(original, base_dir=str(source.parent)).astype(np.float64)
-        if node.op_type == "MatMul":  # [in, out], scales along out
-            weights, nearest = weights.T, integers.T
-        else:  # [out, in / groups, kh, kw]: a row per output channel, columns in unfold's order
-            weights, nearest = weights.reshape(weights.shape[0], -1), integers.reshape(integers.shape[0], -1)
-        bound = int(np.abs(integers).max()) or 1  # the quantiser's range (127, or 64 with reduce_range)
-        layers.append(_Layer(node, weights, nearest.astype(np.int32), scale, w_dq.input[0], bound))
+        bound = int(np.abs(integers.astype(np.int32)).max()) or 1  # the quantiser's range (127, or 64 with reduce_range)
+        width = integers.shape[0] if node.op_type == "MatMul" else int(np.prod(integers.shape[1:]))
+        layers.append(_Layer(node, original, scale, w_dq.input[0], bound, width))
     return layers, skipped
 
 
@@ -208,23 +217,15 @@ def _supported(node, integers: np.ndarray) -> bool:
     return group == 1 and auto_pad == "NOTSET" and pads[:2] == pads[2:]
 
 
-def _is_dq(node) -> bool:
-    return node is not None and node.op_type == "DequantizeLinear"
-
-
-def _width(layer: _Layer) -> int:
-    return layer.weights.shape[1]
-
-
 def _chunks(layers: list[_Layer]) -> list[list[_Layer]]:
     """Layers in graph order, in groups whose H matrices fit ``MEMORY_BUDGET`` together (a ViT-L's do not)."""
     chunks, current, size, seen = [], [], 0, set()
     for layer in layers:
-        extra = 0 if _window(layer.node) in seen else 8 * _width(layer) ** 2
+        extra = 0 if _window(layer.node) in seen else 8 * layer.width ** 2
         if current and size + extra > MEMORY_BUDGET:
             chunks.append(current)
             current, size, seen = [], 0, set()
-            extra = 8 * _width(layer) ** 2
+            extra = 8 * layer.width ** 2
         current.append(layer)
         seen.add(_window(layer.node))
         size += extra
@@ -239,8 +240,6 @@ def _input_covariances(model, layers: list[_Layer], patches: np.ndarray, rng: np
     tokens) over ``patches``, measured in the part of the graph that makes them; by :func:`_window`."""
     import onnxruntime as ort
     import torch
-
-    from .bias_correction import _pruned
 
     by_window = {}
     for layer in layers:
